@@ -1,0 +1,75 @@
+"""The `logwrites` command line: the one place that turns errors into exit statuses.
+
+Each subcommand lives in `logwrites/commands/<name>.py` and offers
+`register(subparsers) -> None`, which adds its parser and sets `run` to a function taking the
+parsed arguments and returning an exit status (or a coroutine that does; it is run here with
+`asyncio.run`). Exit status: 0 success, 1 a check failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import logging
+import pkgutil
+import sys
+
+from logwrites import commands
+from logwrites.errors import CheckFailed, LogwritesError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2, with no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"logwrites: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="logwrites", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more diagnostics on stderr (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{module_info.name}")
+        module.register(sub)
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        result = args.run(args)
+        if inspect.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result or 0)
+    except CheckFailed as err:
+        print(f"logwrites: {err}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    except BrokenPipeError:  # a reader such as `head` went away: not our failure
+        return EXIT_OK
+    except (LogwritesError, OSError) as err:
+        print(f"logwrites: {err}", file=sys.stderr)
+        log.debug("traceback", exc_info=True)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("logwrites: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Log files on disk: the writer that owns durability ordering, and the streaming reader.
+
+The writer appends entries after the last one and moves `nr_entries` in the super block only
+once the entries it will count are durable (dm-log-writes.c does the same: the count moves
+after the entries reach the disk). So a writer killed at any instant leaves a log that readers
+accept up to its counted entries (DESIGN.md §3.7). The reader trusts `nr_entries`, not what
+follows, and validates while it streams: a damaged log is reported with the entry where it
+breaks.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Final
+
+from logwrites.errors import LogFormatError, LogwritesError
+from logwrites.format import (
+    Entry,
+    EntryFlag,
+    SuperBlock,
+    decode_entry,
+    decode_super,
+    encode_entry_header,
+    encode_mark_header,
+    encode_super,
+    validate_mark_name,
+)
+
+Buffer = bytes | bytearray | memoryview
+
+_ZEROS: Final = bytes(1 << 20)
+
+
+class LogFullError(LogwritesError):
+    """The log cannot take another entry (its filesystem is full, or its size limit is reached)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return f"log {self.path} is full: {self.reason}"
+
+
+def _zero_payload(nbytes: int) -> list[memoryview]:
+    view = memoryview(_ZEROS)
+    chunks = []
+    while nbytes:
+        take = min(nbytes, len(_ZEROS))
+        chunks.append(view[:take])
+        nbytes -= take
+    return chunks
+
+
+class LogWriter:
+    """Appends entries to a log file; `commit()` makes them durable and counts them.
+
+    Until `commit()`, appended entries are on the file but not counted: a crash loses them and
+    leaves a valid log. `sector`/`nr_sectors` are in `sectorsize` units.
+    """
+
+    __slots__ = (
+        "_fd",
+        "max_bytes",
+        "next_block",
+        "next_index",
+        "nr_entries",
+        "path",
+        "sectorsize",
+    )
+
+    def __init__(self, path: Path, fd: int, sectorsize: int, nr_entries: int, next_block: int,
+                 max_bytes: int | None = None) -> None:
+        self.path = path
+        self._fd = fd
+        self.sectorsize = sectorsize
+        self.nr_entries = nr_entries          # counted in the super block, durable
+        self.next_index = nr_entries          # appended, counted or not
+        self.next_block = next_block          # where the next entry's header goes
+        self.max_bytes = max_bytes
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], sectorsize: int,
+               max_bytes: int | None = None) -> LogWriter:
+        """A new, empty log (an existing file is truncated; a block device is overwritten)."""
+        path = Path(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if not path.is_block_device():
+                os.ftruncate(fd, 0)
+            os.pwrite(fd, encode_super(0, sectorsize), 0)
+            os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, sectorsize, 0, 1, max_bytes)
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike[str], max_bytes: int | None = None) -> LogWriter:
+        """Continue an existing log after its last counted entry; uncounted entries are dropped.
+
+        :raise LogFormatError: if the counted entries do not read back cleanly.
+        """
+        path = Path(path)
+        with LogReader(path) as reader:
+            next_block = 1
+            for entry in reader.entries():
+                next_block = entry.data_offset // reader.sectorsize + entry.payload_blocks()
+            sectorsize, nr_entries = reader.sectorsize, reader.nr_entries
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return cls(path, fd, sectorsize, nr_entries, next_block, max_bytes)
+
+    @property
+    def bytes_used(self) -> int:
+        return self.next_block * self.sectorsize
+
+    def _append(self, header: bytes, payload: Sequence[Buffer], payload_blocks: int) -> int:
+        at = self.next_block * self.sectorsize
+        nbytes = self.sectorsize * (1 + payload_blocks)
+        if self.max_bytes is not None and at + nbytes > self.max_bytes:
+            raise LogFullError(self.path, f"size limit of {self.max_bytes} bytes reached")
+        try:
+            written = os.pwritev(self._fd, [header, *payload], at)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise LogFullError(self.path, os.strerror(err.errno)) from err
+            raise
+        if written != nbytes:
+            # A short write means the filesystem ran out of room part-way; the entry is not
+            # counted and its space will be reused by the next attempt.
+            raise LogFullError(self.path, f"short write ({written} of {nbytes} bytes)")
+        index = self.next_index
+        self.next_index += 1
+        self.next_block += 1 + payload_blocks
+        return index
+
+    def append_write(self, sector: int, nr_sectors: int, data: Sequence[Buffer],
+                     flags: int = 0) -> int:
+        """A write of `nr_sectors` blocks whose payload is `data` (exactly that many bytes)."""
+        header = encode_entry_header(sector, nr_sectors, flags, self.sectorsize)
+        return self._append(header, data, nr_sectors)
+
+    def append_zeroes(self, sector: int, nr_sectors: int, flags: int = 0) -> int:
+        """Write-zeroes is logged as a write whose payload is zeros (as QEMU's blklogwrites)."""
+        header = encode_entry_header(sector, nr_sectors, flags, self.sectorsize)
+        return self._append(header, _zero_payload(nr_sectors * self.sectorsize), nr_sectors)
+
+    def append_discard(self, sector: int, nr_sectors: int, flags: int = 0) -> int:
+        header = encode_entry_header(sector, nr_sectors, flags | EntryFlag.DISCARD,
+                                     self.sectorsize)
+        return self._append(header, (), 0)
+
+    def append_flush(self) -> int:
+        return self._append(encode_entry_header(0, 0, EntryFlag.FLUSH, self.sectorsize), (), 0)
+
+    def append_mark(self, name: str) -> int:
+        """:raise ValueError: for a name that cannot be a mark."""
+        return self._append(encode_mark_header(name, self.sectorsize), (), 0)
+
+    def commit(self) -> None:
+        """Make every appended entry durable, then count it in the super block.
+
+        The entries are synced before the count moves, and the count is synced before we
+        return, so callers may complete the guest's FLUSH once this returns.
+        """
+        if self.next_index == self.nr_entries:
+            return
+        os.fdatasync(self._fd)
+        os.pwrite(self._fd, encode_super(self.next_index, self.sectorsize), 0)
+        os.fdatasync(self._fd)
+        self.nr_entries = self.next_index
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> LogWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LogReader:
+    """Streams a log's counted entries, validating as it goes; memory stays flat.
+
+    :raise LogFormatError: on open for a bad super block; while iterating, naming the entry
+        where the log breaks.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.size = os.lseek(self._fd, 0, os.SEEK_END)
+            self.superblock: SuperBlock = decode_super(os.pread(self._fd, 4096, 0))
+        except BaseException:
+            os.close(self._fd)
+            raise
+        if self.size < self.sectorsize:
+            raise LogFormatError(-1, f"log is {self.size} bytes, shorter than one "
+                                     f"{self.sectorsize}-byte block")
+
+    @property
+    def sectorsize(self) -> int:
+        return self.superblock.sectorsize
+
+    @property
+    def nr_entries(self) -> int:
+        return self.superblock.nr_entries
+
+    def entries(self, start_index: int = 0, start_block: int = 1) -> Iterator[Entry]:
+        """Yield entries from `start_index`, whose header is at log block `start_block`.
+
+        Payloads are not read: an entry only says where its payload is.
+        """
+        sectorsize, size = self.sectorsize, self.size
+        block = start_block
+        for index in range(start_index, self.nr_entries):
+            at = block * sectorsize
+            if at + sectorsize > size:
+                raise LogFormatError(index, f"log ends at byte {size}, before this entry's "
+                                            f"header (the super block counts "
+                                            f"{self.nr_entries} entries)")
+            header = os.pread(self._fd, sectorsize, at)
+            entry = decode_entry(header, index, at + sectorsize)
+            block += 1 + entry.payload_blocks()
+            if block * sectorsize > size:
+                raise LogFormatError(index, f"entry runs past the end of the log: its "
+                                            f"{entry.nr_sectors} blocks of payload end at byte "
+                                            f"{block * sectorsize}, the log has {size}")
+            yield entry
+
+    def read_payload(self, entry: Entry) -> bytes:
+        return os.pread(self._fd, entry.nr_sectors * self.sectorsize, entry.data_offset)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> LogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["LogFullError", "LogReader", "LogWriter", "validate_mark_name"]
