@@ -108,8 +108,14 @@ install_venv() {
     fi
     say "creating the Python environment in $venv"
     [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel cffi
-    LOGWRITES_LIBVHOST_USER_SRC="$lvu_src" "$venv/bin/python" -m pip install -q -e "$here[test]"
+    # The build's chatter goes to a file; it is shown only when the build fails.
+    if ! { "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel cffi &&
+           LOGWRITES_LIBVHOST_USER_SRC="$lvu_src" "$venv/bin/python" -m pip install -q -e "$here[test]"
+         } >"$venv/setup.log" 2>&1; then
+        tail -40 "$venv/setup.log" >&2
+        say "installing the project failed (full output: $venv/setup.log)"
+        exit 1
+    fi
     printf '%s\n' "$want" >"$stamp"
 }
 
