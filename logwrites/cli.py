@@ -3,7 +3,7 @@
 Each subcommand lives in `logwrites/commands/<name>.py` and offers
 `register(subparsers) -> None`, which adds its parser and sets `run` to a function taking the
 parsed arguments and returning an exit status (or a coroutine that does; it is run here with
-`asyncio.run`). Exit status: 0 success, 1 a check failed, 2 bad input.
+`asyncio.run`). Exit status: 0 success, 1 a check failed, 2 bad input, 3 the guest kernel panicked.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import sys
 
 from logwrites import commands
 from logwrites.errors import CheckFailed, LogwritesError
+from qmp.errors import KernelPanic
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_KERNEL_PANIC = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as err:
         print(f"logwrites: {err}", file=sys.stderr)
         return EXIT_CHECK_FAILED
+    except KernelPanic as err:  # distinct: the guest kernel, not logwrites, went wrong
+        print(f"logwrites: {err}", file=sys.stderr)
+        print(err.console_tail.rstrip(), file=sys.stderr)
+        return EXIT_KERNEL_PANIC
     except BrokenPipeError:  # a reader such as `head` went away: not our failure
         return EXIT_OK
     except (LogwritesError, OSError) as err:
