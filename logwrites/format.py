@@ -20,6 +20,9 @@ MAGIC: Final = 0x6A736677736872
 VERSION: Final = 1
 END_MARK: Final = "dm-log-writes-end"
 SECTOR_SIZES: Final = (512, 4096)  # what we write; readers accept any power of two >= 512
+# The largest logical block size Linux knows (64 KiB pages); a larger `sectorsize` is damage,
+# and trusting it would make a reader allocate absurd header blocks.
+MAX_SECTORSIZE: Final = 1 << 16
 
 # magic, version, nr_entries, sectorsize; bytes 28..31 are struct padding in the kernel.
 SUPER_BLOCK: Final = struct.Struct("<QQQI")
@@ -37,6 +40,9 @@ class EntryFlag(enum.IntFlag):
 
 
 KNOWN_FLAGS: Final = 0x1F
+# EntryFlag(value) goes through the enum machinery (about a microsecond); decoding is on the
+# replay hot path, so look the members up by value instead.
+_FLAGS_BY_VALUE: Final = tuple(EntryFlag(value) for value in range(KNOWN_FLAGS + 1))
 _FLAG_NAMES: Final = (
     (EntryFlag.FLUSH, "flush"),
     (EntryFlag.FUA, "fua"),
@@ -102,6 +108,10 @@ class Entry:
     def payload_blocks(self) -> int:
         return self.nr_sectors if self.has_payload else 0
 
+    def next_block(self, sectorsize: int) -> int:
+        """The log block where the next entry's header sits (replay-log's `--find` prints it)."""
+        return self.data_offset // sectorsize + self.payload_blocks()
+
     @property
     def is_write(self) -> bool:
         return self.has_payload
@@ -145,6 +155,8 @@ def decode_super(block: bytes | memoryview) -> SuperBlock:
         raise LogFormatError(-1, f"unknown version {version} (this reader knows {VERSION})")
     if not is_power_of_two(sectorsize) or sectorsize < 512:
         raise LogFormatError(-1, f"sectorsize {sectorsize} is not a power of two >= 512")
+    if sectorsize > MAX_SECTORSIZE:
+        raise LogFormatError(-1, f"sectorsize {sectorsize} is larger than {MAX_SECTORSIZE}")
     return SuperBlock(nr_entries=nr_entries, sectorsize=sectorsize, version=version)
 
 
@@ -165,27 +177,41 @@ def encode_mark_header(name: str, sectorsize: int) -> bytes:
 
 
 def decode_entry(header: bytes | memoryview, index: int, data_offset: int) -> Entry:
-    """Decode and validate one header block.
+    """Decode and validate one header block (`header` is exactly one log block).
 
     :raise LogFormatError: naming `index` for unknown flag bits, a malformed entry (flags 0 and
         nr_sectors 0), inline data that does not fit, or non-zero padding after a non-mark header.
     """
-    sector, nr_sectors, flags, data_len = ENTRY_HEADER.unpack_from(header)
+    block = header if isinstance(header, bytes | bytearray) else bytes(header)
+    return decode_entry_at(block, 0, len(block), index, data_offset)
+
+
+def decode_entry_at(buf: bytes | bytearray, pos: int, sectorsize: int, index: int,
+                    data_offset: int) -> Entry:
+    """`decode_entry` for the header block at `buf[pos:pos + sectorsize]`, without copying it.
+
+    The streaming reader decodes straight out of its read buffer with this.
+    """
+    sector, nr_sectors, flags, data_len = ENTRY_HEADER.unpack_from(buf, pos)
     if flags & ~KNOWN_FLAGS:
         raise LogFormatError(index, f"unknown flag bits {flags:#x}")
     if flags == 0 and nr_sectors == 0:
         raise LogFormatError(index, "malformed entry: no flags and no sectors")
-    inline_end = INLINE_OFFSET + data_len
-    if inline_end > len(header):
+    if INLINE_OFFSET + data_len > sectorsize:
         raise LogFormatError(
-            index, f"data_len {data_len} does not fit in a {len(header)}-byte header block"
+            index, f"data_len {data_len} does not fit in a {sectorsize}-byte header block"
         )
     mark = None
+    end = pos + sectorsize
     if flags & EntryFlag.MARK:
-        raw = bytes(header[INLINE_OFFSET:inline_end])
+        start = pos + INLINE_OFFSET
+        raw = bytes(buf[start : start + data_len])
         mark = raw.decode(errors="replace")
-    elif any(header[inline_end:]):
-        # dm-log-writes and we zero the rest of a header block: bytes here mean the reader is
-        # out of step with the writer (wrong sectorsize, a torn or overwritten block).
-        raise LogFormatError(index, "non-zero padding after the entry header")
-    return Entry(index, sector, nr_sectors, EntryFlag(flags), data_len, data_offset, mark)
+    else:
+        # dm-log-writes, QEMU and we zero a header block after its 32 bytes (replay-log checks
+        # the first of them): anything else means the reader is out of step with the writer
+        # (wrong sectorsize, a torn or overwritten block). count() is a C loop, no copy.
+        start = pos + INLINE_OFFSET
+        if buf.count(0, start, end) != end - start:
+            raise LogFormatError(index, "non-zero padding after the entry header")
+    return Entry(index, sector, nr_sectors, _FLAGS_BY_VALUE[flags], data_len, data_offset, mark)

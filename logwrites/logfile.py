@@ -21,7 +21,7 @@ from logwrites.format import (
     Entry,
     EntryFlag,
     SuperBlock,
-    decode_entry,
+    decode_entry_at,
     decode_super,
     encode_entry_header,
     encode_mark_header,
@@ -185,25 +185,42 @@ class LogWriter:
         self.close()
 
 
+# The reader fetches headers in chunks of this many bytes; payloads up to _BUFFERED_PAYLOAD
+# ride along and are handed out as views of the chunk (one read for hundreds of small entries),
+# bigger ones are stepped over and left for the caller to copy in the kernel.
+_CHUNK: Final = 1 << 20
+_BUFFERED_PAYLOAD: Final = 256 << 10
+
+
 class LogReader:
     """Streams a log's counted entries, validating as it goes; memory stays flat.
 
-    :raise LogFormatError: on open for a bad super block; while iterating, naming the entry
-        where the log breaks.
+    :raise LogFormatError: on open for a bad super block, or a super block that counts more
+        entries than the file can hold; while iterating, naming the entry where the log breaks.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.bytes_read = 0  # log bytes read so far, for tests and benchmarks
         try:
             self.size = os.lseek(self._fd, 0, os.SEEK_END)
-            self.superblock: SuperBlock = decode_super(os.pread(self._fd, 4096, 0))
+            head = os.pread(self._fd, 4096, 0)
+            self.bytes_read += len(head)
+            self.superblock: SuperBlock = decode_super(head)
+            if self.size < self.sectorsize:
+                raise LogFormatError(-1, f"log is {self.size} bytes, shorter than one "
+                                         f"{self.sectorsize}-byte block")
+            # Every entry takes at least its header block: a count beyond that is damage we
+            # can name before reading a single entry (and before a replay touches its target).
+            room = self.size // self.sectorsize - 1
+            if self.nr_entries > room:
+                raise LogFormatError(room, f"the super block counts {self.nr_entries} "
+                                           f"entries, but the log ({self.size} bytes) has room "
+                                           f"for at most {room}")
         except BaseException:
             os.close(self._fd)
             raise
-        if self.size < self.sectorsize:
-            raise LogFormatError(-1, f"log is {self.size} bytes, shorter than one "
-                                     f"{self.sectorsize}-byte block")
 
     @property
     def sectorsize(self) -> int:
@@ -216,27 +233,76 @@ class LogReader:
     def entries(self, start_index: int = 0, start_block: int = 1) -> Iterator[Entry]:
         """Yield entries from `start_index`, whose header is at log block `start_block`.
 
-        Payloads are not read: an entry only says where its payload is.
+        Payloads are not read: an entry only says where its payload is. Headers are read in
+        large chunks; a small payload between two headers may come along in the same read,
+        a large one is stepped over.
+
+        :raise LogFormatError: naming the entry where the log breaks.
         """
-        sectorsize, size = self.sectorsize, self.size
-        block = start_block
-        for index in range(start_index, self.nr_entries):
-            at = block * sectorsize
-            if at + sectorsize > size:
-                raise LogFormatError(index, f"log ends at byte {size}, before this entry's "
-                                            f"header (the super block counts "
-                                            f"{self.nr_entries} entries)")
-            header = os.pread(self._fd, sectorsize, at)
-            entry = decode_entry(header, index, at + sectorsize)
-            block += 1 + entry.payload_blocks()
-            if block * sectorsize > size:
-                raise LogFormatError(index, f"entry runs past the end of the log: its "
-                                            f"{entry.nr_sectors} blocks of payload end at byte "
-                                            f"{block * sectorsize}, the log has {size}")
+        for entry, _ in self._scan(start_index, start_block, False):
             yield entry
 
+    def entries_with_payload(self, start_index: int = 0, start_block: int = 1
+                             ) -> Iterator[tuple[Entry, memoryview | None]]:
+        """Like `entries`, with each write's payload when it is small enough to buffer.
+
+        The view points into the reader's buffer and is valid only until the next entry is
+        pulled. It is None for entries without payload and for payloads larger than the
+        buffer's share: copy those from `fileno()` at `entry.data_offset`.
+        """
+        return self._scan(start_index, start_block, True)
+
+    def _scan(self, start_index: int, start_block: int, payloads: bool
+              ) -> Iterator[tuple[Entry, memoryview | None]]:
+        sectorsize, size, fd, nr_entries = self.sectorsize, self.size, self._fd, self.nr_entries
+        if not 0 <= start_index <= nr_entries:
+            raise LogFormatError(start_index, f"no such entry: the log has {nr_entries}")
+        buf = bytearray(max(_CHUNK, 2 * sectorsize))
+        view = memoryview(buf)
+        one_block = view[:sectorsize]
+        buf_start = buf_end = 0            # the log bytes [buf_start, buf_end) are in buf
+        at = start_block * sectorsize      # byte offset of the next header
+        big_step = False                   # the last entry was large: read its successor alone
+        for index in range(start_index, nr_entries):
+            if at + sectorsize > buf_end:
+                if at + sectorsize > size:
+                    raise LogFormatError(index, f"log ends at byte {size}, before this entry's "
+                                                f"header (the super block counts "
+                                                f"{nr_entries} entries)")
+                # After a large payload, the next entry is likely large too: fetching a whole
+                # chunk would read its payload only to step over it.
+                got = os.preadv(fd, [one_block if big_step else view], at)
+                self.bytes_read += got
+                buf_start, buf_end = at, at + got
+            pos = at - buf_start
+            entry = decode_entry_at(buf, pos, sectorsize, index, at + sectorsize)
+            nr_sectors = entry.nr_sectors
+            if nr_sectors and not entry.flags & EntryFlag.DISCARD:
+                payload_len = nr_sectors * sectorsize
+                next_at = at + sectorsize + payload_len
+                if next_at > size:
+                    raise LogFormatError(index, f"entry runs past the end of the log: its "
+                                                f"{nr_sectors} blocks of payload end at byte "
+                                                f"{next_at}, the log has {size}")
+                big_step = payload_len > _BUFFERED_PAYLOAD
+                payload = None
+                if payloads and not big_step:
+                    if next_at > buf_end:
+                        got = os.preadv(fd, [view], at)
+                        self.bytes_read += got
+                        buf_start, buf_end, pos = at, at + got, 0
+                    payload = view[pos + sectorsize : pos + sectorsize + payload_len]
+                yield entry, payload
+            else:
+                next_at = at + sectorsize
+                big_step = False
+                yield entry, None
+            at = next_at
+
     def read_payload(self, entry: Entry) -> bytes:
-        return os.pread(self._fd, entry.nr_sectors * self.sectorsize, entry.data_offset)
+        data = os.pread(self._fd, entry.nr_sectors * self.sectorsize, entry.data_offset)
+        self.bytes_read += len(data)
+        return data
 
     def fileno(self) -> int:
         return self._fd
