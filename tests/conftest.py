@@ -93,3 +93,17 @@ def make_log(tmp_path: Path):
     def make(ops: list[tuple], sectorsize: int = 512, name: str = "test.log") -> Path:
         return write_log(tmp_path / name, ops, sectorsize)
     return make
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-examples", type=int, default=None,
+                     help="hostile-guest requests per fuzz test (default 300, or "
+                          "$LOGWRITES_FUZZ_EXAMPLES)")
+
+
+@pytest.fixture(scope="session")
+def fuzz_examples(request: pytest.FixtureRequest) -> int:
+    """How many hypothesis examples each fuzz test runs: bounded in CI, one flag for more."""
+    import os
+    chosen = request.config.getoption("--fuzz-examples")
+    return chosen or int(os.environ.get("LOGWRITES_FUZZ_EXAMPLES", "300"))

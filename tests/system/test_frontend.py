@@ -63,6 +63,7 @@ def transcript(fe: BlkFrontend) -> list[Step]:
     steps: list[Step] = []
 
     def note(name: str, req, data: bytes | None = None) -> None:
+        assert req.violations == [], name
         steps.append(Step(name, req.status,
                           None if data is None else hashlib.sha256(data).hexdigest()[:16]))
 

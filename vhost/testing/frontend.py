@@ -21,7 +21,7 @@ import select
 import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from vhost.testing.protocol import (
@@ -166,11 +166,16 @@ class BlkRequest:
     slots: list[int]
     allocations: list[int]
     in_buffers: list[tuple[int, int]]
+    # For the device-must-not-touch checks: readable buffers (gpa, content) and the unused
+    # tails of writable allocations (gpa, length), which hold POISON.
+    readable: list[tuple[int, bytes]] = field(default_factory=list)
+    tails: list[tuple[int, int]] = field(default_factory=list)
     published: bool = False
     done: bool = False
     used_len: int = 0
     in_data: bytes = b""
     order: int = -1
+    violations: list[str] = field(default_factory=list)
 
     @property
     def status(self) -> int | None:
@@ -440,18 +445,25 @@ class BlkFrontend:
         allocations: list[int] = []
         descs: list[RawDesc] = []
         in_buffers: list[tuple[int, int]] = []
+        readable: list[tuple[int, bytes]] = []
+        tails: list[tuple[int, int]] = []
         try:
             for part in parts:
                 if isinstance(part, int):
                     gpa = self.memory.alloc(max(part, 1))
-                    self.memory.fill(gpa, part, POISON)
+                    allocations.append(gpa)
+                    # Poison the whole allocation: a device writing past the buffer shows.
+                    whole = self.memory.allocated_length(gpa)
+                    self.memory.fill(gpa, whole, POISON)
                     descs.append(RawDesc(gpa, part, VRING_DESC_F_WRITE))
                     in_buffers.append((gpa, part))
+                    tails.append((gpa + part, whole - part))
                 else:
                     gpa = self.memory.alloc(max(len(part), 1))
+                    allocations.append(gpa)
                     self.memory.write(gpa, part)
                     descs.append(RawDesc(gpa, len(part), 0))
-                allocations.append(gpa)
+                    readable.append((gpa, bytes(part)))
             if indirect:
                 table = self.memory.alloc(DESC.size * max(len(descs), 1), align=16)
                 allocations.append(table)
@@ -467,7 +479,7 @@ class BlkFrontend:
             for gpa in allocations:
                 self.memory.free(gpa)
             raise
-        request = BlkRequest(queue, slots[0], slots, allocations, in_buffers)
+        request = BlkRequest(queue, slots[0], slots, allocations, in_buffers, readable, tails)
         self._inflight[queue][request.head] = request
         return request
 
@@ -529,6 +541,15 @@ class BlkFrontend:
                 request.in_data = b"".join(
                     self.memory.read(gpa, n) for gpa, n in request.in_buffers
                     if self.memory.contains(gpa, n))
+                for gpa, content in request.readable:
+                    if self.memory.read(gpa, len(content)) != content:
+                        request.violations.append(f"device wrote into readable buffer {gpa:#x}")
+                for gpa, n in request.tails:
+                    if self.memory.read(gpa, n).strip(bytes([POISON])):
+                        request.violations.append(f"device wrote past writable buffer {gpa:#x}")
+                if used_len > sum(n for _gpa, n in request.in_buffers):
+                    request.violations.append(
+                        f"used len {used_len} exceeds the writable bytes")
                 request.done = True
                 request.order = self._completions
                 self._completions += 1

@@ -85,6 +85,10 @@ class GuestMemory:
             self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
             del self._free[i]
 
+    def allocated_length(self, gpa: int) -> int:
+        """How many bytes `alloc` really reserved at `gpa` (rounded up)."""
+        return self._used[gpa - self.gpa_base]
+
     def free_bytes(self) -> int:
         return sum(length for _start, length in self._free)
 
@@ -136,6 +140,10 @@ class SplitQueue:
         if busy:
             raise FrontendError(f"queue {self.index}: descriptor slots {sorted(busy)} in use")
         self._free_slots = [s for s in self._free_slots if s not in slots]
+
+    def free_slots(self) -> list[int]:
+        """The descriptor slots not in use, in the order `take_slots` would hand them out."""
+        return self._free_slots[::-1]
 
     def release_slots(self, slots: list[int]) -> None:
         self._free_slots.extend(slots)
