@@ -1,0 +1,292 @@
+"""Checkers: does a crash-state image hold what a crash may leave behind? (DESIGN.md §5)
+
+Every checker runs on a disposable copy of the state's image (reflinked or sparse-copied), so a
+checker that repairs or recovers never changes the state itself. Three kinds, parsed from the
+command line by `parse_checker`:
+
+- `fsck` picks the filesystem's own checker. A crash state of a journaling filesystem usually
+  needs journal recovery first; a read-only fsck of an unrecovered journal reports false
+  corruption (xfstests mounts before it checks for this reason). ext4: `e2fsck -E journal_only`
+  replays the journal on the copy, then `e2fsck -fn` checks it. btrfs: `btrfs check --readonly`
+  understands the log tree by itself. xfs: log recovery needs a kernel, so on the host
+  `xfs_repair -n` can only judge a clean log; a dirty one is reported as an *error* naming the
+  guest checker, never as a pass or a fail. An image with no filesystem signature passes when
+  the state is from before the filesystem existed, and fails when it should have one.
+- `host:CMD` runs CMD through the shell with `{image}` replaced by the copy's path; exit 0
+  passes, 126/127 (command not runnable) and timeouts are errors, anything else fails.
+- `guest:PATH` boots the guest on an overlay of the state and runs PATH inside (a `GuestRunner`
+  supplied by the loop; the kernel under test mounts the image and runs its own recovery).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol
+
+from logwrites.errors import UsageError
+from logwrites.statebuild import clone_file
+
+log = logging.getLogger(__name__)
+
+VERDICTS: Final = ("pass", "fail", "error")
+FILESYSTEMS: Final = ("ext4", "xfs", "btrfs")
+DEFAULT_TIMEOUT_S: Final = 300.0
+_OUTPUT_LIMIT: Final = 64 << 10
+_TOOLS: Final = {"ext4": ("e2fsck", "e2fsprogs"), "xfs": ("xfs_repair", "xfsprogs"),
+                 "btrfs": ("btrfs", "btrfs-progs")}
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One checker's answer on one state: `verdict` is pass, fail or error (the checker could
+    not say); `detail` is one line for tables, `output` what the checker printed."""
+
+    verdict: str
+    checker: str
+    seconds: float
+    detail: str = ""
+    output: str = ""
+
+
+class Checker(Protocol):
+    name: str
+
+    def check(self, image: Path, *, expect_fs: bool) -> Verdict:
+        """Check `image`, which the checker may modify (it is a disposable copy)."""
+        ...
+
+
+class GuestRunner(Protocol):
+    """Boots the guest on a copy-on-write overlay of `image` and runs `script` inside, with
+    the disk as LW_DEV. Returns (exit status, output); raises on a guest that cannot run."""
+
+    def __call__(self, image: Path, script: Path, timeout_s: float) -> tuple[int, str]: ...
+
+
+def detect_fs(image: str | os.PathLike[str]) -> str | None:
+    """The filesystem whose signature the image carries (ext4 covers ext2/3/4), or None."""
+    with open(image, "rb") as f:
+        head = f.read(1024 + 2048)
+        f.seek(0x10040)
+        btrfs = f.read(8)
+    if head[:4] == b"XFSB":
+        return "xfs"
+    if len(head) >= 1024 + 58 and head[1024 + 56:1024 + 58] == b"\x53\xef":
+        return "ext4"
+    if btrfs == b"_BHRfS_M":
+        return "btrfs"
+    return None
+
+
+def _run(argv: Sequence[str] | str, timeout_s: float) -> tuple[int | None, str]:
+    """(status, output); status None on a timeout. The command runs in its own process group,
+    killed whole on a timeout (a shell's children would otherwise hold the pipes open)."""
+    proc = subprocess.Popen(argv, shell=isinstance(argv, str), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+        status: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        status = None
+    return status, out.decode(errors="replace")[-_OUTPUT_LIMIT:]
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+class FsckChecker:
+    """The filesystem's own read-only checker, after its journal recovery where the host can."""
+
+    def __init__(self, fs: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if fs is not None and fs not in FILESYSTEMS:
+            raise UsageError(f"fsck knows {', '.join(FILESYSTEMS)}, not {fs!r}")
+        self.fs, self.timeout_s = fs, timeout_s
+        self.name = "fsck"
+
+    def check(self, image: Path, *, expect_fs: bool) -> Verdict:
+        started = time.perf_counter()
+        found = detect_fs(image)
+        if found is None:
+            seconds = time.perf_counter() - started
+            if expect_fs:
+                return Verdict("fail", self.name, seconds,
+                               f"no {self.fs or 'filesystem'} signature on a state after mkfs")
+            return Verdict("pass", self.name, seconds, "no filesystem signature yet (pre-mkfs)")
+        fs = self.fs or found
+        if found != fs:
+            return Verdict("fail", self.name, time.perf_counter() - started,
+                           f"signature says {found}, expected {fs}")
+        status, output, detail = getattr(self, f"_{fs}")(image)
+        return Verdict(status, f"{self.name}:{fs}", time.perf_counter() - started, detail,
+                       output)
+
+    def _ext4(self, image: Path) -> tuple[str, str, str]:
+        # Replay the journal on the copy (e2fsck: "journal_only: only replay the journal if
+        # required"), as the kernel would on mount; then a full read-only check.
+        status, out1 = _run(["e2fsck", "-E", "journal_only", "-y", str(image)], self.timeout_s)
+        if status is None:
+            return "error", out1, "e2fsck journal replay timed out"
+        if status >= 8:
+            return "fail", out1, f"e2fsck journal replay: exit {status}: {_last_line(out1)}"
+        status, out2 = _run(["e2fsck", "-fn", str(image)], self.timeout_s)
+        output = out1 + "\n--- e2fsck -fn\n" + out2
+        if status is None:
+            return "error", output, "e2fsck -fn timed out"
+        if status == 0:
+            return "pass", output, "clean"
+        if status >= 8 and status & 4 == 0:
+            return "error", output, f"e2fsck -fn could not check: exit {status}"
+        return "fail", output, f"e2fsck -fn exit {status}: {_first_problem(out2)}"
+
+    def _btrfs(self, image: Path) -> tuple[str, str, str]:
+        status, out = _run(["btrfs", "check", "--readonly", str(image)], self.timeout_s)
+        if status is None:
+            return "error", out, "btrfs check timed out"
+        if status == 0:
+            return "pass", out, "clean"
+        return "fail", out, f"btrfs check exit {status}: {_first_problem(out)}"
+
+    def _xfs(self, image: Path) -> tuple[str, str, str]:
+        status, out = _run(["xfs_repair", "-n", str(image)], self.timeout_s)
+        if status is None:
+            return "error", out, "xfs_repair -n timed out"
+        if "log which is being ignored" in out or "needs to be replayed" in out:
+            # Userspace cannot replay an xfs log: only a kernel mount can (DESIGN.md §5).
+            return ("error", out, "xfs log needs recovery by a kernel: check with "
+                    "--check guest:PATH (mounts in the guest), not on the host")
+        if status == 0:
+            return "pass", out, "clean"
+        return "fail", out, f"xfs_repair -n exit {status}: {_first_problem(out)}"
+
+
+def _first_problem(output: str) -> str:
+    """The first line of a checker's output that names a problem, for one-line reports."""
+    skip = ("e2fsck", "Pass ", "Warning: skipping journal", "--- ", "Checking", "Opening",
+            "Phase", "No modify flag set", "        - ")
+    for line in output.splitlines():
+        text = line.strip()
+        if text and not text.startswith(skip):
+            return text[:200]
+    return _last_line(output)
+
+
+class HostChecker:
+    """`host:CMD`: CMD through the shell with `{image}` replaced by the image path."""
+
+    def __init__(self, command: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if not command.strip():
+            raise UsageError("host: needs a command, e.g. host:'e2fsck -fn {image}'")
+        self.command, self.timeout_s = command, timeout_s
+        self.name = f"host:{command}"
+
+    def check(self, image: Path, *, expect_fs: bool) -> Verdict:
+        started = time.perf_counter()
+        cmd = self.command.replace("{image}", shlex.quote(str(image)))
+        if "{image}" not in self.command:
+            cmd = f"{cmd} {shlex.quote(str(image))}"
+        status, out = _run(cmd, self.timeout_s)
+        seconds = time.perf_counter() - started
+        if status is None:
+            return Verdict("error", self.name, seconds, f"timed out after {self.timeout_s:.0f} s",
+                           out)
+        if status == 0:
+            return Verdict("pass", self.name, seconds, "exit 0", out)
+        if status in (126, 127):
+            return Verdict("error", self.name, seconds,
+                           f"command could not run (exit {status}): {_last_line(out)}", out)
+        return Verdict("fail", self.name, seconds, f"exit {status}: {_last_line(out)}", out)
+
+
+class GuestChecker:
+    """`guest:PATH`: the guest boots on an overlay of the state and runs PATH inside."""
+
+    def __init__(self, script: Path, runner: GuestRunner | None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if not script.is_file():
+            raise UsageError(f"guest checker {script} is not a file")
+        self.script, self.runner, self.timeout_s = script, runner, timeout_s
+        self.name = f"guest:{script}"
+
+    def check(self, image: Path, *, expect_fs: bool) -> Verdict:
+        started = time.perf_counter()
+        if self.runner is None:
+            return Verdict("error", self.name, 0.0, "no guest to run the checker in")
+        try:
+            status, out = self.runner(image, self.script, self.timeout_s)
+        except Exception as err:  # a guest that cannot boot is an error of this state's check
+            log.debug("guest checker failed", exc_info=True)
+            return Verdict("error", self.name, time.perf_counter() - started, str(err))
+        seconds = time.perf_counter() - started
+        if status == 0:
+            return Verdict("pass", self.name, seconds, "exit 0", out)
+        return Verdict("fail", self.name, seconds, f"exit {status}: {_last_line(out)}", out)
+
+
+def parse_checker(spec: str, *, fs: str | None, guest_runner: GuestRunner | None = None,
+                  timeout_s: float = DEFAULT_TIMEOUT_S) -> Checker:
+    """`fsck`, `host:CMD` or `guest:PATH` as given to `--check`.
+
+    :raise UsageError: for anything else, or `fsck` without a filesystem.
+    """
+    if spec == "fsck":
+        if fs in (None, "none"):
+            raise UsageError("--check fsck needs a filesystem (--fs ext4|xfs|btrfs)")
+        return FsckChecker(fs, timeout_s)
+    if spec.startswith("host:"):
+        return HostChecker(spec[5:], timeout_s)
+    if spec.startswith("guest:"):
+        return GuestChecker(Path(spec[6:]), guest_runner, timeout_s)
+    raise UsageError(f"--check {spec!r}: use fsck, host:CMD or guest:PATH")
+
+
+def check_state(checkers: Sequence[Checker], image: Path, scratch: Path, *,
+                expect_fs: bool) -> list[Verdict]:
+    """Run every checker on its own disposable copy of `image` (left untouched).
+
+    `scratch` is a path the copies may use (removed afterwards).
+    """
+    verdicts = []
+    for checker in checkers:
+        clone_file(image, scratch)
+        try:
+            verdict = checker.check(scratch, expect_fs=expect_fs)
+        finally:
+            scratch.unlink(missing_ok=True)
+        log.debug("%s on %s: %s (%s)", checker.name, image, verdict.verdict, verdict.detail)
+        verdicts.append(verdict)
+    return verdicts
+
+
+def combine(verdicts: Sequence[Verdict]) -> str:
+    """A state passes when every checker passes; a failure outranks an error."""
+    names = {v.verdict for v in verdicts}
+    return "fail" if "fail" in names else "error" if "error" in names else "pass"
+
+
+def require_tools(fs: str | None) -> None:
+    """:raise UsageError: naming the package, if the fsck for `fs` is not installed."""
+    if fs not in _TOOLS:
+        return
+    tool, package = _TOOLS[fs]
+    paths = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/sbin", "/sbin"]
+    if not any(os.access(os.path.join(p, tool), os.X_OK) for p in paths):
+        raise UsageError(f"{tool} is not installed: apt-get install {package}")
+
+
+__all__ = ["Checker", "FsckChecker", "GuestChecker", "GuestRunner", "HostChecker", "Verdict",
+           "check_state", "combine", "detect_fs", "parse_checker", "require_tools"]

@@ -1,0 +1,101 @@
+"""Checkers (logwrites.check): verdicts, disposable copies, filesystem detection."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from logwrites.check import (
+    FsckChecker,
+    HostChecker,
+    Verdict,
+    check_state,
+    combine,
+    detect_fs,
+    parse_checker,
+)
+from logwrites.errors import UsageError
+from tests.conftest import require_tool
+
+
+@pytest.fixture
+def ext4_image(tmp_path: Path) -> Path:
+    mkfs = require_tool("mkfs.ext4", "e2fsprogs")
+    require_tool("e2fsck", "e2fsprogs")
+    image = tmp_path / "ext4.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run([mkfs, "-q", "-F", str(image)], check=True)
+    return image
+
+
+def test_detect_fs(ext4_image: Path, tmp_path: Path) -> None:
+    assert detect_fs(ext4_image) == "ext4"
+    blank = tmp_path / "blank"
+    blank.write_bytes(bytes(1 << 20))
+    assert detect_fs(blank) is None
+
+
+def test_fsck_passes_a_clean_ext4_and_fails_a_damaged_one(ext4_image: Path,
+                                                          tmp_path: Path) -> None:
+    checker = FsckChecker("ext4")
+    ok = check_state([checker], ext4_image, tmp_path / "copy", expect_fs=True)
+    assert [v.verdict for v in ok] == ["pass"], ok[0].output
+    # Zero the block group descriptors and bitmaps after the superblock: e2fsck must object.
+    with open(ext4_image, "r+b") as f:
+        f.seek(4096)
+        f.write(bytes(64 << 10))
+    bad = check_state([checker], ext4_image, tmp_path / "copy", expect_fs=True)
+    assert bad[0].verdict == "fail"
+    assert bad[0].checker == "fsck:ext4"
+    assert bad[0].detail
+
+
+def test_no_signature_passes_before_mkfs_and_fails_after(tmp_path: Path) -> None:
+    blank = tmp_path / "blank"
+    blank.write_bytes(bytes(1 << 20))
+    checker = FsckChecker("ext4")
+    assert checker.check(blank, expect_fs=False).verdict == "pass"
+    assert checker.check(blank, expect_fs=True).verdict == "fail"
+
+
+def test_host_checker_statuses_and_image_substitution(tmp_path: Path) -> None:
+    image = tmp_path / "my image"
+    image.write_bytes(b"abc")
+    assert HostChecker("test -s {image}").check(image, expect_fs=False).verdict == "pass"
+    assert HostChecker("grep -q abc").check(image, expect_fs=False).verdict == "pass"
+    failed = HostChecker("echo broken >&2; exit 3").check(image, expect_fs=False)
+    assert (failed.verdict, failed.detail) == ("fail", "exit 3: broken")
+    missing = HostChecker("no-such-tool-xyz {image}").check(image, expect_fs=False)
+    assert missing.verdict == "error"
+    slow = HostChecker("sleep 30; true {image}", timeout_s=0.2).check(image, expect_fs=False)
+    assert slow.verdict == "error" and "timed out" in slow.detail
+    assert slow.seconds < 5  # the shell's child was killed too
+
+
+def test_checkers_work_on_a_copy_and_leave_the_state_pristine(tmp_path: Path) -> None:
+    image = tmp_path / "state.img"
+    image.write_bytes(b"pristine")
+    scribble = HostChecker("printf changed > {image}; false")
+    verdicts = check_state([scribble, scribble], image, tmp_path / "copy", expect_fs=False)
+    assert [v.verdict for v in verdicts] == ["fail", "fail"]
+    assert image.read_bytes() == b"pristine"
+    assert not (tmp_path / "copy").exists()
+
+
+def test_combine_and_parse() -> None:
+    def v(x: str) -> Verdict:
+        return Verdict(x, "c", 0.0)
+    assert combine([v("pass"), v("pass")]) == "pass"
+    assert combine([v("pass"), v("error")]) == "error"
+    assert combine([v("error"), v("fail")]) == "fail"
+    assert isinstance(parse_checker("fsck", fs="ext4"), FsckChecker)
+    assert parse_checker("host:true {image}", fs=None).name == "host:true {image}"
+    with pytest.raises(UsageError, match="needs a filesystem"):
+        parse_checker("fsck", fs="none")
+    with pytest.raises(UsageError, match="use fsck, host:CMD or guest:PATH"):
+        parse_checker("fsk", fs="ext4")
+    with pytest.raises(UsageError, match="is not a file"):
+        parse_checker("guest:/no/such/script", fs="ext4")
