@@ -41,7 +41,7 @@ def test_check_flush_stops_at_the_failing_entry(make_log, tmp_path: Path,
     assert data[:512] == bytes(512) and data[9 * 512 : 10 * 512] == bytes(512)  # 8 not replayed
 
 
-def test_check_every_n_and_fua(make_log, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_every_n_and_fua(make_log, tmp_path: Path) -> None:
     log = make_log(OPS)
     seen = tmp_path / "seen"
     fsck = f'echo "$LOGWRITES_ENTRY" >> {seen}'
