@@ -27,7 +27,7 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -60,8 +60,10 @@ class Verdict:
 class Checker(Protocol):
     name: str
 
-    def check(self, image: Path, *, expect_fs: bool) -> Verdict:
-        """Check `image`, which the checker may modify (it is a disposable copy)."""
+    def check(self, image: Path, *, expect_fs: bool,
+              env: Mapping[str, str] | None = None) -> Verdict:
+        """Check `image`, which the checker may modify (it is a disposable copy). `env` tells
+        user checkers about the state (LW_STATE, LW_STATE_KIND, LW_MARKS)."""
         ...
 
 
@@ -69,7 +71,8 @@ class GuestRunner(Protocol):
     """Boots the guest on a copy-on-write overlay of `image` and runs `script` inside, with
     the disk as LW_DEV. Returns (exit status, output); raises on a guest that cannot run."""
 
-    def __call__(self, image: Path, script: Path, timeout_s: float) -> tuple[int, str]: ...
+    def __call__(self, image: Path, script: Path, timeout_s: float,
+                 env: Mapping[str, str]) -> tuple[int, str]: ...
 
 
 def detect_fs(image: str | os.PathLike[str]) -> str | None:
@@ -87,12 +90,14 @@ def detect_fs(image: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def _run(argv: Sequence[str] | str, timeout_s: float) -> tuple[int | None, str]:
+def _run(argv: Sequence[str] | str, timeout_s: float,
+         env: Mapping[str, str] | None = None) -> tuple[int | None, str]:
     """(status, output); status None on a timeout. The command runs in its own process group,
     killed whole on a timeout (a shell's children would otherwise hold the pipes open)."""
     proc = subprocess.Popen(argv, shell=isinstance(argv, str), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True,
+                            env={**os.environ, **env} if env else None)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
         status: int | None = proc.returncode
@@ -118,7 +123,8 @@ class FsckChecker:
         self.fs, self.timeout_s = fs, timeout_s
         self.name = "fsck"
 
-    def check(self, image: Path, *, expect_fs: bool) -> Verdict:
+    def check(self, image: Path, *, expect_fs: bool,
+              env: Mapping[str, str] | None = None) -> Verdict:
         started = time.perf_counter()
         found = detect_fs(image)
         if found is None:
@@ -194,12 +200,13 @@ class HostChecker:
         self.command, self.timeout_s = command, timeout_s
         self.name = f"host:{command}"
 
-    def check(self, image: Path, *, expect_fs: bool) -> Verdict:
+    def check(self, image: Path, *, expect_fs: bool,
+              env: Mapping[str, str] | None = None) -> Verdict:
         started = time.perf_counter()
         cmd = self.command.replace("{image}", shlex.quote(str(image)))
         if "{image}" not in self.command:
             cmd = f"{cmd} {shlex.quote(str(image))}"
-        status, out = _run(cmd, self.timeout_s)
+        status, out = _run(cmd, self.timeout_s, env)
         seconds = time.perf_counter() - started
         if status is None:
             return Verdict("error", self.name, seconds, f"timed out after {self.timeout_s:.0f} s",
@@ -222,12 +229,13 @@ class GuestChecker:
         self.script, self.runner, self.timeout_s = script, runner, timeout_s
         self.name = f"guest:{script}"
 
-    def check(self, image: Path, *, expect_fs: bool) -> Verdict:
+    def check(self, image: Path, *, expect_fs: bool,
+              env: Mapping[str, str] | None = None) -> Verdict:
         started = time.perf_counter()
         if self.runner is None:
             return Verdict("error", self.name, 0.0, "no guest to run the checker in")
         try:
-            status, out = self.runner(image, self.script, self.timeout_s)
+            status, out = self.runner(image, self.script, self.timeout_s, env or {})
         except Exception as err:  # a guest that cannot boot is an error of this state's check
             log.debug("guest checker failed", exc_info=True)
             return Verdict("error", self.name, time.perf_counter() - started, str(err))
@@ -255,7 +263,7 @@ def parse_checker(spec: str, *, fs: str | None, guest_runner: GuestRunner | None
 
 
 def check_state(checkers: Sequence[Checker], image: Path, scratch: Path, *,
-                expect_fs: bool) -> list[Verdict]:
+                expect_fs: bool, env: Mapping[str, str] | None = None) -> list[Verdict]:
     """Run every checker on its own disposable copy of `image` (left untouched).
 
     `scratch` is a path the copies may use (removed afterwards).
@@ -264,7 +272,7 @@ def check_state(checkers: Sequence[Checker], image: Path, scratch: Path, *,
     for checker in checkers:
         clone_file(image, scratch)
         try:
-            verdict = checker.check(scratch, expect_fs=expect_fs)
+            verdict = checker.check(scratch, expect_fs=expect_fs, env=env)
         finally:
             scratch.unlink(missing_ok=True)
         log.debug("%s on %s: %s (%s)", checker.name, image, verdict.verdict, verdict.detail)

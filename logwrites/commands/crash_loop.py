@@ -1,0 +1,222 @@
+"""`logwrites crash-loop`: record a workload, enumerate its crash states, build and check each,
+report (terminal table, --json, --junit, --out DIR with HTML). Exit 0 all passed, 1 a state
+failed, 2 bad input (or a state that could not be checked).
+
+With `--log LOG --base IMAGE` the recording step is skipped and an existing log is used (any
+dm-log-writes log: ours, the kernel target's, QEMU blklogwrites').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from logwrites.check import FILESYSTEMS, Checker, parse_checker, require_tools
+from logwrites.crashstates import DEFAULT_MAX_STATES, KINDS
+from logwrites.errors import UsageError
+from logwrites.loop import LoopOptions, LoopResult, Recorder, existing_recording, run_loop
+from logwrites.report import (
+    failure_lines,
+    json_lines,
+    junit_xml,
+    table_rows,
+    write_html_report,
+)
+
+GUESTS_DIR = Path(__file__).resolve().parents[2] / "guests"
+WORKLOADS_DIR = GUESTS_DIR / "workloads"
+CHECKERS_DIR = GUESTS_DIR / "checkers"
+
+
+def add_loop_arguments(p: argparse.ArgumentParser) -> None:
+    """The options crash-loop and demo share."""
+    p.add_argument("--fs", default="ext4", choices=(*FILESYSTEMS, "none"),
+                   help="filesystem made before the workload (default ext4; none: raw disk)")
+    p.add_argument("--mkfs-opts", default=None, help="options for mkfs.FS")
+    p.add_argument("--workload", default=None,
+                   help="a built-in workload name (guests/workloads/) or a script path, with "
+                        "arguments if any, e.g. 'txnlog --no-barrier' (default: fs-default, or "
+                        "txnlog with --fs none)")
+    p.add_argument("--check", action="append", default=None, metavar="fsck|host:CMD|guest:PATH",
+                   help="a checker (repeatable); default: fsck, plus the workload's host "
+                        "checker from guests/checkers/ if it has one")
+    p.add_argument("--states", default="prefix,reorder",
+                   help=f"crash-state kinds, comma separated ({','.join(KINDS)})")
+    p.add_argument("--max-states", type=int, default=DEFAULT_MAX_STATES,
+                   help="reordered (and torn) states per flush epoch: exhaustive below, "
+                        f"sampled above (default {DEFAULT_MAX_STATES})")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampled states")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="states built and checked at once (default: cores)")
+    p.add_argument("--from-start", action="store_true",
+                   help="also states before the mark mkfs (inside mkfs)")
+    p.add_argument("--start-mark", default=None, help="states start at this mark")
+    p.add_argument("--no-shrink", action="store_true", help="do not shrink failing states")
+    p.add_argument("--kernel", type=Path, default=None, help="your bzImage for the guest")
+    p.add_argument("--modules", type=Path, default=None, help="its modules directory")
+    p.add_argument("--image-size", default="128M", help="size of the disk under test")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per checker run")
+    p.add_argument("--log", type=Path, default=None,
+                   help="use this recorded log instead of recording (needs --base)")
+    p.add_argument("--base", type=Path, default=None, help="the image the --log starts from")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report directory: index.html, console logs, failing images")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout, nothing else")
+    p.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="scratch directory (default: a temporary one)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("crash-loop", help="record, enumerate crash states, replay, check, report",
+                       description=__doc__.splitlines()[0])
+    add_loop_arguments(p)
+    p.set_defaults(run=run)
+
+
+def resolve_workload(spec: str | None, fs: str) -> tuple[Path, list[str]]:
+    """(script path, arguments) of `--workload`.
+
+    :raise UsageError: for a name that is neither a built-in workload nor a file.
+    """
+    words = shlex.split(spec) if spec else ["txnlog" if fs == "none" else "fs-default"]
+    name, args = words[0], words[1:]
+    builtin = WORKLOADS_DIR / name
+    if "/" not in name and builtin.is_file():
+        return builtin, args
+    path = Path(name)
+    if path.is_file():
+        return path.resolve(), args
+    known = ", ".join(sorted(p.name for p in WORKLOADS_DIR.iterdir()))
+    raise UsageError(f"workload {name!r} is neither a file nor a built-in one ({known})")
+
+
+def default_checks(fs: str, workload: Path | None) -> list[str]:
+    checks = [] if fs == "none" else ["fsck"]
+    if workload is not None and workload.parent == WORKLOADS_DIR:
+        own = CHECKERS_DIR / workload.name
+        if own.is_file() and (workload.name != "fs-default" or fs == "ext4"):
+            checks.append(f"host:{shlex.quote(str(own))} {{image}}")
+    return checks
+
+
+def build_checkers(args: argparse.Namespace, workload: Path | None) -> list[Checker]:
+    specs = args.check or default_checks(args.fs, workload)
+    fs = None if args.fs == "none" else args.fs
+    require_tools(fs if "fsck" in specs else None)
+    runner = None
+    if any(s.startswith("guest:") for s in specs):
+        from logwrites.guestrecord import guest_check_runner  # boots guests: only when asked
+
+        runner = guest_check_runner(args)
+    return [parse_checker(s, fs=fs, guest_runner=runner, timeout_s=args.timeout) for s in specs]
+
+
+def make_recorder(args: argparse.Namespace, workload: Path, workload_args: list[str]) -> Recorder:
+    if args.log is not None or args.base is not None:
+        if args.log is None or args.base is None:
+            raise UsageError("--log and --base go together (the log and the image it starts "
+                             "from)")
+        return existing_recording(args.log, args.base, None if args.fs == "none" else args.fs)
+    from logwrites.guestrecord import guest_recorder  # QEMU and the guest: only when recording
+
+    return guest_recorder(args, workload, workload_args)
+
+
+def loop_options(args: argparse.Namespace) -> LoopOptions:
+    kinds = tuple(k.strip() for k in args.states.split(",") if k.strip())
+    if not kinds:
+        raise UsageError("--states: name at least one kind")
+    if args.max_states < 1:
+        raise UsageError("--max-states must be at least 1")
+    keep = args.out / "failing" if args.out else None
+    return LoopOptions(kinds=kinds, max_states=args.max_states, seed=args.seed, jobs=args.jobs,
+                       from_start=args.from_start, start_mark=args.start_mark,
+                       shrink=not args.no_shrink, keep_failing=keep,
+                       command=_our_command())
+
+
+def _our_command() -> str:
+    """How the user calls us, for repro lines: the installed script next to this Python."""
+    script = Path(sys.executable).parent / "logwrites"
+    return str(script) if script.exists() else "logwrites"
+
+
+def print_table(console: Console, result: LoopResult) -> None:
+    table = Table(title=f"crash states of {result.recording.workload} "
+                        f"({len(result.logmap.entries)} log entries)")
+    for col in ("kind", "pass", "fail", "error", "total"):
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    for row in table_rows(result):
+        table.add_row(*(str(x) for x in row))
+    console.print(table)
+
+
+def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResult, Path | None]:
+    workload, workload_args = (resolve_workload(args.workload, args.fs)
+                               if args.log is None else (None, []))
+    checkers = build_checkers(args, workload)
+    options = loop_options(args)
+    recorder = make_recorder(args, workload or Path("."), workload_args)
+    err = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="logwrites-loop-", dir=args.workdir) as tmp:
+        workdir = Path(tmp)
+        # The recording outlives the run: every repro line points at its log and base image.
+        keep_dir = (args.out / "recording") if args.out else Path(
+            tempfile.mkdtemp(prefix="logwrites-recording-", dir=args.workdir))
+        if args.log is None:
+            err.print(f"recording {workload.name} in the guest into {keep_dir} ...",
+                      markup=False, highlight=False)
+        recording = recorder(keep_dir)
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                      TimeRemainingColumn(), console=err, transient=args.json) as progress:
+            task = progress.add_task("crash states", total=None)
+
+            def on_progress(done: int, total: int, _result: object) -> None:
+                progress.update(task, completed=done, total=total)
+
+            result = run_loop(recording, checkers, options, workdir / "states", on_progress)
+    page = write_html_report(result, args.out) if args.out else None
+    if args.junit:
+        args.junit.write_text(junit_xml(result))
+    return result, page
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    result, page = run_crash_loop(args, console)
+    if args.json:
+        for line in json_lines(result):
+            print(line)
+    else:
+        print_table(console, result)
+        for line in failure_lines(result):
+            console.print(line, markup=False, highlight=False)
+        summary = (f"{len(result.results)} states in {result.seconds:.1f} s "
+                   f"({60 * len(result.results) / max(result.seconds, 1e-9):.0f} per minute, "
+                   f"{result.jobs} jobs)")
+        console.print(summary, markup=False, highlight=False)
+        if page:
+            console.print(f"report: {page}", markup=False, highlight=False)
+    return result.exit_status
+
+
+def json_summary(result: LoopResult) -> dict[str, object]:
+    return json.loads(list(json_lines(result))[-1])

@@ -1,0 +1,298 @@
+"""The crash-replay loop: record → enumerate → build → check (→ shrink), `jobs` at a time.
+
+Step 1 (record) is a seam: a `Recorder` returns a `Recording` (the log, the base image the log
+starts from, the filesystem, console logs). `logwrites.guestrecord` records a workload in a
+real guest on our backend; `existing_recording` takes a log and base image the user already
+has (any dm-log-writes log: ours, the kernel target's, QEMU blklogwrites').
+
+Steps 2-4 run here. The main thread walks the log once with a `StateBuilder`, leaving a
+checkpoint at each state's opening durability point; worker threads build each state from its
+checkpoint, run the checkers on disposable copies, and shrink failing reordered states while
+the checkpoint is still held. Results come back through a callback (the command module draws
+the progress bar); the library never prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Protocol
+
+from logwrites.check import Checker, Verdict, check_state, combine
+from logwrites.crashstates import (
+    DEFAULT_MAX_STATES,
+    SETUP_MARK,
+    CrashState,
+    LogMap,
+    enumerate_states,
+    start_index,
+)
+from logwrites.errors import UsageError
+from logwrites.logfile import LogReader
+from logwrites.shrink import Shrunk, shrink
+from logwrites.statebuild import StateBuilder
+
+log = logging.getLogger(__name__)
+
+VERDICT_ORDER: Final = ("pass", "fail", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Recording:
+    """What step 1 leaves: the log, the image it starts from, and what produced them."""
+
+    log: Path
+    base_image: Path
+    fs: str | None = None
+    workload: str = ""
+    console_logs: tuple[Path, ...] = ()
+    notes: tuple[str, ...] = ()   # what the recorder wants the report to say
+
+
+class Recorder(Protocol):
+    def __call__(self, workdir: Path) -> Recording: ...
+
+
+def existing_recording(log_path: Path, base_image: Path, fs: str | None) -> Recorder:
+    """A recorder that only checks and hands over a log and base image the user already has."""
+    def record(workdir: Path) -> Recording:
+        for what, path in (("log", log_path), ("base image", base_image)):
+            if not path.is_file():
+                raise UsageError(f"{what} {path} is not a file")
+        return Recording(log_path.resolve(), base_image.resolve(), fs,
+                         workload=f"recorded log {log_path.name}")
+    return record
+
+
+@dataclass(slots=True)
+class LoopOptions:
+    kinds: tuple[str, ...] = ("prefix", "reorder")
+    max_states: int = DEFAULT_MAX_STATES
+    seed: int = 0
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    from_start: bool = False
+    start_mark: str | None = None
+    shrink: bool = True
+    keep_failing: Path | None = None  # directory for the images of failing states
+    command: str = "logwrites"        # how repro commands call us
+
+
+@dataclass(slots=True)
+class StateResult:
+    state: CrashState
+    verdict: str
+    verdicts: list[Verdict]
+    seconds: float                    # build + check
+    build_seconds: float
+    repro: str
+    image: Path | None = None         # kept failing image
+    shrunk: Shrunk | None = None
+
+    @property
+    def checker(self) -> str:
+        return ",".join(v.checker for v in self.verdicts)
+
+    @property
+    def detail(self) -> str:
+        bad = [v for v in self.verdicts if v.verdict != "pass"]
+        return "; ".join(f"{v.checker}: {v.detail}" for v in bad) if bad else ""
+
+
+@dataclass(slots=True)
+class LoopResult:
+    recording: Recording
+    logmap: LogMap
+    start: int
+    results: list[StateResult]
+    seconds: float
+    jobs: int
+    entries_applied: int = 0
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{kind: {verdict: n}} over every state, kinds in enumeration order."""
+        table: dict[str, dict[str, int]] = {}
+        for r in self.results:
+            row = table.setdefault(r.state.kind, dict.fromkeys(VERDICT_ORDER, 0))
+            row[r.verdict] += 1
+        return table
+
+    def failed(self) -> list[StateResult]:
+        return [r for r in self.results if r.verdict == "fail"]
+
+    @property
+    def exit_status(self) -> int:
+        """0 every state passed, 1 one failed, 2 no failure but a state could not be checked."""
+        verdicts = {r.verdict for r in self.results}
+        return 1 if "fail" in verdicts else 2 if "error" in verdicts else 0
+
+
+def repro_command(recording: Recording, state: CrashState, command: str = "logwrites") -> str:
+    """A command line that rebuilds `state` into `{image}` (the file the user names)."""
+    base, log_path = shlex.quote(str(recording.base_image)), shlex.quote(str(recording.log))
+    return (f"cp --sparse=always {base} {{image}} && "
+            f"{command} replay {log_path} {{image}} --state {state.id}")
+
+
+def state_filename(state_id: str) -> str:
+    """A file name for a state id (ids hold ':', ',' and '-')."""
+    return re.sub(r"[^A-Za-z0-9-]+", "_", state_id).strip("_")
+
+
+def recording_marks(logmap: LogMap, state: CrashState) -> list[str]:
+    """The marks a state includes: every mark entry up to its end (before a torn write)."""
+    last = state.torn[0] - 1 if state.torn else state.end
+    return [e.mark or "" for e in logmap.entries[:last + 1] if e.is_mark]
+
+
+def state_env(marks: list[str], state: CrashState) -> dict[str, str]:
+    """What user checkers learn of the state through their environment."""
+    return {"LW_STATE": state.id, "LW_STATE_KIND": state.kind, "LW_MARKS": " ".join(marks)}
+
+
+ProgressCallback = Callable[[int, int, StateResult | None], None]
+
+
+def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOptions,
+             workdir: Path, on_progress: ProgressCallback | None = None) -> LoopResult:
+    """Enumerate the recording's crash states, build and check each, shrink failures.
+
+    `on_progress(done, total, result)` is called from the calling thread: once with
+    result None when the states are known, then once per checked state.
+
+    :raise UsageError: for options the log cannot satisfy. :raise LogFormatError: for a
+        damaged log.
+    """
+    if options.jobs < 1:
+        raise UsageError(f"--jobs {options.jobs}: must be at least 1")
+    if not checkers:
+        raise UsageError("no checker: give at least one --check")
+    started = time.perf_counter()
+    logmap = LogMap.read(recording.log)
+    start = start_index(logmap, from_start=options.from_start, start_mark=options.start_mark)
+    states = enumerate_states(logmap, options.kinds, start=start, max_states=options.max_states,
+                              seed=options.seed)
+    setup = logmap.mark_index(SETUP_MARK)
+    total = len(states)
+    log.info("%d crash states of %d entries (%d epochs), from entry %d", total,
+             len(logmap.entries), len(logmap.epochs), start)
+    if on_progress:
+        on_progress(0, total, None)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if options.keep_failing:
+        options.keep_failing.mkdir(parents=True, exist_ok=True)
+
+    def expect_fs(state: CrashState) -> bool:
+        # After the mkfs mark a state must carry the filesystem; before it (--from-start) a
+        # missing signature is a state from before mkfs and passes (DESIGN.md §5).
+        return recording.fs not in (None, "none") and setup is not None and state.entry >= setup
+
+    results: list[StateResult] = []
+    with LogReader(recording.log) as reader:
+        builder = StateBuilder(reader, logmap, recording.base_image, workdir / "build")
+        slot = threading.Semaphore(options.jobs * 2)  # bounds images on disk at once
+        done_lock = threading.Lock()
+
+        def one(state: CrashState, n: int) -> StateResult:
+            try:
+                return _build_and_check(builder, state, checkers, workdir, n, recording,
+                                        options, expect_fs(state))
+            finally:
+                builder.release(state.checkpoint)
+                slot.release()
+
+        futures: list[Future[StateResult]] = []
+        reported = 0
+
+        def report_done(block: bool) -> None:
+            nonlocal reported
+            while reported < len(futures) and (block or futures[reported].done()):
+                result = futures[reported].result()
+                results.append(result)
+                reported += 1
+                if on_progress:
+                    with done_lock:
+                        on_progress(reported, total, result)
+
+        try:
+            with ThreadPoolExecutor(options.jobs, thread_name_prefix="crashstate") as pool:
+                holders: dict[int, int] = {}
+                for s in states:
+                    holders[s.checkpoint] = holders.get(s.checkpoint, 0) + 1
+                for n, state in enumerate(states):
+                    while not slot.acquire(timeout=0.2):
+                        report_done(block=False)
+                    if state.checkpoint in holders:
+                        builder.checkpoint(state.checkpoint, holders.pop(state.checkpoint))
+                    futures.append(pool.submit(one, state, n))
+                    report_done(block=False)
+                report_done(block=True)
+        finally:
+            builder.close()
+        applied = builder.entries_applied
+    return LoopResult(recording, logmap, start, results, time.perf_counter() - started,
+                      options.jobs, applied)
+
+
+def _build_and_check(builder: StateBuilder, state: CrashState, checkers: Sequence[Checker],
+                     workdir: Path, n: int, recording: Recording, options: LoopOptions,
+                     expect_fs: bool) -> StateResult:
+    t0 = time.perf_counter()
+    image = workdir / f"state-{n}.img"
+    scratch = workdir / f"check-{n}.img"
+    try:
+        builder.build(state, image)
+        t1 = time.perf_counter()
+        env = state_env(recording_marks(builder.logmap, state), state)
+        verdicts = check_state(checkers, image, scratch, expect_fs=expect_fs, env=env)
+        verdict = combine(verdicts)
+        shrunk = None
+        if verdict == "fail" and options.shrink and state.kind == "reorder" \
+                and len(state.dropped) > 1:
+            shrunk = _shrink(builder, state, checkers, workdir, n, expect_fs, env)
+        kept = None
+        if verdict == "fail" and options.keep_failing is not None:
+            kept = options.keep_failing / f"{state_filename(state.id)}.img"
+            shutil.move(image, kept)
+        return StateResult(state, verdict, verdicts, time.perf_counter() - t0, t1 - t0,
+                           repro_command(recording, state, options.command), kept, shrunk)
+    except OSError as err:
+        log.error("state %s: %s", state.id, err)
+        log.debug("traceback", exc_info=True)
+        return StateResult(state, "error", [Verdict("error", "build", 0.0, str(err))],
+                           time.perf_counter() - t0, 0.0,
+                           repro_command(recording, state, options.command))
+    finally:
+        image.unlink(missing_ok=True)
+        scratch.unlink(missing_ok=True)
+
+
+def _shrink(builder: StateBuilder, state: CrashState, checkers: Sequence[Checker],
+            workdir: Path, n: int, expect_fs: bool, env: dict[str, str]) -> Shrunk:
+    image = workdir / f"shrink-{n}.img"
+    scratch = workdir / f"shrink-check-{n}.img"
+
+    def still_fails(candidate: CrashState) -> bool:
+        try:
+            builder.build(candidate, image)
+            verdicts = check_state(checkers, image, scratch, expect_fs=expect_fs,
+                                   env={**env, "LW_STATE": candidate.id})
+            return combine(verdicts) == "fail"
+        finally:
+            image.unlink(missing_ok=True)
+
+    result = shrink(state, still_fails)
+    log.info("state %s shrinks to %s in %d tries", state.id, result.state.id, result.tries)
+    return result
+
+
+__all__ = ["LoopOptions", "LoopResult", "Recorder", "Recording", "StateResult",
+           "existing_recording", "repro_command", "run_loop", "state_filename"]
