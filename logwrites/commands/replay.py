@@ -71,10 +71,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(exit 1). The entry just replayed is in $LOGWRITES_ENTRY")
     p.add_argument("--discard-zeroes-data", action="store_true",
                    help="accepted for compatibility: discards always leave zeros")
+    # --- crash states (owned by the crash-loop engineer; logwrites.statebuild) ---
+    p.add_argument("--state", metavar="ID",
+                   help="rebuild the crash state ID (p:E, r:E:-i,-j, t:I:K, as crash-loop "
+                        "prints it) onto TARGET, which must hold the log's base image")
+    # --- end crash states ---
     p.set_defaults(run=run)
 
 
+def _run_state(args: argparse.Namespace) -> int:
+    """`--state ID`: the crash-loop's repro path; alone, no other start/stop options."""
+    from logwrites.statebuild import build_state
+
+    others = [name for name, on in (
+        ("--limit", args.limit), ("--end-mark", args.end_mark), ("--next-flush", args.next_flush),
+        ("--next-fua", args.next_fua), ("--start-entry", args.start_entry),
+        ("--start-mark", args.start_mark), ("--find", args.find), ("--check", args.check)) if on]
+    if others:
+        raise UsageError(f"--state goes alone, not with {', '.join(others)}")
+    if args.target is None:
+        raise UsageError("replay --state needs a TARGET holding the base image")
+    state = build_state(args.log, args.target, args.state)
+    what = f", without records {', '.join(map(str, state.dropped))}" if state.dropped else ""
+    torn = (f", then {state.torn[1]} sectors of entry {state.torn[0]}" if state.torn else "")
+    print(f"rebuilt crash state {state.id} ({state.kind}): entries 0..{state.end}{what}{torn}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.state is not None:
+        return _run_state(args)
     if (args.check is None) != (args.fsck is None):
         raise UsageError("--check and --fsck go together")
     limit = args.limit or None  # replay-log: a limit of 0 is no limit
