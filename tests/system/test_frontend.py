@@ -56,6 +56,10 @@ class Step:
     name: str
     status: int | None
     data_sha: str | None = None
+    order: int = -1            # completion order (not compared between backends)
+
+    def key(self) -> tuple[str, int | None, str | None]:
+        return self.name, self.status, self.data_sha
 
 
 def transcript(fe: BlkFrontend) -> list[Step]:
@@ -65,7 +69,8 @@ def transcript(fe: BlkFrontend) -> list[Step]:
     def note(name: str, req, data: bytes | None = None) -> None:
         assert req.violations == [], name
         steps.append(Step(name, req.status,
-                          None if data is None else hashlib.sha256(data).hexdigest()[:16]))
+                          None if data is None else hashlib.sha256(data).hexdigest()[:16],
+                          req.order))
 
     a, b = pattern(1, 4096), pattern(2, 12288)
     note("write 8", fe.write(8, a))
@@ -205,3 +210,22 @@ def test_reconnect_after_disconnect(qsd: Daemon) -> None:
 def test_image_helper_is_sparse_sized(tmp_path: Path) -> None:
     make_image(tmp_path / "x.img")
     assert os.path.getsize(tmp_path / "x.img") == IMAGE_BYTES
+
+
+@pytest.mark.slow
+def test_two_queues_and_4k_blocks(tmp_path: Path) -> None:
+    """Multiqueue negotiation and a 4096-byte logical block: a misaligned sector is refused."""
+    image = tmp_path / "4k.img"
+    make_image(image)
+    with (QsdExport(image, tmp_path / "4k.sock", tmp_path, num_queues=2,
+                    logical_block_size=4096) as qsd,
+          BlkFrontend(qsd.socket_path, num_queues=2) as fe):
+        assert fe.backend_queues == 2 and fe.config.num_queues == 2
+        assert fe.config.blk_size == 4096
+        on_q1 = fe.run([write_parts(16, pattern(5, 4096))], queue=1)[0]
+        assert on_q1.status == Status.OK
+        assert fe.read(16, 4096).data == pattern(5, 4096)       # queue 0 sees it
+        assert fe.write(1, bytes(4096)).status == Status.IOERR   # sector not 4k-aligned
+        # qemu-storage-daemon checks the sector's alignment, not the length's
+        # (virtio_blk_sect_range_ok): the block layer does read-modify-write.
+        assert fe.write(8, bytes(512)).status == Status.OK

@@ -60,3 +60,4 @@ def test_fuzz_qemu_storage_daemon(tmp_path: Path, fuzz_examples: int) -> None:
             assert fe.read(0, 512).status == Status.OK
         session.check_image()
     assert session.tally.requests >= fuzz_examples
+
