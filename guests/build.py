@@ -42,8 +42,8 @@ GUEST_MODULES: Final = (
 )
 
 #: Packages whose versions key the cache: every tool copied into the guest comes from one.
-PACKAGES: Final = ("busybox-static", "e2fsprogs", "xfsprogs", "btrfs-progs", "fio", "dmsetup",
-                   "util-linux", "libc6")
+PACKAGES: Final = ("busybox-static", "dash", "e2fsprogs", "xfsprogs", "btrfs-progs", "fio",
+                   "dmsetup", "util-linux", "libc6")
 
 #: Real tools copied into the guest: (path on the host, install command for the error message).
 TOOLS: Final = (
@@ -59,6 +59,9 @@ TOOLS: Final = (
     ("/usr/bin/btrfs", "btrfs-progs"), ("/usr/sbin/mkfs.btrfs", "btrfs-progs"),
     ("/usr/sbin/fsck.btrfs", "btrfs-progs"),
     ("/usr/bin/fio", "fio"), ("/usr/sbin/dmsetup", "dmsetup"), ("/usr/bin/flock", "util-linux"),
+    # /bin/sh for scripts: busybox's ash runs its own applet for a bare `mke2fs` whatever PATH
+    # says (it is built standalone), so scripts get dash, which honours PATH.
+    ("/usr/bin/dash", "dash"),
 )
 
 BUSYBOX: Final = "/usr/bin/busybox"
@@ -403,6 +406,7 @@ def _build(kernel: Path, version: str, mod_dir: Path | None, out: Path) -> Guest
                 base = os.path.basename(path)
                 for d in ("bin", "sbin"):
                     cpio.symlink(f"{d}/{base}", path)
+            cpio.symlink("bin/sh", "/usr/bin/dash")
             cpio.file("bin/busybox", Path(BUSYBOX).read_bytes())
             applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
                                      check=True).stdout.split()

@@ -120,6 +120,7 @@ class AgentReady:
     kernel: str
     disks: tuple[dict[str, Any], ...]
     control: bool
+    boot_id: str  # new at every boot: tells a reboot from a guest that stayed up
 
 
 @dataclass(slots=True)
@@ -134,6 +135,7 @@ class AgentResult:
     stdout_bytes: int
     stderr_bytes: int
     reports: dict[str, str] = field(default_factory=dict)
+    setup: str = ""  # what mkfs and the setup mark said
     seconds: float = 0.0
     timed_out: bool = False
 
@@ -161,10 +163,11 @@ class _AgentChannel:
         self._writer: asyncio.StreamWriter | None = None
         self._connected = asyncio.Event()
         self._server: asyncio.Server | None = None
-        self._transcript = transcript.open("ab")
-        self._readers: set[asyncio.Task[None]] = set()
+        self._transcript_path = transcript
+        self._transcript: Any = None
 
     async def listen(self) -> None:
+        self._transcript = self._transcript_path.open("ab")
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path),
@@ -196,7 +199,10 @@ class _AgentChannel:
             self._connected.clear()
 
     async def send(self, *lines: str) -> None:
-        await asyncio.wait_for(self._connected.wait(), 30)
+        try:
+            await asyncio.wait_for(self._connected.wait(), 30)
+        except TimeoutError:
+            raise MachineError("the guest agent channel is not connected") from None
         assert self._writer is not None
         self._writer.write("".join(line + "\n" for line in lines).encode())
         await self._writer.drain()
@@ -206,7 +212,9 @@ class _AgentChannel:
             self._writer.close()
         if self._server is not None:
             self._server.close()
-        self._transcript.close()
+        if self._transcript is not None:
+            self._transcript.close()
+            self._transcript = None
 
 
 def _b64_chunks(data: bytes, size: int = 1024) -> list[str]:
@@ -264,6 +272,7 @@ class Machine:
         self._qemu_log: Any = None
         self._started_at = 0.0
         self._expect_exit = False
+        self._reboot_action_reset = False
         self._failure: asyncio.Future[MachineError] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._console_offset = 0
@@ -392,6 +401,7 @@ class Machine:
         :raise MachineError: none came within the bound; the message names the likely cause.
         """
         timeout_s = timeout_s or self.boot_timeout_s
+        self._started_at = time.monotonic() if self.ready is not None else self._started_at
         event = await self._next_event({"ready"}, timeout_s, "the guest agent's 'ready'",
                                        hint="a kernel that cannot run /init, or a kernel "
                                             "without CONFIG_VIRTIO_CONSOLE/VIRTIO_PCI, "
@@ -400,7 +410,11 @@ class Machine:
                                 uptime=float(event.get("uptime", 0.0)),
                                 kernel=str(event.get("kernel", "")),
                                 disks=tuple(event.get("disks", ())),
-                                control=bool(event.get("control", False)))
+                                control=bool(event.get("control", False)),
+                                boot_id=str(event.get("boot_id", "")))
+        if self._reboot_action_reset:
+            await self._need_qmp().execute("set-action", {"reboot": "shutdown"})
+            self._reboot_action_reset = False
         log.info("%s: agent ready after %.2f s (guest uptime %.2f s)", self.name,
                  self.ready.host_seconds, self.ready.uptime)
         return self.ready
@@ -435,6 +449,7 @@ class Machine:
         lines = [f"env {c}" for c in _b64_chunks(env_file.encode())]
         lines += [f"script {c}" for c in _b64_chunks(body)]
         self._job_timeout = timeout_s
+        self._need_qmp()
         await self._bounded(self.agent.send(*lines, "run"), 30, "sending the job to the agent")
         if not wait:
             return None
@@ -465,10 +480,12 @@ class Machine:
                                    stdout=_decode(out), stderr=_decode(err),
                                    stdout_bytes=int(out.get("bytes", 0)),
                                    stderr_bytes=int(err.get("bytes", 0)), reports=reports,
+                                   setup=_decode(outputs.get("setup", {})),
                                    seconds=seconds, timed_out=status == 137)
 
     async def ping(self, timeout_s: float = 30.0) -> float:
         """The guest's uptime, asked of the agent: proves the guest runs and listens."""
+        self._need_qmp()
         await self.agent.send("ping")
         event = await self._next_event({"pong"}, timeout_s, "the agent's pong")
         return float(event.get("uptime", 0.0))
@@ -489,11 +506,13 @@ class Machine:
         for its agent to come up again (unless `wait_ready` is False)."""
         qmp = self._need_qmp()
         with qmp.listener("RESET") as reset_events:
-            # Host resets obey the reboot action too: let this one through, then restore.
+            # Host resets obey the reboot action too: let this one through. SeaBIOS answers a
+            # warm start with a hard reset of its own, so the action stays "reset" until the
+            # agent is up again (wait_ready restores it).
             await qmp.execute("set-action", {"reboot": "reset"})
+            self._reboot_action_reset = True
             await qmp.execute("system_reset")
             await self._bounded(reset_events.get(), 30, "the RESET event")
-            await qmp.execute("set-action", {"reboot": "shutdown"})
         log.info("%s: reset", self.name)
         self._drain_events()
         return await self.wait_ready() if wait_ready else None

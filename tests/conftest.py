@@ -39,10 +39,10 @@ def default_guest():
 
 @pytest.fixture
 def raw_image(tmp_path: Path) -> Path:
-    """A sparse 256 MiB raw image, the disk under test."""
+    """A sparse 512 MiB raw image, the disk under test (mkfs.xfs wants 300 MB)."""
     image = tmp_path / "disk.img"
     with image.open("wb") as f:
-        f.truncate(256 << 20)
+        f.truncate(512 << 20)
     return image
 
 
