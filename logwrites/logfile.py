@@ -18,6 +18,7 @@ from typing import Final
 
 from logwrites.errors import LogFormatError, LogwritesError
 from logwrites.format import (
+    DISCARD,
     Entry,
     EntryFlag,
     SuperBlock,
@@ -239,7 +240,7 @@ class LogReader:
 
         :raise LogFormatError: naming the entry where the log breaks.
         """
-        for entry, _ in self._scan(start_index, start_block, False):
+        for entry, _, _ in self.scan(start_index, start_block, False):
             yield entry
 
     def entries_with_payload(self, start_index: int = 0, start_block: int = 1
@@ -250,10 +251,14 @@ class LogReader:
         pulled. It is None for entries without payload and for payloads larger than the
         buffer's share: copy those from `fileno()` at `entry.data_offset`.
         """
-        return self._scan(start_index, start_block, True)
+        for entry, payload, _ in self.scan(start_index, start_block, True):
+            yield entry, payload
 
-    def _scan(self, start_index: int, start_block: int, payloads: bool
-              ) -> Iterator[tuple[Entry, memoryview | None]]:
+    def scan(self, start_index: int, start_block: int, payloads: bool
+             ) -> Iterator[tuple[Entry, memoryview | None, int]]:
+        """The hot-path form of `entries_with_payload` (without payloads unless `payloads`):
+        (entry, payload view or None, the entry's flags as a plain int — bit tests on
+        `EntryFlag` go through the enum machinery, about a microsecond each)."""
         sectorsize, size, fd, nr_entries = self.sectorsize, self.size, self._fd, self.nr_entries
         if not 0 <= start_index <= nr_entries:
             raise LogFormatError(start_index, f"no such entry: the log has {nr_entries}")
@@ -277,7 +282,8 @@ class LogReader:
             pos = at - buf_start
             entry = decode_entry_at(buf, pos, sectorsize, index, at + sectorsize)
             nr_sectors = entry.nr_sectors
-            if nr_sectors and not entry.flags & EntryFlag.DISCARD:
+            flags = entry.flags._value_
+            if nr_sectors and not flags & DISCARD:
                 payload_len = nr_sectors * sectorsize
                 next_at = at + sectorsize + payload_len
                 if next_at > size:
@@ -292,11 +298,11 @@ class LogReader:
                         self.bytes_read += got
                         buf_start, buf_end, pos = at, at + got, 0
                     payload = view[pos + sectorsize : pos + sectorsize + payload_len]
-                yield entry, payload
+                yield entry, payload, flags
             else:
                 next_at = at + sectorsize
                 big_step = False
-                yield entry, None
+                yield entry, None, flags
             at = next_at
 
     def read_payload(self, entry: Entry) -> bytes:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from logwrites.errors import CheckFailed, LogwritesError
-from logwrites.format import Entry, EntryFlag
+from logwrites.format import DISCARD, FLUSH, FUA, MARK, Entry, EntryFlag
 from logwrites.logfile import LogReader
 
 log = logging.getLogger(__name__)
@@ -346,15 +346,13 @@ def _replay_loop(reader: LogReader, fd: int, index: int, block: int, count: int,
     sectorsize = reader.sectorsize
     log_fd = reader.fileno()
     pwrite = os.pwrite
-    discard_flag, flush_flag, fua_flag, mark_flag = (EntryFlag.DISCARD, EntryFlag.FLUSH,
-                                                     EntryFlag.FUA, EntryFlag.MARK)
     check_every = check if isinstance(check, int) else 0
-    check_flag = flush_flag if check == "flush" else fua_flag if check == "fua" else 0
+    check_flag = FLUSH if check == "flush" else FUA if check == "fua" else 0
     done = writes = discards = bytes_written = bytes_zeroed = 0
+    flushes = fuas = marks = 0
     entry: Entry | None = None
     try:
-        for entry, payload in reader.entries_with_payload(index, block):
-            flags = entry.flags
+        for entry, payload, flags in reader.scan(index, block, True):
             if payload is not None:
                 offset = entry.sector * sectorsize
                 written = pwrite(fd, payload, offset)
@@ -364,7 +362,7 @@ def _replay_loop(reader: LogReader, fd: int, index: int, block: int, count: int,
                 bytes_written += len(payload)
             elif entry.nr_sectors:
                 length = entry.nr_sectors * sectorsize
-                if flags & discard_flag:
+                if flags & DISCARD:
                     zero_range(fd, entry.sector * sectorsize, length,
                                discard_zeroes=discard_zeroes)
                     discards += 1
@@ -375,12 +373,12 @@ def _replay_loop(reader: LogReader, fd: int, index: int, block: int, count: int,
                     writes += 1
                     bytes_written += length
             if flags:
-                if flags & flush_flag:
-                    result.flushes += 1
-                if flags & fua_flag:
-                    result.fuas += 1
-                if flags & mark_flag:
-                    result.marks += 1
+                if flags & FLUSH:
+                    flushes += 1
+                if flags & FUA:
+                    fuas += 1
+                if flags & MARK:
+                    marks += 1
             done += 1
             if checker is not None and (
                 (check_every and done % check_every == 0) or flags & check_flag
@@ -395,6 +393,7 @@ def _replay_loop(reader: LogReader, fd: int, index: int, block: int, count: int,
     finally:
         result.entries = done
         result.writes, result.discards = writes, discards
+        result.flushes, result.fuas, result.marks = flushes, fuas, marks
         result.bytes_written, result.bytes_zeroed = bytes_written, bytes_zeroed
         if entry is not None and done:
             result.next_index = entry.index + 1
