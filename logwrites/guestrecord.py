@@ -1,0 +1,159 @@
+"""Step 1 of the crash-replay loop in a real guest, and the `guest:` checker's runner.
+
+Recording: a blank disk image is served by our backend (`logwrites serve`, which logs every
+write under dm-log-writes' rules), the default guest (or the user's kernel) boots on it, the
+agent makes the filesystem, logs the mark `mkfs`, runs the workload (whose `lw-mark` calls add
+marks from inside the guest), and the run ends with a power cut. The base image is a blank
+file of the same size: the log starts from zeros.
+
+The guest checker boots the guest on the state's disposable copy as a plain disk, lets the
+agent mount it (the kernel under test runs its own recovery) and runs the checker script.
+Uses the guests and QMP colleagues' APIs (`guests.build.default_guest`, `qmp.machine.Machine`,
+`qmp.backend.ServeBackend`); blocking callers get `asyncio.run` wrappers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shlex
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+from logwrites.check import GuestRunner
+from logwrites.errors import LogwritesError, UsageError
+from logwrites.loop import Recorder, Recording
+
+log = logging.getLogger(__name__)
+
+SETUP_MARK: Final = "mkfs"
+# ext4's lazy initialisation would zero inode tables and the journal from a kernel thread
+# after mount, in the middle of the workload's epochs: do it inside mkfs instead.
+DEFAULT_MKFS_OPTS: Final = {"ext4": "-E lazy_itable_init=0,lazy_journal_init=0"}
+
+
+class RecordError(LogwritesError):
+    """The workload could not be recorded (it failed in the guest, or the guest did not run)."""
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        if text[-1:].upper() in units:
+            return int(float(text[:-1]) * units[text[-1].upper()])
+        return int(text)
+    except ValueError:
+        raise UsageError(f"size {text!r}: a number of bytes, or with K, M or G") from None
+
+
+def workload_script(path: Path, args: list[str]) -> str:
+    """The script the agent runs: the workload, with its arguments set as "$@"."""
+    text = path.read_text()
+    if not args:
+        return text
+    first, _, rest = text.partition("\n")
+    set_args = f"set -- {shlex.join(args)}\n"
+    return f"{first}\n{set_args}{rest}" if first.startswith("#!") else set_args + text
+
+
+def _guest(kernel: Path | None, modules: Path | None) -> object:
+    from guests.build import default_guest
+
+    return default_guest(kernel=kernel, modules=modules)
+
+
+async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str], *,
+                          fs: str | None, mkfs_opts: str | None, image_size: int,
+                          kernel: Path | None = None, modules: Path | None = None,
+                          timeout_s: float = 600.0, accel: str | None = None) -> Recording:
+    """Record `workload` on a fresh disk in the guest; power-cut at its end.
+
+    :raise RecordError: the workload failed or the guest/backend did not run.
+    """
+    from qmp.backend import ServeBackend
+    from qmp.machine import Machine
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    image, base, log_path = workdir / "disk.img", workdir / "base.img", workdir / "disk.log"
+    for path in (image, base):
+        with open(path, "wb") as f:
+            f.truncate(image_size)
+    guest = _guest(kernel, modules)
+    opts = mkfs_opts if mkfs_opts is not None else DEFAULT_MKFS_OPTS.get(fs or "", "")
+    run_dir = workdir / "run"
+    sock_dir = Path(tempfile.mkdtemp(prefix="lw-rec-"))  # unix socket paths must stay short
+    script = workload_script(workload, workload_args)
+    try:
+        async with ServeBackend(image, log_path, sock_dir) as backend:
+            async with Machine(guest, run_dir, disk_socket=backend.socket,  # type: ignore[arg-type]
+                               control_socket=backend.control, accel=accel,
+                               name="record") as machine:
+                result = await machine.run(script, fs=fs, mkfs_opts=opts, setup_mark=SETUP_MARK,
+                                           timeout_s=timeout_s)
+                # The crash: nothing the guest has not flushed is promised to survive.
+                await machine.power_cut()
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    assert result is not None
+    if not result.ok:
+        raise RecordError(f"workload {workload.name} exited {result.status} in phase "
+                          f"{result.phase}: {(result.stderr or result.stdout).strip()[-300:]}")
+    (workdir / "workload.out").write_text(result.stdout + result.stderr)
+    name = " ".join([workload.name, *workload_args])
+    return Recording(log_path, base, fs, workload=name,
+                     console_logs=(run_dir / "console.log", workdir / "workload.out"),
+                     notes=(f"recorded in the guest ({machine.accel}); workload took "
+                            f"{result.seconds:.1f} s; ended by a power cut",))
+
+
+def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list[str]) -> Recorder:
+    """A Recorder for the crash-loop command's options."""
+    fs = None if args.fs == "none" else args.fs
+
+    def record(workdir: Path) -> Recording:
+        return asyncio.run(record_in_guest(
+            workdir, workload, workload_args, fs=fs, mkfs_opts=args.mkfs_opts,
+            image_size=parse_size(args.image_size), kernel=args.kernel,
+            modules=getattr(args, "modules", None), timeout_s=args.timeout))
+    return record
+
+
+async def check_in_guest(image: Path, script: Path, *, fs: str | None, timeout_s: float,
+                         env: Mapping[str, str], kernel: Path | None = None,
+                         modules: Path | None = None) -> tuple[int, str]:
+    """Boot the guest on `image` (a disposable copy), mount it, run `script`; (status, output).
+    A mount that fails is the checker's failure (status of the set-up phase)."""
+    from qmp.machine import Machine, PlainDisk
+
+    guest = _guest(kernel, modules)
+    run_dir = Path(tempfile.mkdtemp(prefix="lw-chk-"))
+    try:
+        async with Machine(guest, run_dir, disks=[PlainDisk(image)],  # type: ignore[arg-type]
+                           name="check") as machine:
+            result = await machine.run(script, fs=fs, mkfs=False, dev="/dev/vda",
+                                       timeout_s=timeout_s, env=dict(env))
+            assert result is not None
+            await machine.power_cut()
+        output = f"[{result.phase}] {result.setup}{result.stdout}{result.stderr}"
+        return result.status, output
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def guest_check_runner(args: argparse.Namespace) -> GuestRunner:
+    fs = None if args.fs == "none" else args.fs
+
+    def run(image: Path, script: Path, timeout_s: float,
+            env: Mapping[str, str]) -> tuple[int, str]:
+        return asyncio.run(check_in_guest(image, script, fs=fs, timeout_s=timeout_s, env=env,
+                                          kernel=args.kernel,
+                                          modules=getattr(args, "modules", None)))
+    return run
+
+
+__all__ = ["RecordError", "check_in_guest", "guest_check_runner", "guest_recorder",
+           "record_in_guest", "workload_script"]
