@@ -1,0 +1,303 @@
+"""The log-writes filter: what goes into the log, and when (DESIGN.md §3).
+
+It knows no virtqueues. The device tells it that a request *completed* (its data is in the image
+and its used-ring entry is about to be published), that a FLUSH was *taken* from the ring, that a
+taken flush is *durable* (the image was synced), that a mark was asked for, that the guest went
+away, and that the backend stops. Each mode is a sink chosen once (STYLE §7):
+
+- `LogWritesSink` applies dm-log-writes' rules: completed writes, discards and write-zeroes wait
+  on the *unflushed list* in completion order; a flush taken from the ring detaches the list as
+  it is at that instant, and when the flush is durable those records, then one FLUSH entry, are
+  appended and committed. Writes flagged FUA (the guest runs its cache write-through) are logged
+  at once, ahead of the unflushed list, as are marks. When the guest goes away the list becomes
+  the *volatile tail*: appended with no FLUSH after it.
+- `ImmediateSink` logs every record at completion, like QEMU's blklogwrites driver.
+- `PassthroughSink` logs nothing: the baseline for overhead.
+
+Sectors here count `sectorsize` units (log entry units); the device converts virtio's 512-byte
+`req_sector` before calling in. The `data` handed to `completed` may be views of guest memory
+that the guest reuses once the request completes: a record parked on the unflushed list holds a
+copy of the data *as written* (re-reading the image at flush time would be wrong when a later
+write touched the same sectors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final, Protocol
+
+from logwrites.format import END_MARK, EntryFlag, validate_mark_name
+from logwrites.logfile import Buffer, LogWriter
+
+FLUSH: Final = int(EntryFlag.FLUSH)
+FUA: Final = int(EntryFlag.FUA)
+DISCARD: Final = int(EntryFlag.DISCARD)
+MARK: Final = int(EntryFlag.MARK)
+
+
+class LogObserver(Protocol):
+    """Told about every entry the filter logs (the control socket's event stream, stop points).
+
+    `entry` is called when an entry is appended; `flush` once a FLUSH entry is durable, with
+    the number of FLUSH entries logged so far (1 for the first); `mark` once a mark is durable.
+    """
+
+    def entry(self, index: int, flags: int) -> None: ...
+
+    def flush(self, index: int, count: int) -> None: ...
+
+    def mark(self, index: int, name: str) -> None: ...
+
+
+class CompletionSink(Protocol):
+    """What the device calls; the three modes implement it.
+
+    `completed(sector, nr_sectors, flags, data)`: `flags` is 0 for a write (data = its payload,
+    exactly `nr_sectors` blocks), DISCARD for a discard (data None), 0 with data None for a
+    write-zeroes; FUA added when the guest's write cache is off (logged at once).
+    """
+
+    mode: str
+
+    def completed(self, sector: int, nr_sectors: int, flags: int,
+                  data: Sequence[Buffer] | None) -> None: ...
+
+    def batch_end(self) -> None: ...
+
+    def flush_taken(self) -> object: ...
+
+    def flush_durable(self, ticket: object) -> int: ...
+
+    def mark(self, name: str) -> int: ...
+
+    def guest_gone(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def unflushed(self) -> int: ...
+
+    @property
+    def entries(self) -> int: ...
+
+    @property
+    def log_bytes(self) -> int: ...
+
+    @property
+    def flushes(self) -> int: ...
+
+
+class NoLogError(ValueError):
+    """A mark was asked of a backend that keeps no log (passthrough mode)."""
+
+
+class _LoggingSink:
+    """What the two logging modes share: the writer, marks, observers, commits, the end."""
+
+    mode = "logwrites"
+
+    def __init__(self, writer: LogWriter) -> None:
+        self.writer = writer
+        self.observer: LogObserver | None = None
+        self._dirty = False         # entries appended since the last commit that need one
+        self._flushes = 0
+
+    @property
+    def entries(self) -> int:
+        return self.writer.next_index
+
+    @property
+    def log_bytes(self) -> int:
+        return self.writer.bytes_used
+
+    @property
+    def flushes(self) -> int:
+        return self._flushes
+
+    @property
+    def unflushed(self) -> int:
+        return 0
+
+    def _append(self, sector: int, nr_sectors: int, flags: int,
+                data: Sequence[Buffer] | None) -> int:
+        writer = self.writer
+        if flags & DISCARD:
+            index = writer.append_discard(sector, nr_sectors, flags & ~DISCARD)
+        elif data is None:
+            index = writer.append_zeroes(sector, nr_sectors, flags)
+        else:
+            index = writer.append_write(sector, nr_sectors, data, flags)
+        if self.observer is not None:
+            self.observer.entry(index, flags)
+        return index
+
+    def _append_flush(self) -> int:
+        index = self.writer.append_flush()
+        if self.observer is not None:
+            self.observer.entry(index, FLUSH)
+        self.writer.commit()
+        self._dirty = False
+        self._flushes += 1
+        if self.observer is not None:
+            self.observer.flush(index, self._flushes)
+        return index
+
+    def batch_end(self) -> None:
+        """Commit FUA entries appended during the batch, before its completions are published."""
+        if self._dirty:
+            self.writer.commit()
+            self._dirty = False
+
+    def _pending_records(self) -> None:
+        """Append what still waits for a flush (nothing, unless the mode parks records)."""
+
+    def mark(self, name: str) -> int:
+        """Log a mark at once (after everything logged, ahead of the unflushed list) and make
+        it durable; returns its entry index.
+
+        :raise ValueError: for a name that cannot be a mark.
+        """
+        validate_mark_name(name, self.writer.sectorsize)
+        index = self.writer.append_mark(name)
+        if self.observer is not None:
+            self.observer.entry(index, MARK)
+        self.writer.commit()
+        self._dirty = False
+        if self.observer is not None:
+            self.observer.mark(index, name)
+        return index
+
+    def guest_gone(self) -> None:
+        """The volatile tail: what waits for a flush is appended with no FLUSH after it."""
+        self._pending_records()
+        self.writer.commit()
+        self._dirty = False
+
+    def close(self) -> None:
+        """A clean stop: the volatile tail, then the `dm-log-writes-end` mark, durable."""
+        self.guest_gone()
+        self.mark(END_MARK)
+
+
+class LogWritesSink(_LoggingSink):
+    """dm-log-writes' ordering (DESIGN.md §3 rules 1-8)."""
+
+    mode = "logwrites"
+
+    def __init__(self, writer: LogWriter) -> None:
+        super().__init__(writer)
+        # (sector, nr_sectors, flags, payload or None), in completion order.
+        self._records: list[tuple[int, int, int, bytes | None]] = []
+
+    @property
+    def unflushed(self) -> int:
+        return len(self._records)
+
+    def completed(self, sector: int, nr_sectors: int, flags: int,
+                  data: Sequence[Buffer] | None) -> None:
+        if flags & FUA:
+            # Rule 3: durable on completion, so logged now, ahead of the unflushed list.
+            self._append(sector, nr_sectors, flags, data)
+            self._dirty = True
+        else:
+            # Rule 1: parked in completion order; the payload is copied, since the guest may
+            # reuse its buffer as soon as the request completes.
+            self._records.append((sector, nr_sectors, flags,
+                                  None if data is None else b"".join(data)))
+
+    def flush_taken(self) -> object:
+        """Rule 2: the records completed so far belong to this flush; later ones do not."""
+        detached, self._records = self._records, []
+        return detached
+
+    def flush_durable(self, ticket: object) -> int:
+        """The image is durable: append the flush's records and a FLUSH entry, commit.
+
+        Returns the FLUSH entry's index; the device completes the FLUSH request after this.
+        """
+        assert isinstance(ticket, list)
+        append = self._append
+        for sector, nr_sectors, flags, payload in ticket:
+            append(sector, nr_sectors, flags, None if payload is None else (payload,))
+        return self._append_flush()
+
+    def _pending_records(self) -> None:
+        records, self._records = self._records, []
+        for sector, nr_sectors, flags, payload in records:
+            self._append(sector, nr_sectors, flags, None if payload is None else (payload,))
+
+
+class ImmediateSink(_LoggingSink):
+    """Every record logged when it completes, as QEMU's blklogwrites driver does; the guest's
+    buffers go straight to the log (nothing is parked, so nothing is copied)."""
+
+    mode = "immediate"
+
+    def completed(self, sector: int, nr_sectors: int, flags: int,
+                  data: Sequence[Buffer] | None) -> None:
+        self._append(sector, nr_sectors, flags, data)
+        if flags & FUA:
+            self._dirty = True
+
+    def flush_taken(self) -> object:
+        return None
+
+    def flush_durable(self, ticket: object) -> int:
+        return self._append_flush()
+
+
+class PassthroughSink:
+    """No log at all: the baseline against which the logging modes' cost is measured."""
+
+    mode = "passthrough"
+    observer: LogObserver | None = None
+    unflushed = 0
+    entries = 0
+    log_bytes = 0
+
+    def __init__(self) -> None:
+        self._flushes = 0
+
+    @property
+    def flushes(self) -> int:
+        return self._flushes
+
+    def completed(self, sector: int, nr_sectors: int, flags: int,
+                  data: Sequence[Buffer] | None) -> None:
+        pass
+
+    def batch_end(self) -> None:
+        pass
+
+    def flush_taken(self) -> object:
+        return None
+
+    def flush_durable(self, ticket: object) -> int:
+        self._flushes += 1
+        return -1
+
+    def mark(self, name: str) -> int:
+        raise NoLogError("passthrough mode keeps no log: marks need --mode logwrites or "
+                         "immediate")
+
+    def guest_gone(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+MODES: Final = ("logwrites", "immediate", "passthrough")
+
+
+def make_sink(mode: str, writer: LogWriter | None) -> CompletionSink:
+    """The sink for `mode` (one of MODES); the logging modes need a writer."""
+    if mode == "passthrough":
+        return PassthroughSink()
+    if writer is None:
+        raise ValueError(f"mode {mode} needs a log writer")
+    if mode == "logwrites":
+        return LogWritesSink(writer)
+    if mode == "immediate":
+        return ImmediateSink(writer)
+    raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
