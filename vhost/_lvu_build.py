@@ -40,7 +40,7 @@ ffibuilder.set_source(
     '#include "libvhost-user.c"\n' + (HERE / "_lvu_glue.c").read_text(),
     include_dirs=[str(lvu_root)],
     define_macros=[("_GNU_SOURCE", None)],
-    extra_compile_args=["-std=gnu99", "-O2", "-Wno-unused-parameter"],
+    extra_compile_args=["-std=gnu99", "-O2", "-Wno-unused-parameter", "-Wno-sign-compare"],
     libraries=["pthread"],
 )
 

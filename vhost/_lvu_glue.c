@@ -1,5 +1,301 @@
-/* Our C glue around libvhost-user: adapts its callbacks to ours (see vhost/lvu.py). */
+/* Our C glue around libvhost-user: adapts its callbacks to ours (see vhost/lvu.py).
+ *
+ * libvhost-user calls back with a VuDev *; our LwDev starts with the VuDev, so the glue finds
+ * the Python owner (an ffi handle) from it and upcalls through the extern "Python" functions
+ * declared in _lvu.cdef. The glue also pops and parses virtio-blk requests (header first in
+ * the driver-written buffers, status byte last in the device-written ones, either possibly
+ * split across descriptors) so that Python sees one flat request per element, and fills and
+ * publishes used entries in batches.
+ */
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <sys/uio.h>
 #include "libvhost-user.h"
+#include "standard-headers/linux/virtio_blk.h"
+
+typedef struct LwDev {
+    VuDev dev;                  /* first: a VuDev * from libvhost-user is our LwDev * */
+    void *owner;                /* ffi.new_handle() of the Python owner */
+    bool disconnected;          /* set when libvhost-user reads end-of-file (request 0) */
+    uint64_t features;          /* device features offered on top of libvhost-user's */
+    uint64_t protocol_features;
+    struct virtio_blk_config config;
+    VuDevIface iface;
+} LwDev;
+
+typedef struct LwReq {
+    VuVirtqElement *elem;
+    uint32_t type;
+    uint64_t sector;            /* virtio's req_sector: 512-byte units */
+    struct iovec *iov;          /* the payload buffers: header and status stripped */
+    unsigned int niov;
+    uint64_t len;               /* bytes in iov */
+    uint8_t *status;            /* NULL when the element has no device-writable byte */
+    int problem;                /* LW_REQ_OK or why the request cannot be served */
+} LwReq;
+
+#define LW_REQ_OK 0
+#define LW_REQ_NO_HEADER 1      /* fewer than 16 driver-written bytes */
+#define LW_REQ_NO_STATUS 2      /* no device-writable byte for the status */
+
+static const int LW_WCE_OFFSET = offsetof(struct virtio_blk_config, wce);
+static const int LW_CONFIG_SIZE = sizeof(struct virtio_blk_config);
+
+/* extern "Python" (see _lvu.cdef); cffi defines them, we only declare them for the glue. */
+static void lw_py_panic(void *owner, const char *err);
+static void lw_py_set_watch(void *owner, int fd, int condition, void *cb, void *data);
+static void lw_py_remove_watch(void *owner, int fd);
+static void lw_py_queue_started(void *owner, int qidx, bool started);
+static void lw_py_kick(void *owner, int qidx);
+static int lw_py_set_config(void *owner, const uint8_t *data, uint32_t offset,
+                            uint32_t size, uint32_t flags);
+
+#define LW_OF(vudev) ((LwDev *)(vudev))
+
+static void lw_panic(VuDev *dev, const char *err)
+{
+    lw_py_panic(LW_OF(dev)->owner, err);
+}
+
+static void lw_set_watch(VuDev *dev, int fd, int condition, vu_watch_cb cb, void *data)
+{
+    lw_py_set_watch(LW_OF(dev)->owner, fd, condition, (void *)cb, data);
+}
+
+static void lw_remove_watch(VuDev *dev, int fd)
+{
+    lw_py_remove_watch(LW_OF(dev)->owner, fd);
+}
+
+static uint64_t lw_get_features(VuDev *dev)
+{
+    return LW_OF(dev)->features;
+}
+
+static void lw_set_features(VuDev *dev, uint64_t features)
+{
+}
+
+static uint64_t lw_get_protocol_features(VuDev *dev)
+{
+    return LW_OF(dev)->protocol_features;
+}
+
+/* libvhost-user turns end-of-file into request 0 (VHOST_USER_NONE) and would exit(0). */
+static int lw_process_msg(VuDev *dev, VhostUserMsg *vmsg, int *do_reply)
+{
+    if (vmsg->request == VHOST_USER_NONE) {
+        LW_OF(dev)->disconnected = true;
+        *do_reply = 0;
+        return 1;
+    }
+    return 0;
+}
+
+static void lw_queue_handler(VuDev *dev, int qidx)
+{
+    lw_py_kick(LW_OF(dev)->owner, qidx);
+}
+
+static void lw_queue_set_started(VuDev *dev, int qidx, bool started)
+{
+    vu_set_queue_handler(dev, &dev->vq[qidx], started ? lw_queue_handler : NULL);
+    lw_py_queue_started(LW_OF(dev)->owner, qidx, started);
+}
+
+static int lw_get_config(VuDev *dev, uint8_t *config, uint32_t len)
+{
+    LwDev *d = LW_OF(dev);
+    uint32_t n = len < sizeof(d->config) ? len : sizeof(d->config);
+    memset(config, 0, len);
+    memcpy(config, &d->config, n);
+    return 0;
+}
+
+static int lw_set_config(VuDev *dev, const uint8_t *data, uint32_t offset, uint32_t size,
+                         uint32_t flags)
+{
+    return lw_py_set_config(LW_OF(dev)->owner, data, offset, size, flags);
+}
+
+LwDev *lw_new(void *owner)
+{
+    LwDev *d = calloc(1, sizeof(*d));
+    if (!d) {
+        return NULL;
+    }
+    d->owner = owner;
+    d->dev.sock = -1;
+    d->iface.get_features = lw_get_features;
+    d->iface.set_features = lw_set_features;
+    d->iface.get_protocol_features = lw_get_protocol_features;
+    d->iface.process_msg = lw_process_msg;
+    d->iface.queue_set_started = lw_queue_set_started;
+    d->iface.get_config = lw_get_config;
+    d->iface.set_config = lw_set_config;
+    return d;
+}
+
+bool lw_init(LwDev *d, uint16_t max_queues, int sock)
+{
+    d->disconnected = false;
+    return vu_init(&d->dev, max_queues, sock, lw_panic, NULL, lw_set_watch, lw_remove_watch,
+                   &d->iface);
+}
+
+void lw_set_blk_config(LwDev *d, uint64_t capacity, uint32_t size_max, uint32_t seg_max,
+                       uint32_t blk_size, uint8_t wce, uint16_t num_queues,
+                       uint32_t max_discard_sectors, uint32_t max_discard_seg,
+                       uint32_t discard_sector_alignment, uint32_t max_write_zeroes_sectors,
+                       uint32_t max_write_zeroes_seg, uint8_t write_zeroes_may_unmap)
+{
+    struct virtio_blk_config *c = &d->config;
+    memset(c, 0, sizeof(*c));
+    /* virtio 1.0: little-endian fields; the host is little-endian (x86_64, aarch64). */
+    c->capacity = htole64(capacity);
+    c->size_max = htole32(size_max);
+    c->seg_max = htole32(seg_max);
+    c->blk_size = htole32(blk_size);
+    c->min_io_size = htole16(1);
+    c->opt_io_size = htole32(1);
+    c->wce = wce;
+    c->num_queues = htole16(num_queues);
+    c->max_discard_sectors = htole32(max_discard_sectors);
+    c->max_discard_seg = htole32(max_discard_seg);
+    c->discard_sector_alignment = htole32(discard_sector_alignment);
+    c->max_write_zeroes_sectors = htole32(max_write_zeroes_sectors);
+    c->max_write_zeroes_seg = htole32(max_write_zeroes_seg);
+    c->write_zeroes_may_unmap = write_zeroes_may_unmap;
+}
+
+void lw_set_wce(LwDev *d, uint8_t wce)
+{
+    d->config.wce = wce;
+}
+
+void lw_call_watch(LwDev *d, void *cb, int condition, void *data)
+{
+    ((vu_watch_cb)cb)(&d->dev, condition, data);
+}
+
+/* Drop `n` bytes from the front of an iovec array, in place; returns the first one left. */
+static struct iovec *lw_iov_skip(struct iovec *iov, unsigned int *cnt, size_t n)
+{
+    while (*cnt && n >= iov->iov_len) {
+        n -= iov->iov_len;
+        iov++;
+        (*cnt)--;
+    }
+    if (*cnt && n) {
+        iov->iov_base = (char *)iov->iov_base + n;
+        iov->iov_len -= n;
+    }
+    return iov;
+}
+
+static size_t lw_iov_size(const struct iovec *iov, unsigned int cnt)
+{
+    size_t total = 0;
+    for (unsigned int i = 0; i < cnt; i++) {
+        total += iov[i].iov_len;
+    }
+    return total;
+}
+
+/* Pop one element of queue `qidx` and parse it as a virtio-blk request; 0 if none. */
+int lw_pop(LwDev *d, int qidx, LwReq *req)
+{
+    VuDev *dev = &d->dev;
+    VuVirtqElement *elem = vu_queue_pop(dev, &dev->vq[qidx], sizeof(VuVirtqElement));
+    if (!elem) {
+        return 0;
+    }
+    memset(req, 0, sizeof(*req));
+    req->elem = elem;
+
+    /* The status byte is the last device-writable byte. */
+    unsigned int in_num = elem->in_num;
+    while (in_num && elem->in_sg[in_num - 1].iov_len == 0) {
+        in_num--;
+    }
+    if (in_num) {
+        struct iovec *last = &elem->in_sg[in_num - 1];
+        req->status = (uint8_t *)last->iov_base + last->iov_len - 1;
+        last->iov_len--;
+    } else {
+        req->problem = LW_REQ_NO_STATUS;
+    }
+
+    /* The 16-byte header (type, ioprio, sector) leads the driver-written buffers. */
+    struct virtio_blk_outhdr hdr;
+    unsigned int out_num = elem->out_num;
+    size_t got = 0;
+    for (unsigned int i = 0; i < out_num && got < sizeof(hdr); i++) {
+        size_t take = elem->out_sg[i].iov_len;
+        if (take > sizeof(hdr) - got) {
+            take = sizeof(hdr) - got;
+        }
+        memcpy((char *)&hdr + got, elem->out_sg[i].iov_base, take);
+        got += take;
+    }
+    if (got < sizeof(hdr)) {
+        if (req->problem == LW_REQ_OK) {
+            req->problem = LW_REQ_NO_HEADER;
+        }
+        return 1;
+    }
+    req->type = le32toh(hdr.type);
+    req->sector = le64toh(hdr.sector);
+    struct iovec *out = lw_iov_skip(elem->out_sg, &out_num, sizeof(hdr));
+
+    /* Reads and GET_ID fill device-writable buffers; everything else reads driver-written
+     * ones. Buffers of the other direction are ignored, as QEMU's virtio-blk does. */
+    if (req->type == VIRTIO_BLK_T_IN || req->type == VIRTIO_BLK_T_GET_ID) {
+        req->iov = elem->in_sg;
+        req->niov = in_num;
+    } else {
+        req->iov = out;
+        req->niov = out_num;
+    }
+    req->len = lw_iov_size(req->iov, req->niov);
+    return 1;
+}
+
+/* Complete a popped request: status byte, used entry `idx` of this batch, element freed. */
+void lw_fill(LwDev *d, int qidx, LwReq *req, uint8_t status, uint32_t used_len,
+             unsigned int idx)
+{
+    VuDev *dev = &d->dev;
+    if (req->status) {
+        *req->status = status;
+    }
+    vu_queue_fill(dev, &dev->vq[qidx], req->elem, used_len, idx);
+    free(req->elem);
+    req->elem = NULL;
+}
+
+/* Publish `count` filled entries and notify the guest once (if it wants to be). */
+void lw_publish(LwDev *d, int qidx, unsigned int count)
+{
+    VuDev *dev = &d->dev;
+    if (count) {
+        vu_queue_flush(dev, &dev->vq[qidx], count);
+        vu_queue_notify(dev, &dev->vq[qidx]);
+    }
+}
+
+bool lw_queue_started(LwDev *d, int qidx)
+{
+    return d->dev.vq && vu_queue_started(&d->dev, &d->dev.vq[qidx]);
+}
+
+/* fallocate(2) with modes Python's os module does not offer (punch hole, zero range). */
+#include <fcntl.h>
+#include <linux/falloc.h>
+int lw_fallocate(int fd, int mode, uint64_t offset, uint64_t len)
+{
+    return fallocate(fd, mode, (off_t)offset, (off_t)len) == 0 ? 0 : -errno;
+}

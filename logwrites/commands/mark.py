@@ -1,0 +1,51 @@
+"""`logwrites mark NAME --control CTRL`: insert a mark into a running backend's log.
+
+Returns once the mark is durable; prints its entry index. A name the backend refuses
+(whitespace, too long, empty) or a backend that keeps no log is one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from logwrites.errors import UsageError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mark", help="insert a mark into a running backend's log")
+    p.add_argument("name", help="the mark's name (no whitespace)")
+    p.add_argument("--control", type=Path, required=True, help="the backend's control socket")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    p.set_defaults(run=run)
+
+
+def control_request(path: Path, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """One request line to the control socket at `path`, one reply line back.
+
+    :raise UsageError: the backend said no (its error), or no reply came.
+    :raise OSError: no backend listens there.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise UsageError(f"control socket {path}: closed without a reply")
+            reply += chunk
+    answer = json.loads(reply)
+    if not answer.get("ok"):
+        raise UsageError(f"backend refused {request['cmd']}: {answer.get('error')}")
+    return dict(answer)
+
+
+def run(args: argparse.Namespace) -> int:
+    reply = control_request(args.control, {"cmd": "mark", "name": args.name}, args.timeout)
+    print(reply["entry"])
+    return 0

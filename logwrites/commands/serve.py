@@ -1,0 +1,101 @@
+"""`logwrites serve IMAGE --socket SOCK --log LOG ...`: the vhost-user-blk backend.
+
+Serves IMAGE to QEMU's vhost-user-blk-pci device and records every write in LOG under
+DESIGN.md §3's rules (or as QEMU's blklogwrites does, or not at all: `--mode`). Prints one line
+starting with `ready` once it listens (scripts wait for it) and one summary line when it stops
+(SIGINT/SIGTERM; or, with `--once`, when the first front-end leaves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+from pathlib import Path
+
+from logwrites.errors import UsageError
+from logwrites.format import SECTOR_SIZES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve an image to QEMU over vhost-user-blk, logging writes",
+                       description="Serve IMAGE to QEMU's vhost-user-blk-pci and record every "
+                                   "write in a dm-log-writes log.")
+    p.add_argument("image", type=Path, help="the data image (raw file or block device)")
+    p.add_argument("--socket", type=Path, required=True, help="vhost-user socket to listen on")
+    p.add_argument("--log", type=Path, help="the log file (created; required unless "
+                                            "--mode passthrough)")
+    p.add_argument("--control", type=Path,
+                   help="control socket (JSON lines; default SOCK.control beside SOCK)")
+    p.add_argument("--mode", choices=("logwrites", "immediate", "passthrough"),
+                   default="logwrites",
+                   help="logwrites: dm-log-writes ordering (default); immediate: log at "
+                        "completion like QEMU's blklogwrites; passthrough: no log")
+    p.add_argument("--sector-size", type=int, choices=SECTOR_SIZES, default=512,
+                   help="logical block size the guest sees and the log's unit (default 512)")
+    p.add_argument("--readonly", action="store_true", help="a read-only disk")
+    p.add_argument("--writethrough", action="store_true",
+                   help="start with the guest's write cache off (every write logged as FUA)")
+    p.add_argument("--num-queues", type=int, default=1, help="virtqueues (default 1)")
+    p.add_argument("--serial", default="logwrites", help="GET_ID string (at most 20 bytes)")
+    p.add_argument("--once", action="store_true",
+                   help="exit when the first front-end disconnects")
+    p.set_defaults(run=run)
+
+
+def _image_size(fd: int) -> int:
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    raise UsageError("the image must be a regular file or a block device")
+
+
+def run(args: argparse.Namespace) -> int:
+    from logwrites.logfile import LogWriter
+    from vhost.blk import BlkDevice
+    from vhost.ordering import make_sink
+    from vhost.server import Server
+
+    if not 1 <= args.num_queues <= 64:
+        raise UsageError(f"--num-queues {args.num_queues}: between 1 and 64")
+    if len(args.serial.encode()) > 20:
+        raise UsageError(f"--serial {args.serial!r}: at most 20 bytes")
+    if args.mode != "passthrough" and args.log is None:
+        raise UsageError(f"--mode {args.mode} needs --log LOG")
+    control = args.control or args.socket.with_name(args.socket.name + ".control")
+    if len(str(args.socket)) > 107 or len(str(control)) > 107:
+        raise UsageError("socket paths are limited to 107 bytes: choose a shorter --socket")
+    fd = os.open(args.image, (os.O_RDONLY if args.readonly else os.O_RDWR) | os.O_CLOEXEC)
+    try:
+        size = _image_size(fd)
+        if size < args.sector_size:
+            raise UsageError(f"{args.image}: {size} bytes, smaller than one sector")
+        writer = None
+        if args.mode != "passthrough":
+            writer = LogWriter.create(args.log, args.sector_size)
+        sink = make_sink(args.mode, writer)
+        device = BlkDevice(fd, size, sink, sectorsize=args.sector_size,
+                           readonly=args.readonly, writethrough=args.writethrough,
+                           num_queues=args.num_queues, serial=args.serial)
+        server = Server(device, sink, args.socket, control, once=args.once)
+
+        def ready() -> None:
+            print(f"ready socket={args.socket} control={control} mode={args.mode} "
+                  f"sectorsize={args.sector_size} capacity={device.size}"
+                  f"{' readonly' if args.readonly else ''}", flush=True)
+
+        try:
+            server.serve(ready)
+        finally:
+            if writer is not None:
+                writer.close()
+        requests = sum(device.counts)
+        print(f"stopped: {requests} requests ({device.bytes_written} bytes written, "
+              f"{device.bytes_read} read), {sink.entries} entries, {sink.flushes} flushes, "
+              f"log {sink.log_bytes} bytes, {server.connections} connection(s), "
+              f"mode {args.mode}", flush=True)
+    finally:
+        os.close(fd)
+    sys.stdout.flush()
+    return 0

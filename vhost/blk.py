@@ -1,0 +1,354 @@
+"""The virtio-blk device: validates each request, moves data between guest memory and the
+image, and tells the log-writes filter (vhost/ordering.py) what completed.
+
+Requests are served one at a time in the order they are popped, in batches: every request of a
+batch is validated before anything is touched (header, sizes, direction, alignment to
+`sectorsize`, range; else IOERR or UNSUPP, and nothing is logged), its data goes between guest
+memory and the image through `preadv`/`pwritev` on buffers over the guest's pages (no copies in
+Python), and its used entry is filled; at the end of the batch FUA entries are committed and the
+used entries are published with one notification. A FLUSH makes the image durable, then the log
+(the filter appends the records it carries and a FLUSH entry), before it completes.
+
+Sectors: virtio requests count 512-byte units (`req_sector`); log entries count `sectorsize`
+units. Both are converted here, in one place, through byte offsets.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+from typing import Final
+
+from vhost import lvu
+from vhost.lvu import VirtioBlk as V
+from vhost.ordering import DISCARD, FUA, CompletionSink
+
+log = logging.getLogger(__name__)
+
+REQ_SECTOR: Final = 512                 # virtio-blk's unit, whatever blk_size is
+SEGMENT: Final = struct.Struct("<QII")  # discard/write-zeroes: sector, num_sectors, flags
+SEG_MAX: Final = 126                    # data segments per request (queue size 128 - 2)
+SIZE_MAX: Final = 1 << 20               # bytes per segment
+MAX_DISCARD_SEG: Final = 32
+MAX_RANGE_SECTORS: Final = 1 << 22      # per discard/write-zeroes segment, 512-byte units (2 GiB)
+BATCH: Final = 64                       # publish at least this often (libvhost-user panics
+                                        # if more than the ring's size are popped unpublished)
+_ZEROS: Final = bytes(1 << 20)
+
+# Request counters, by kind (status reports them).
+C_IN, C_OUT, C_FLUSH, C_GET_ID, C_DISCARD, C_WRITE_ZEROES, C_UNSUPP, C_ERROR = range(8)
+COUNTER_NAMES: Final = ("in", "out", "flush", "get_id", "discard", "write_zeroes",
+                        "unsupported", "failed")
+
+_IOERR: Final = (V.S_IOERR, 1)
+_UNSUPP: Final = (V.S_UNSUPP, 1)
+_OK: Final = (V.S_OK, 1)
+
+
+def _bit(n: int) -> int:
+    return 1 << n
+
+
+class BlkDevice:
+    """One virtio-blk disk over an image file or block device, feeding one completion sink.
+
+    :param image_fd: open read-write (read-only with `readonly`) on the image.
+    :param size: the image size in bytes (the capacity is rounded down to `sectorsize`).
+    """
+
+    __slots__ = (
+        "_fd", "_fua", "_id", "_req", "_wrote_through", "bytes_read", "bytes_written", "conn",
+        "counts", "held", "num_queues", "readonly", "sectorsize", "sink", "size", "started",
+        "wce",
+    )
+
+    def __init__(self, image_fd: int, size: int, sink: CompletionSink, *, sectorsize: int = 512,
+                 readonly: bool = False, writethrough: bool = False, num_queues: int = 1,
+                 serial: str = "logwrites") -> None:
+        if sectorsize not in (512, 4096):
+            raise ValueError(f"sector size {sectorsize}: 512 or 4096")
+        raw_id = serial.encode()
+        if len(raw_id) > V.ID_BYTES:
+            raise ValueError(f"serial {serial!r} is longer than {V.ID_BYTES} bytes")
+        self._fd = image_fd
+        self.size = size - size % sectorsize
+        self.sink = sink
+        self.sectorsize = sectorsize
+        self.readonly = readonly
+        self.num_queues = num_queues
+        self._id = raw_id.ljust(V.ID_BYTES, b"\0")
+        self.wce = 0 if writethrough else 1
+        self._fua = FUA if writethrough else 0
+        self._wrote_through = False
+        self._req = lvu.new_request()
+        self.conn: lvu.Connection | None = None
+        self.started = [False] * num_queues
+        self.held = False
+        self.counts = [0] * len(COUNTER_NAMES)
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # -- vhost-user side ---------------------------------------------------------------------
+
+    @property
+    def features(self) -> int:
+        features = sum(_bit(b) for b in (V.F_SIZE_MAX, V.F_SEG_MAX, V.F_BLK_SIZE, V.F_FLUSH,
+                                         V.F_CONFIG_WCE, V.F_MQ, V.F_DISCARD,
+                                         V.F_WRITE_ZEROES))
+        return features | (_bit(V.F_RO) if self.readonly else 0)
+
+    @property
+    def protocol_features(self) -> int:
+        return _bit(lvu.PROTOCOL_F_MQ) | _bit(lvu.PROTOCOL_F_CONFIG)
+
+    def attach(self, conn: lvu.Connection) -> None:
+        """A new connection: fill in the config space it will read."""
+        self.conn = conn
+        self.started = [False] * self.num_queues
+        ss = self.sectorsize
+        max_range = MAX_RANGE_SECTORS - MAX_RANGE_SECTORS % (ss // REQ_SECTOR)
+        conn.set_blk_config(capacity=self.size // REQ_SECTOR, size_max=SIZE_MAX,
+                            seg_max=SEG_MAX, blk_size=ss, wce=self.wce,
+                            num_queues=self.num_queues, max_discard_sectors=max_range,
+                            max_discard_seg=MAX_DISCARD_SEG,
+                            discard_sector_alignment=ss // REQ_SECTOR,
+                            max_write_zeroes_sectors=max_range,
+                            max_write_zeroes_seg=MAX_DISCARD_SEG, write_zeroes_may_unmap=1)
+
+    def detach(self) -> None:
+        """The connection is gone: what is unflushed becomes the volatile tail (§3.6)."""
+        self.conn = None
+        self.started = [False] * self.num_queues
+        self.sink.guest_gone()
+
+    def queue_started(self, qidx: int, started: bool) -> None:
+        if 0 <= qidx < self.num_queues:
+            was_running = any(self.started)
+            self.started[qidx] = started
+            if was_running and not any(self.started):
+                # The driver stopped the device (reset, reboot, VM paused): as for a crash,
+                # the records still waiting for a flush are the volatile tail.
+                self.sink.guest_gone()
+
+    def set_config(self, offset: int, data: bytes) -> bool:
+        """The guest writes `wce` (its cache_type); nothing else in the config is writable."""
+        if offset != lvu.WCE_OFFSET or len(data) != 1 or data[0] > 1:
+            return False
+        self.set_write_cache(bool(data[0]))
+        return True
+
+    def set_write_cache(self, enabled: bool) -> None:
+        """Write-back (flushes decide what is durable) or write-through (every write is FUA)."""
+        self.wce = int(enabled)
+        self._fua = 0 if enabled else FUA
+        if self.conn is not None:
+            self.conn.set_wce(self.wce)
+        log.info("guest write cache %s", "on (write back)" if enabled else
+                 "off (write through)")
+
+    def hold(self) -> None:
+        """Stop popping requests (a stop point was reached); `release` goes on."""
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        for qidx, started in enumerate(self.started):
+            if started and not self.held:
+                self.kick(qidx)
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    def kick(self, qidx: int) -> None:
+        """Serve queue `qidx` until it is empty (or a stop point holds it)."""
+        conn = self.conn
+        if self.held or conn is None or not conn.open:
+            return
+        dev, req, pop, fill, handle = conn.dev, self._req, lvu.pop, lvu.fill, self._handle
+        n = 0
+        while pop(dev, qidx, req):
+            status, used_len = handle(req)
+            fill(dev, qidx, req, status, used_len, n)
+            n += 1
+            if n == BATCH or self.held:
+                self._end_batch(dev, qidx, n)
+                n = 0
+                if self.held:
+                    return
+        self._end_batch(dev, qidx, n)
+
+    def _end_batch(self, dev: object, qidx: int, n: int) -> None:
+        if self._wrote_through:
+            # Write-through: durable on completion, the image as well as the log.
+            os.fdatasync(self._fd)
+            self._wrote_through = False
+        self.sink.batch_end()
+        lvu.publish(dev, qidx, n)
+
+    def _handle(self, req: object) -> tuple[int, int]:
+        kind = req.type  # type: ignore[attr-defined]
+        if req.problem:  # type: ignore[attr-defined]
+            self.counts[C_ERROR] += 1
+            return (V.S_IOERR, 0 if req.problem == lvu.REQ_NO_STATUS else 1)  # type: ignore
+        if kind == V.T_IN:
+            return self._read(req)
+        if kind == V.T_OUT:
+            return self._write(req)
+        if kind == V.T_FLUSH:
+            return self._flush()
+        if kind == V.T_DISCARD or kind == V.T_WRITE_ZEROES:
+            return self._ranges(req, kind == V.T_DISCARD)
+        if kind == V.T_GET_ID:
+            return self._get_id(req)
+        self.counts[C_UNSUPP] += 1
+        return _UNSUPP
+
+    def _buffers(self, req: object) -> list:
+        iov, buffer = req.iov, lvu.buffer  # type: ignore[attr-defined]
+        return [buffer(iov[i].iov_base, iov[i].iov_len)
+                for i in range(req.niov)]  # type: ignore[attr-defined]
+
+    def _read(self, req: object) -> tuple[int, int]:
+        nbytes = req.len  # type: ignore[attr-defined]
+        offset = req.sector * REQ_SECTOR  # type: ignore[attr-defined]
+        if offset % self.sectorsize or nbytes % self.sectorsize or offset + nbytes > self.size:
+            self.counts[C_ERROR] += 1
+            return _IOERR
+        self.counts[C_IN] += 1
+        if nbytes:
+            try:
+                got = os.preadv(self._fd, self._buffers(req), offset)
+            except OSError as err:
+                log.warning("read of %d bytes at %d: %s", nbytes, offset, err)
+                got = -1
+            if got != nbytes:
+                self.counts[C_ERROR] += 1
+                return _IOERR
+            self.bytes_read += nbytes
+        return (V.S_OK, nbytes + 1)
+
+    def _write(self, req: object) -> tuple[int, int]:
+        nbytes = req.len  # type: ignore[attr-defined]
+        offset = req.sector * REQ_SECTOR  # type: ignore[attr-defined]
+        ss = self.sectorsize
+        if self.readonly or offset % ss or nbytes % ss or offset + nbytes > self.size:
+            self.counts[C_ERROR] += 1
+            return _IOERR
+        self.counts[C_OUT] += 1
+        if not nbytes:
+            return _OK                  # nothing written, nothing to log
+        buffers = self._buffers(req)
+        try:
+            written = os.pwritev(self._fd, buffers, offset)
+        except OSError as err:
+            log.warning("write of %d bytes at %d: %s", nbytes, offset, err)
+            written = -1
+        if written != nbytes:
+            self.counts[C_ERROR] += 1
+            return _IOERR
+        self.bytes_written += nbytes
+        self.sink.completed(offset // ss, nbytes // ss, self._fua, buffers)
+        if self._fua:
+            self._wrote_through = True
+        return _OK
+
+    def _flush(self) -> tuple[int, int]:
+        self.counts[C_FLUSH] += 1
+        if self.readonly:
+            return _OK
+        sink = self.sink
+        ticket = sink.flush_taken()
+        os.fdatasync(self._fd)
+        sink.flush_durable(ticket)
+        return _OK
+
+    def _get_id(self, req: object) -> tuple[int, int]:
+        self.counts[C_GET_ID] += 1
+        left = memoryview(self._id)
+        done = 0
+        for buf in self._buffers(req):
+            take = min(len(buf), len(left))
+            buf[:take] = left[:take]
+            left = left[take:]
+            done += take
+            if not left:
+                break
+        return (V.S_OK, done + 1)
+
+    def _ranges(self, req: object, discard: bool) -> tuple[int, int]:
+        """DISCARD or WRITE_ZEROES: every segment is checked before any is applied."""
+        nbytes = req.len  # type: ignore[attr-defined]
+        count = nbytes // SEGMENT.size
+        if self.readonly or not count or nbytes % SEGMENT.size:
+            self.counts[C_ERROR] += 1
+            return _IOERR
+        if count > MAX_DISCARD_SEG:
+            self.counts[C_UNSUPP] += 1
+            return _UNSUPP
+        raw = b"".join(self._buffers(req))
+        allowed = 0 if discard else V.WRITE_ZEROES_FLAG_UNMAP
+        ss = self.sectorsize
+        ranges = []
+        for req_sector, num_sectors, flags in SEGMENT.iter_unpack(raw):
+            if flags & ~allowed:
+                self.counts[C_UNSUPP] += 1
+                return _UNSUPP
+            offset, length = req_sector * REQ_SECTOR, num_sectors * REQ_SECTOR
+            if (num_sectors > MAX_RANGE_SECTORS or offset % ss or length % ss
+                    or offset + length > self.size):
+                self.counts[C_ERROR] += 1
+                return _IOERR
+            if length:
+                ranges.append((offset, length, flags))
+        self.counts[C_DISCARD if discard else C_WRITE_ZEROES] += 1
+        for offset, length, flags in ranges:
+            try:
+                if discard:
+                    self._punch(offset, length)
+                else:
+                    self._zero(offset, length, bool(flags & V.WRITE_ZEROES_FLAG_UNMAP))
+            except OSError as err:
+                log.warning("%s of %d bytes at %d: %s", "discard" if discard else
+                            "write-zeroes", length, offset, err)
+                self.counts[C_ERROR] += 1
+                return _IOERR
+            if discard:
+                self.sink.completed(offset // ss, length // ss, DISCARD, None)
+            else:
+                self.sink.completed(offset // ss, length // ss, self._fua, None)
+                if self._fua:
+                    self._wrote_through = True
+        return _OK
+
+    def _punch(self, offset: int, length: int) -> None:
+        # A discarded range reads back as zeros afterwards (a hole), as a replay leaves it.
+        rc = lvu.fallocate(self._fd, lvu.FALLOC_FL_PUNCH_HOLE | lvu.FALLOC_FL_KEEP_SIZE,
+                           offset, length)
+        if rc == -errno.EOPNOTSUPP:
+            self._write_zeros(offset, length)
+        elif rc:
+            raise OSError(-rc, os.strerror(-rc))
+
+    def _zero(self, offset: int, length: int, unmap: bool) -> None:
+        if unmap:
+            self._punch(offset, length)
+            return
+        rc = lvu.fallocate(self._fd, lvu.FALLOC_FL_ZERO_RANGE | lvu.FALLOC_FL_KEEP_SIZE,
+                           offset, length)
+        if rc == -errno.EOPNOTSUPP:
+            self._punch(offset, length)
+        elif rc:
+            raise OSError(-rc, os.strerror(-rc))
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        zeros = memoryview(_ZEROS)
+        end = offset + length
+        while offset < end:
+            take = min(end - offset, len(zeros))
+            offset += os.pwrite(self._fd, zeros[:take], offset)
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def requests(self) -> dict[str, int]:
+        return dict(zip(COUNTER_NAMES, self.counts, strict=True))

@@ -1,0 +1,192 @@
+"""The serve loop: one thread, one epoll set over the listening socket, the vhost-user
+connection, the kick eventfds libvhost-user asks us to watch, the control socket and its
+clients, and a wake-up fd for SIGINT/SIGTERM.
+
+`Server.serve()` listens on the vhost-user socket, accepts one front-end (QEMU) at a time, and
+when it goes away logs the volatile tail and listens again (or returns, with `once`). A stop
+signal ends it cleanly: the connection is closed, the volatile tail and the `dm-log-writes-end`
+mark are logged and the log is durable. It reports through the `on_ready` callback it is handed
+(the command prints); it never prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from vhost.blk import BlkDevice
+from vhost.control import ControlServer
+from vhost.lvu import Connection
+from vhost.ordering import CompletionSink
+
+log = logging.getLogger(__name__)
+
+
+class EventLoop:
+    """Readable-fd callbacks over epoll. A callback may watch or unwatch any fd, itself too."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+
+    def watch(self, fd: int, callback: Callable[[int], None]) -> None:
+        with contextlib.suppress(KeyError):
+            self._sel.unregister(fd)
+        self._sel.register(fd, selectors.EVENT_READ, callback)
+
+    def unwatch(self, fd: int) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(fd)
+
+    def run_once(self, timeout: float | None) -> None:
+        ready = self._sel.select(timeout)
+        fds = self._sel.get_map()
+        for key, _ in ready:
+            # An earlier callback of this round may have unwatched or replaced this fd.
+            current = fds.get(key.fd)
+            if current is not None and current.data is key.data:
+                key.data(key.fd)
+
+    def close(self) -> None:
+        self._sel.close()
+
+
+def listen_unix(path: Path, mode: int | None = None) -> socket.socket:
+    """A listening Unix socket at `path` (a stale socket file there is replaced)."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_socket():
+            path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o077) if mode is not None else None
+    try:
+        sock.bind(str(path))
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
+    if mode is not None:
+        os.chmod(path, mode)
+    sock.listen(8)
+    sock.setblocking(False)
+    return sock
+
+
+class Server:
+    """Serves `device` on `socket_path`; `control_path` (or None) is the control socket."""
+
+    def __init__(self, device: BlkDevice, sink: CompletionSink, socket_path: Path,
+                 control_path: Path | None, *, once: bool = False) -> None:
+        self.device = device
+        self.sink = sink
+        self.socket_path = socket_path
+        self.control_path = control_path
+        self.once = once
+        self.loop = EventLoop()
+        self.conn: Connection | None = None
+        self.connections = 0
+        self.started_at = 0.0
+        self._stop_signal: int | None = None
+        self._listener: socket.socket | None = None
+        self.control: ControlServer | None = None
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def serve(self, on_ready: Callable[[], None] = lambda: None) -> None:
+        """Run until a stop signal (or, with `once`, until the first front-end leaves)."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+        old_handlers = {sig: signal.signal(sig, self._on_signal)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.started_at = time.monotonic()
+        try:
+            self.loop.watch(wake_r.fileno(), lambda fd: self._drain(wake_r))
+            self._listener = listen_unix(self.socket_path)
+            self.loop.watch(self._listener.fileno(), self._accept)
+            if self.control_path is not None:
+                self.control = ControlServer(self.control_path, self.loop, self)
+            on_ready()
+            while self._stop_signal is None:
+                self.loop.run_once(None)
+                conn = self.conn
+                if conn is not None and conn.disconnected:
+                    self._disconnected()
+                    if self.once:
+                        break
+        finally:
+            self._shutdown()
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            wake_r.close()
+            wake_w.close()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stop_signal = signum
+
+    @staticmethod
+    def _drain(sock: socket.socket) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while sock.recv(4096):
+                pass
+
+    def _shutdown(self) -> None:
+        """Clean stop: no more requests, the volatile tail and the end mark, durable."""
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            conn.close()
+        self.device.conn = None
+        self.sink.close()
+        if self.control is not None:
+            self.control.close()
+        if self._listener is not None:
+            self.loop.unwatch(self._listener.fileno())
+            self._listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+        self.loop.close()
+        log.info("stopped%s", f" by signal {self._stop_signal}" if self._stop_signal else "")
+
+    # -- the vhost-user connection ---------------------------------------------------------------
+
+    def _accept(self, fd: int) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:
+            log.warning("refused a second front-end: one is connected")
+            sock.close()
+            return
+        sock.setblocking(True)  # libvhost-user reads and writes it blocking
+        device = self.device
+        self.conn = Connection(sock, device, self.loop, max_queues=device.num_queues,
+                               features=device.features,
+                               protocol_features=device.protocol_features)
+        device.attach(self.conn)
+        self.connections += 1
+        log.info("front-end connected (connection %d)", self.connections)
+
+    def _disconnected(self) -> None:
+        conn, self.conn = self.conn, None
+        assert conn is not None
+        if conn.panic:
+            log.warning("front-end dropped after a protocol error: %s", conn.panic)
+        else:
+            log.info("front-end disconnected")
+        conn.close()
+        self.device.detach()        # the volatile tail (DESIGN §3.6)
+
+    # -- what the control socket asks --------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
