@@ -21,7 +21,6 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final, Literal
 
 from logwrites.errors import CheckFailed, LogwritesError
@@ -415,15 +414,6 @@ def shell_checker(command: str) -> Callable[[Entry], str | None]:
         return f"{command!r} exited with status {done.returncode}"
 
     return run
-
-
-def target_size(path: str | os.PathLike[str]) -> int:
-    """Bytes in an image file or block device (for callers that size a fresh target)."""
-    fd = os.open(Path(path), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 __all__ = [

@@ -140,3 +140,23 @@ def test_qemu_blklogwrites_log_inspects_and_replays_byte_for_byte(
     assert main(["replay", str(log), "--find", "--start-entry", str(flushes[0] + 1),
                  "--next-flush"]) == 0
     assert capsys.readouterr().out.split("@")[0] == str(flushes[1])
+
+
+@pytest.mark.slow
+def test_replay_onto_a_block_device(tmp_path: Path) -> None:
+    """Onto a loop device: discards go through BLKZEROOUT, payloads past copy_file_range."""
+    losetup = require_tool("losetup", "mount")
+    base = random.Random(7).randbytes(IMAGE_BYTES)
+    full = qemu_io(tmp_path, base, 4096, [c[0] for c in COMMANDS], "full")
+    backing = tmp_path / "backing.img"
+    backing.write_bytes(base)
+    attach = subprocess.run([losetup, "--find", "--show", str(backing)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert attach.returncode == 0, f"losetup needs root and loop devices: {attach.stderr}"
+    device = attach.stdout.strip()
+    try:
+        assert main(["replay", str(tmp_path / "full.log"), device]) == 0
+        with open(device, "rb") as f:
+            assert f.read() == full.image
+    finally:
+        subprocess.run([losetup, "--detach", device], timeout=60, check=False)
