@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--modules", type=Path,
                    help="its modules: /lib/modules/VERSION or an INSTALL_MOD_PATH directory")
     b.add_argument("--rebuild", action="store_true", help="ignore the cache")
-    b.add_argument("--verbose", action="store_true",
+    b.add_argument("--verbose", action="store_true", dest="boot_report",
                    help="also boot the guest once and print the time to 'agent ready'")
     b.add_argument("--accel", choices=("kvm", "tcg"), help="for the --verbose boot")
     b.set_defaults(run=build)
@@ -33,7 +33,7 @@ def build(args: argparse.Namespace) -> int:
     print(f"guest: {guest.cache_dir} (kernel {guest.kernel_version}, "
           f"initramfs {guest.initrd_bytes / 2**20:.1f} MiB, {len(guest.modules)} modules, "
           f"{time.monotonic() - started:.2f} s)")
-    if args.verbose:
+    if args.boot_report:  # its own dest: the global -v/--verbose counts log verbosity
         boot = asyncio.run(_boot_once(guest, args.accel))
         print(f"boot: agent ready after {boot[0]:.2f} s on the host clock "
               f"({boot[1]:.2f} s guest uptime, accel {boot[2]})")

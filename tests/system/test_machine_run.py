@@ -1,0 +1,47 @@
+"""`logwrites run` end to end: a kernel panic gives exit status 3 with the console tail, and a
+timed crash cuts the machine and leaves the run's files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _logwrites(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "logwrites.cli", *args], capture_output=True,
+                          text=True, timeout=timeout_s, check=False)
+
+
+@pytest.mark.slow
+def test_run_kernel_panic_exits_3_with_console_tail(default_guest, tmp_path: Path) -> None:
+    workload = tmp_path / "panic.sh"
+    workload.write_text("echo c > /proc/sysrq-trigger\nsleep 100\n")
+    started = time.monotonic()
+    done = _logwrites("run", "--workload", str(workload), "--backend", "qemu-storage-daemon",
+                      "--out", str(tmp_path / "out"))
+    assert done.returncode == 3, done.stderr
+    assert "Kernel panic" in done.stderr and "sysrq" in done.stderr.lower()
+    assert time.monotonic() - started < 150
+    assert "Kernel panic" in (tmp_path / "out" / "console.log").read_text()
+
+
+@pytest.mark.slow
+def test_run_time_crash_power_cut_leaves_the_run(default_guest, tmp_path: Path) -> None:
+    workload = tmp_path / "loop.sh"
+    workload.write_text('i=0; while :; do echo $i > "$LW_MNT/f$i"; i=$((i+1)); done\n')
+    out = tmp_path / "out"
+    done = _logwrites("run", "--workload", str(workload), "--fs", "ext4", "--backend",
+                      "qemu-storage-daemon", "--crash-at", "time:3", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["crash"], summary["qemu_status"]) == ("power-cut", -9)
+    assert "result" not in summary  # the workload never finished: it was cut
+    assert {"base.img", "disk.img", "console.log", "qemu-cmdline.sh"} <= {
+        p.name for p in out.iterdir()}
+    assert (out / "base.img").stat().st_size == 512 << 20
+    assert "cut before it finished" in done.stdout
