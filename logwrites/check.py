@@ -263,18 +263,25 @@ def parse_checker(spec: str, *, fs: str | None, guest_runner: GuestRunner | None
 
 
 def check_state(checkers: Sequence[Checker], image: Path, scratch: Path, *,
-                expect_fs: bool, env: Mapping[str, str] | None = None) -> list[Verdict]:
+                expect_fs: bool, env: Mapping[str, str] | None = None,
+                consume: bool = False) -> list[Verdict]:
     """Run every checker on its own disposable copy of `image` (left untouched).
 
-    `scratch` is a path the copies may use (removed afterwards).
+    `scratch` is a path the copies may use (removed afterwards). With `consume`, the caller
+    no longer needs `image`: the last checker runs on it directly, saving a copy (the loop
+    rebuilds the rare failing state it wants to keep).
     """
     verdicts = []
-    for checker in checkers:
-        clone_file(image, scratch)
+    for k, checker in enumerate(checkers):
+        in_place = consume and k == len(checkers) - 1
+        target = image if in_place else scratch
+        if not in_place:
+            clone_file(image, scratch)
         try:
-            verdict = checker.check(scratch, expect_fs=expect_fs, env=env)
+            verdict = checker.check(target, expect_fs=expect_fs, env=env)
         finally:
-            scratch.unlink(missing_ok=True)
+            if not in_place:
+                scratch.unlink(missing_ok=True)
         log.debug("%s on %s: %s (%s)", checker.name, image, verdict.verdict, verdict.detail)
         verdicts.append(verdict)
     return verdicts

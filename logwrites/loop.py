@@ -5,11 +5,12 @@ starts from, the filesystem, console logs). `logwrites.guestrecord` records a wo
 real guest on our backend; `existing_recording` takes a log and base image the user already
 has (any dm-log-writes log: ours, the kernel target's, QEMU blklogwrites').
 
-Steps 2-4 run here. The main thread walks the log once with a `StateBuilder`, leaving a
-checkpoint at each state's opening durability point; worker threads build each state from its
-checkpoint, run the checkers on disposable copies, and shrink failing reordered states while
-the checkpoint is still held. Results come back through a callback (the command module draws
-the progress bar); the library never prints.
+Steps 2-4 run here. The main thread walks the log once with a `StateBuilder` cursor and
+builds each state from the cursor at its checkpoint (its epoch's opening durability point):
+one image copy and one epoch of entries per state. Worker threads run the checkers (on
+disposable copies, the last one on the state image itself) and shrink failing reordered
+states, rebuilding those rare states in one pass each. Results come back through a callback
+(the command module draws the progress bar); the library never prints.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +39,7 @@ from logwrites.crashstates import (
 from logwrites.errors import UsageError
 from logwrites.logfile import LogReader
 from logwrites.shrink import Shrunk, shrink
-from logwrites.statebuild import StateBuilder
+from logwrites.statebuild import StateBuilder, build_from_zero
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +201,11 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
         slot = threading.Semaphore(options.jobs * 2)  # bounds images on disk at once
         done_lock = threading.Lock()
 
-        def one(state: CrashState, n: int) -> StateResult:
+        def one(state: CrashState, n: int, image: Path) -> StateResult:
             try:
-                return _build_and_check(builder, state, checkers, workdir, n, recording,
-                                        options, expect_fs(state))
+                return _check_one(reader, logmap, state, image, checkers, workdir, n,
+                                  recording, options, expect_fs(state))
             finally:
-                builder.release(state.checkpoint)
                 slot.release()
 
         futures: list[Future[StateResult]] = []
@@ -224,15 +223,18 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
 
         try:
             with ThreadPoolExecutor(options.jobs, thread_name_prefix="crashstate") as pool:
-                holders: dict[int, int] = {}
-                for s in states:
-                    holders[s.checkpoint] = holders.get(s.checkpoint, 0) + 1
                 for n, state in enumerate(states):
                     while not slot.acquire(timeout=0.2):
                         report_done(block=False)
-                    if state.checkpoint in holders:
-                        builder.checkpoint(state.checkpoint, holders.pop(state.checkpoint))
-                    futures.append(pool.submit(one, state, n))
+                    # Built here, in log order, from the cursor at the state's checkpoint: one
+                    # copy and one epoch of entries per state; workers only check.
+                    image = workdir / f"state-{n}.img"
+                    try:
+                        builder.build_at_cursor(state, image)
+                    except BaseException:
+                        slot.release()
+                        raise
+                    futures.append(pool.submit(one, state, n, image))
                     report_done(block=False)
                 report_done(block=True)
         finally:
@@ -242,49 +244,61 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
                       options.jobs, applied)
 
 
-def _build_and_check(builder: StateBuilder, state: CrashState, checkers: Sequence[Checker],
-                     workdir: Path, n: int, recording: Recording, options: LoopOptions,
-                     expect_fs: bool) -> StateResult:
+def _check_one(reader: LogReader, logmap: LogMap, state: CrashState, image: Path,
+               checkers: Sequence[Checker], workdir: Path, n: int, recording: Recording,
+               options: LoopOptions, expect_fs: bool) -> StateResult:
     t0 = time.perf_counter()
-    image = workdir / f"state-{n}.img"
     scratch = workdir / f"check-{n}.img"
+    repro = repro_command(recording, state, options.command)
     try:
-        builder.build(state, image)
-        t1 = time.perf_counter()
-        env = state_env(recording_marks(builder.logmap, state), state)
-        verdicts = check_state(checkers, image, scratch, expect_fs=expect_fs, env=env)
+        env = state_env(recording_marks(logmap, state), state)
+        verdicts = check_state(checkers, image, scratch, expect_fs=expect_fs, env=env,
+                               consume=True)
         verdict = combine(verdicts)
         shrunk = None
-        if verdict == "fail" and options.shrink and state.kind == "reorder" \
-                and len(state.dropped) > 1:
-            shrunk = _shrink(builder, state, checkers, workdir, n, expect_fs, env)
         kept = None
-        if verdict == "fail" and options.keep_failing is not None:
-            kept = options.keep_failing / f"{state_filename(state.id)}.img"
-            shutil.move(image, kept)
-        return StateResult(state, verdict, verdicts, time.perf_counter() - t0, t1 - t0,
-                           repro_command(recording, state, options.command), kept, shrunk)
+        if verdict == "fail":
+            # The image was consumed by the last checker: failing states (rare) are rebuilt
+            # in one pass for the report and for shrinking.
+            rebuild = _Rebuilder(reader, logmap, recording.base_image)
+            if options.shrink and state.kind == "reorder" and len(state.dropped) > 1:
+                shrunk = _shrink(rebuild, state, checkers, workdir, n, expect_fs, env)
+            if options.keep_failing is not None:
+                kept = options.keep_failing / f"{state_filename(state.id)}.img"
+                rebuild(state, kept)
+        return StateResult(state, verdict, verdicts, time.perf_counter() - t0, 0.0, repro,
+                           kept, shrunk)
     except OSError as err:
         log.error("state %s: %s", state.id, err)
         log.debug("traceback", exc_info=True)
         return StateResult(state, "error", [Verdict("error", "build", 0.0, str(err))],
-                           time.perf_counter() - t0, 0.0,
-                           repro_command(recording, state, options.command))
+                           time.perf_counter() - t0, 0.0, repro)
     finally:
         image.unlink(missing_ok=True)
         scratch.unlink(missing_ok=True)
 
 
-def _shrink(builder: StateBuilder, state: CrashState, checkers: Sequence[Checker],
+class _Rebuilder:
+    """Rebuilds single states off the main walk (failing states to keep, shrink candidates)."""
+
+    def __init__(self, reader: LogReader, logmap: LogMap, base: Path) -> None:
+        self.reader, self.logmap, self.base = reader, logmap, base
+
+    def __call__(self, state: CrashState, dest: Path) -> Path:
+        build_from_zero(self.reader, self.logmap, self.base, state, dest)
+        return dest
+
+
+def _shrink(rebuild: _Rebuilder, state: CrashState, checkers: Sequence[Checker],
             workdir: Path, n: int, expect_fs: bool, env: dict[str, str]) -> Shrunk:
     image = workdir / f"shrink-{n}.img"
     scratch = workdir / f"shrink-check-{n}.img"
 
     def still_fails(candidate: CrashState) -> bool:
         try:
-            builder.build(candidate, image)
+            rebuild(candidate, image)
             verdicts = check_state(checkers, image, scratch, expect_fs=expect_fs,
-                                   env={**env, "LW_STATE": candidate.id})
+                                   env={**env, "LW_STATE": candidate.id}, consume=True)
             return combine(verdicts) == "fail"
         finally:
             image.unlink(missing_ok=True)

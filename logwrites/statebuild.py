@@ -163,6 +163,21 @@ class StateBuilder:
             del self._checkpoints[index]
         path.unlink(missing_ok=True)
 
+    def build_at_cursor(self, state: CrashState, dest: Path) -> Path:
+        """Move the cursor to the state's checkpoint and build the state from the cursor itself:
+        one copy, no checkpoint image (states must come in checkpoint order)."""
+        self.advance(state.checkpoint)
+        clone_file(self.cursor, dest)
+        fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            n = apply_state_local(self.reader, self.logmap, state, fd,
+                                  discard_zeroes=self.discard_zeroes)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.entries_applied += n
+        return dest
+
     def build(self, state: CrashState, dest: Path) -> Path:
         """Write the image of `state` to `dest`; its checkpoint must be held."""
         with self._lock:
