@@ -162,15 +162,20 @@ class Server:
             sock, _ = self._listener.accept()
         except BlockingIOError:
             return
-        if self.conn is not None:
-            log.warning("refused a second front-end: one is connected")
-            sock.close()
-            return
+        # One front-end at a time: the next one waits in the listen backlog until this one
+        # leaves (a reconnecting QEMU may connect before we have seen the old socket's EOF).
+        self.loop.unwatch(self._listener.fileno())
         sock.setblocking(True)  # libvhost-user reads and writes it blocking
         device = self.device
-        self.conn = Connection(sock, device, self.loop, max_queues=device.num_queues,
-                               features=device.features,
-                               protocol_features=device.protocol_features)
+        try:
+            self.conn = Connection(sock, device, self.loop, max_queues=device.num_queues,
+                                   features=device.features,
+                                   protocol_features=device.protocol_features)
+        except Exception:
+            log.warning("could not take a front-end", exc_info=True)
+            sock.close()
+            self.loop.watch(self._listener.fileno(), self._accept)
+            return
         device.attach(self.conn)
         self.connections += 1
         log.info("front-end connected (connection %d)", self.connections)
@@ -184,6 +189,8 @@ class Server:
             log.info("front-end disconnected")
         conn.close()
         self.device.detach()        # the volatile tail (DESIGN §3.6)
+        if self._listener is not None and not self.once:
+            self.loop.watch(self._listener.fileno(), self._accept)
 
     # -- what the control socket asks --------------------------------------------------------
 
