@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Crash-loop cost: incremental state building (checkpoints) against xfstests generic/482's
+pattern (replay from entry 0 for every FUA/flush point), on the same recorded ext4 log.
+
+The log: `--log LOG --base IMAGE`, or recorded here on the host without a guest: QEMU's
+blklogwrites driver in qemu-storage-daemon, exported through FUSE, attached to a loop device,
+mkfs.ext4 + a mount + a workload of small fsync'd files (the host kernel's ext4 writes it; the
+mark `mkfs` is added after mkfs's entries, as our agent does). Needs root, /dev/fuse and loop
+devices for that; prints the figures and the ratios, `--json` for machines; no asserts.
+
+Printed: entries, states; build seconds per state against its index (deciles, both patterns);
+whole-loop seconds and states per minute with `e2fsck` (journal replay + -fn) as the checker,
+for both patterns; the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from logwrites.check import FsckChecker, check_state
+from logwrites.crashstates import LogMap, enumerate_states, start_index
+from logwrites.logfile import LogReader, LogWriter
+from logwrites.statebuild import StateBuilder, build_from_zero
+
+
+def record_on_host(workdir: Path, files: int, size_mb: int = 64) -> tuple[Path, Path]:
+    """An ext4 log from the host kernel through QEMU blklogwrites; returns (log, base)."""
+    for tool in ("qemu-storage-daemon", "mkfs.ext4", "losetup", "mount"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is missing: apt-get install qemu-system-x86 e2fsprogs util-linux")
+    img, raw_log, fuse = workdir / "img", workdir / "raw.log", workdir / "fuse"
+    base = workdir / "base.img"
+    for path in (img, base):
+        with open(path, "wb") as f:
+            f.truncate(size_mb << 20)
+    raw_log.write_bytes(b"")
+    fuse.write_bytes(b"")
+    qsd = subprocess.Popen([
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=data,filename={img}",
+        "--blockdev", f"driver=file,node-name=logf,filename={raw_log}",
+        "--blockdev", "driver=blklogwrites,node-name=lw,file=data,log=logf,log-sector-size=512",
+        "--export", f"fuse,id=e,node-name=lw,mountpoint={fuse},writable=on"])
+    loop = ""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    try:
+        for _ in range(100):
+            if fuse.stat().st_size > 0:
+                break
+            time.sleep(0.1)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                        str(fuse)], check=True)
+        with open(raw_log, "rb") as f:
+            after_mkfs = int.from_bytes(f.read(24)[16:24], "little")
+        loop = subprocess.run(["losetup", "-f", "--show", str(fuse)], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        subprocess.run(["mount", loop, str(mnt)], check=True)
+        for i in range(files):
+            path = mnt / f"f{i % 50}"
+            with open(path, "ab") as f:
+                f.write(os.urandom(4096))
+                f.flush()
+                os.fsync(f.fileno())
+            if i % 7 == 0:
+                os.replace(path, mnt / f"r{i % 13}")
+                dirfd = os.open(mnt, os.O_RDONLY)
+                os.fsync(dirfd)
+                os.close(dirfd)
+        subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        qsd.terminate()
+        qsd.wait(30)
+    log = workdir / "ext4.log"
+    with LogReader(raw_log) as reader, LogWriter.create(log, reader.sectorsize) as writer:
+        for e in reader.entries():
+            if e.nr_sectors and not e.is_discard:
+                writer.append_write(e.sector, e.nr_sectors, [reader.read_payload(e)], e.flags)
+            elif e.is_discard:
+                writer.append_discard(e.sector, e.nr_sectors, e.flags & ~4)
+            elif e.is_mark:
+                writer.append_mark(e.mark or "mark")
+            else:
+                writer.append_flush()
+            if e.index == after_mkfs - 1:
+                writer.append_mark("mkfs")
+        writer.commit()
+    return log, base
+
+
+def deciles(values: list[float]) -> list[float]:
+    n = len(values)
+    return [sum(values[i * n // 10:(i + 1) * n // 10]) / max(1, len(
+        values[i * n // 10:(i + 1) * n // 10])) for i in range(10)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--log", type=Path)
+    ap.add_argument("--base", type=Path)
+    ap.add_argument("--files", type=int, default=300, help="fsync'd appends when recording")
+    ap.add_argument("--no-check", action="store_true", help="build only, no fsck")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lw-bench-"))
+    try:
+        t0 = time.perf_counter()
+        if args.log:
+            log, base = args.log, args.base
+        else:
+            log, base = record_on_host(work, args.files)
+        record_s = time.perf_counter() - t0
+        logmap = LogMap.read(log)
+        states = enumerate_states(logmap, ["prefix"], start=start_index(logmap))
+        checker = FsckChecker("ext4")
+        figures: dict[str, object] = {
+            "cores": os.cpu_count(), "python": platform.python_version(),
+            "entries": len(logmap.entries), "epochs": len(logmap.epochs),
+            "states": len(states), "record_seconds": round(record_s, 1)}
+
+        def run(pattern: str) -> tuple[list[float], float, int]:
+            builds: list[float] = []
+            applied = 0
+            img, scratch = work / f"{pattern}.img", work / f"{pattern}-check.img"
+            started = time.perf_counter()
+            with LogReader(log) as reader:
+                builder = StateBuilder(reader, logmap, base, work / f"build-{pattern}")
+                for s in states:
+                    b0 = time.perf_counter()
+                    if pattern == "incremental":
+                        builder.build_at_cursor(s, img)
+                    else:
+                        applied += build_from_zero(reader, logmap, base, s, img)
+                    builds.append(time.perf_counter() - b0)
+                    if not args.no_check:
+                        verdicts = check_state([checker], img, scratch, expect_fs=True,
+                                               consume=True)
+                        assert verdicts[0].verdict == "pass", (s.id, verdicts[0].detail)
+                builder.close()
+                if pattern == "incremental":
+                    applied = builder.entries_applied
+            return builds, time.perf_counter() - started, applied
+
+        inc, inc_total, inc_applied = run("incremental")
+        zero, zero_total, zero_applied = run("from-zero")
+        figures.update({
+            "incremental_build_ms_by_decile": [round(x * 1e3, 2) for x in deciles(inc)],
+            "from_zero_build_ms_by_decile": [round(x * 1e3, 2) for x in deciles(zero)],
+            "incremental_entries_applied": inc_applied, "from_zero_entries_applied": zero_applied,
+            "incremental_build_s": round(sum(inc), 2), "from_zero_build_s": round(sum(zero), 2),
+            "build_ratio": round(sum(zero) / sum(inc), 1),
+            "incremental_loop_s": round(inc_total, 2), "from_zero_loop_s": round(zero_total, 2),
+            "loop_ratio": round(zero_total / inc_total, 1),
+            "incremental_states_per_min": round(60 * len(states) / inc_total),
+            "from_zero_states_per_min": round(60 * len(states) / zero_total),
+            "checker": "none" if args.no_check else "e2fsck journal replay + e2fsck -fn",
+        })
+        if args.json:
+            print(json.dumps(figures))
+            return
+        print(f"log: {figures['entries']} entries, {figures['epochs']} epochs, "
+              f"{len(states)} prefix states from the mkfs mark; {os.cpu_count()} cores, "
+              f"one job (recorded in {record_s:.0f} s)")
+        print("build ms per state, by decile of the state's position in the log:")
+        print("  incremental:", " ".join(f"{x:6.1f}" for x in
+                                         figures["incremental_build_ms_by_decile"]))  # type: ignore[union-attr]
+        print("  from zero:  ", " ".join(f"{x:6.1f}" for x in
+                                         figures["from_zero_build_ms_by_decile"]))  # type: ignore[union-attr]
+        print(f"entries applied: incremental {inc_applied}, from zero {zero_applied} "
+              f"({zero_applied / max(inc_applied, 1):.0f}x)")
+        print(f"building: incremental {sum(inc):.2f} s, from zero {sum(zero):.2f} s, "
+              f"ratio {figures['build_ratio']}x")
+        print(f"whole loop with {figures['checker']}: incremental {inc_total:.1f} s "
+              f"({figures['incremental_states_per_min']} states/min), from zero "
+              f"{zero_total:.1f} s ({figures['from_zero_states_per_min']} states/min), "
+              f"ratio {figures['loop_ratio']}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
