@@ -114,8 +114,23 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=300, help="fsync'd appends when recording")
     ap.add_argument("--no-check", action="store_true", help="build only, no fsck")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where images live (a reflink-capable filesystem makes copies O(1))")
+    ap.add_argument("--reflink-scratch", action="store_true",
+                    help="make a loop-mounted XFS (reflink=1) scratch filesystem for the images")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="lw-bench-"))
+    scratch_mnt = None
+    if args.reflink_scratch:
+        scratch_mnt = Path(tempfile.mkdtemp(prefix="lw-xfs-"))
+        backing = scratch_mnt.with_suffix(".img")
+        with open(backing, "wb") as f:
+            f.truncate(8 << 30)
+        subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(backing)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(backing), str(scratch_mnt)], check=True)
+        args.workdir = scratch_mnt
+    work = Path(tempfile.mkdtemp(prefix="lw-bench-", dir=args.workdir))
+    fs_type = subprocess.run(["stat", "-f", "-c", "%T", str(work)], capture_output=True,
+                             text=True, check=False).stdout.strip()
     try:
         t0 = time.perf_counter()
         if args.log:
@@ -129,7 +144,8 @@ def main() -> None:
         figures: dict[str, object] = {
             "cores": os.cpu_count(), "python": platform.python_version(),
             "entries": len(logmap.entries), "epochs": len(logmap.epochs),
-            "states": len(states), "record_seconds": round(record_s, 1)}
+            "states": len(states), "record_seconds": round(record_s, 1),
+            "image_filesystem": fs_type}
 
         def run(pattern: str) -> tuple[list[float], float, int]:
             builds: list[float] = []
@@ -173,7 +189,7 @@ def main() -> None:
             return
         print(f"log: {figures['entries']} entries, {figures['epochs']} epochs, "
               f"{len(states)} prefix states from the mkfs mark; {os.cpu_count()} cores, "
-              f"one job (recorded in {record_s:.0f} s)")
+              f"one job (recorded in {record_s:.0f} s); images on {fs_type}")
         print("build ms per state, by decile of the state's position in the log:")
         print("  incremental:", " ".join(f"{x:6.1f}" for x in
                                          figures["incremental_build_ms_by_decile"]))  # type: ignore[union-attr]
@@ -189,6 +205,10 @@ def main() -> None:
               f"ratio {figures['loop_ratio']}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if scratch_mnt is not None:
+            subprocess.run(["umount", str(scratch_mnt)], check=False)
+            scratch_mnt.with_suffix(".img").unlink(missing_ok=True)
+            scratch_mnt.rmdir()
 
 
 if __name__ == "__main__":
