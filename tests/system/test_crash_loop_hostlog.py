@@ -158,3 +158,22 @@ def test_replay_state_rejects_other_options(txn, tmp_path, capsys) -> None:
     assert main(["replay", str(log), str(base), "--state", "r:99:-1"]) == 2
     assert main(["replay", str(log), str(base), "--state", "p:1"]) == 0
     assert "rebuilt crash state p:1" in capsys.readouterr().out
+
+
+def test_pytest_plugin_fixture_fails_with_the_repro(txn, tmp_path) -> None:
+    log, base = txn(barrier=False, n=2)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text('pytest_plugins = ["logwrites.pytest_plugin"]\n')
+    (suite / "test_user.py").write_text(
+        "def test_txn(crash_loop):\n"
+        f"    result = crash_loop(log={str(log)!r}, base={str(base)!r}, fs='none',\n"
+        f"                        checks=[{check_arg()!r}], states=['prefix', 'reorder'])\n"
+        "    assert result.counts()['prefix']['fail'] == 0\n"
+        "    result.assert_ok()\n")
+    done = subprocess.run([str(PROJECT / ".venv" / "bin" / "python"), "-m", "pytest", "-q",
+                           "-p", "no:cacheprovider", "--rootdir", str(suite), str(suite)],
+                          capture_output=True, text=True, cwd=suite, timeout=600)
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert "FAIL r:" in done.stdout and "--state r:" in done.stdout
+    assert "missing write entry" in done.stdout
