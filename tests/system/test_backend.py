@@ -158,3 +158,148 @@ def test_patterns_marks_replay_and_power_cut(guest, tmp_path: Path) -> None:
     final = replay(log, base, tmp_path / "final.img")
     assert final.read_bytes() == image.read_bytes()
     assert sha_region(final) == shas["after-reboot"]
+
+
+@pytest.mark.slow
+def test_ext4_files_at_a_mark_pass_fsck(guest, tmp_path: Path) -> None:
+    """mkfs.ext4, files, sync and freeze, mark: the state at the mark passes `e2fsck -fn` and
+    holds the files with the guest's checksums."""
+    e2fsck = require_tool("e2fsck", "e2fsprogs")
+    debugfs = require_tool("debugfs", "e2fsprogs")
+    base = make_image(tmp_path / "base.img")
+    image = tmp_path / "disk.img"
+    shutil.copyfile(base, image)
+    log = tmp_path / "log"
+    script = ('cd "$LW_MNT" && head -c 300000 /dev/urandom > f1 && mkdir d && '
+              'head -c 5000 /dev/urandom > d/f2 && echo hello > f3 && sync && '
+              'fsfreeze --freeze "$LW_MNT" && lw-mark files && fsfreeze --unfreeze "$LW_MNT" && '
+              'head -c 70000 /dev/urandom > late && '            # after the mark
+              'lw-report sums "$(sha256sum f1 d/f2 f3)"\n')
+
+    async def scenario() -> None:
+        async with ServeBackend(image, log, tmp_path / "b") as backend, \
+                Machine(guest, tmp_path / "m", disk_socket=backend.socket,
+                        control_socket=backend.control) as m:
+            result = await m.run(script, fs="ext4", setup_mark="mkfs", timeout_s=300)
+            assert result is not None and result.ok, (result.stderr, result.setup)
+            sums.update(line.split()[::-1] for line in result.reports["sums"].splitlines())
+            await m.shutdown()
+
+    sums: dict[str, str] = {}
+    asyncio.run(scenario())
+    marks = [e.mark for e in entries(log) if e.is_mark]
+    assert marks == ["mkfs", "files", END_MARK]
+    state = replay(log, base, tmp_path / "files.img", "--end-mark", "files")
+    fsck = subprocess.run([e2fsck, "-fn", str(state)], capture_output=True, text=True,
+                          timeout=120)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    for name, digest in sums.items():
+        data = subprocess.run([debugfs, "-R", f"cat /{name}", str(state)], capture_output=True,
+                              timeout=60).stdout
+        assert hashlib.sha256(data).hexdigest() == digest, name
+    listing = subprocess.run([debugfs, "-R", "ls /", str(state)], capture_output=True,
+                             text=True, timeout=60).stdout
+    assert "late" not in listing                    # written after the mark
+
+
+@pytest.mark.slow
+def test_sector_size_4096_and_write_through(guest, tmp_path: Path) -> None:
+    """The guest sees 4096-byte logical blocks and entries count 4096-byte units; when the
+    guest switches its cache to write through, writes are logged at once with FUA and no
+    FLUSH is needed to replay them."""
+    base = make_image(tmp_path / "base.img")
+    image = tmp_path / "disk.img"
+    shutil.copyfile(base, image)
+    log = tmp_path / "log"
+    script = ("lw-report lbs $(cat /sys/block/vda/queue/logical_block_size)\n"
+              "lw-report cache_before \"$(cat /sys/block/vda/cache_type)\"\n"
+              + pattern_script("A", 1024, 64, True)
+              + "echo 'write through' > /sys/block/vda/cache_type\n"
+              "lw-report cache_after \"$(cat /sys/block/vda/cache_type)\"\n"
+              + pattern_script("B", 2048, 32, False))
+
+    async def scenario() -> None:
+        async with ServeBackend(image, log, tmp_path / "b", sector_size=4096) as backend, \
+                Machine(guest, tmp_path / "m", disk_socket=backend.socket,
+                        control_socket=backend.control) as m:
+            result = await m.run(script, timeout_s=120)
+            assert result is not None and result.ok, result and result.stderr
+            reports.update(result.reports)
+            async with ControlClient(backend.control) as control:
+                status = await control.status()
+            assert status["wce"] == 0 and status["unflushed"] == 0
+            await m.quit()
+
+    reports: dict[str, str] = {}
+    asyncio.run(scenario())
+    assert reports["lbs"] == "4096"
+    assert (reports["cache_before"], reports["cache_after"]) == ("write back", "write through")
+    assert sectorsize_of(log) == 4096
+    got = writes(entries(log))
+    want = ([(256 + i, 1, "write") for i in range(16)] + [(0, 0, "flush")]
+            + [(512 + i, 1, "fua") for i in range(8)] + [(0, 0, f"mark:{END_MARK}")])
+    assert got == want
+    # Up to the last FUA entry (no FLUSH after it) the replay is the guest's last checksum.
+    state = replay(log, base, tmp_path / "fua.img", "--limit", str(len(want) - 1))
+    assert sha_region(state) == reports["sha"]
+    assert replay(log, base, tmp_path / "end.img").read_bytes() == image.read_bytes()
+
+
+@pytest.mark.slow
+def test_four_queues_fio_verify(guest, tmp_path: Path) -> None:
+    """`--num-queues 4`: a multi-job fio run verifies, and the log replays to the image."""
+    base = make_image(tmp_path / "base.img")
+    image = tmp_path / "disk.img"
+    shutil.copyfile(base, image)
+    log = tmp_path / "log"
+    fio = ("fio --name=mq --filename=$LW_DEV --rw=randwrite --bs=4k --size=4M --numjobs=4 "
+           "--offset_increment=8M --direct=1 --ioengine=libaio --iodepth=8 "
+           "--verify=crc32c --end_fsync=1 --group_reporting --output-format=terse "
+           "> /tmp/fio.out 2>&1 || { cat /tmp/fio.out >&2; exit 1; }\n"
+           "lw-report queues $(ls /sys/block/vda/mq | wc -l)\n")
+
+    async def scenario() -> None:
+        async with ServeBackend(image, log, tmp_path / "b", num_queues=4) as backend, \
+                Machine(guest, tmp_path / "m", disk_socket=backend.socket,
+                        control_socket=backend.control, num_queues=4, cpus=2) as m:
+            result = await m.run(fio, timeout_s=300)
+            assert result is not None and result.ok, result and result.stderr
+            async with ControlClient(backend.control) as control:
+                status = await control.status()
+            # The guest sets up one queue per CPU (2 of the 4 offered): both run.
+            assert status["queues"] == 4 and status["queues_started"] == 2
+            assert status["requests"]["out"] >= 4 * 1024 and status["requests"]["failed"] == 0
+            queues.append(int(result.reports["queues"]))
+            await m.quit()
+
+    queues: list[int] = []
+    asyncio.run(scenario())
+    assert queues == [2]                            # one per guest CPU
+    assert replay(log, base, tmp_path / "end.img").read_bytes() == image.read_bytes()
+
+
+@pytest.mark.slow
+def test_readonly_disk_refuses_writes_and_logs_nothing(guest, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.img")
+    with image.open("r+b") as f:
+        f.write(b"R" * 4096)
+    before = image.read_bytes()
+    log = tmp_path / "log"
+    script = ("lw-report ro $(cat /sys/block/vda/ro)\n"
+              "lw-report head \"$(head -c 8 $LW_DEV)\"\n"
+              "if dd if=/dev/zero of=$LW_DEV bs=4096 count=1 oflag=direct 2>/dev/null; "
+              "then echo written; exit 1; fi\n")
+
+    async def scenario() -> None:
+        async with ServeBackend(image, log, tmp_path / "b",
+                                extra_args=["--readonly"]) as backend, \
+                Machine(guest, tmp_path / "m", disk_socket=backend.socket,
+                        control_socket=backend.control) as m:
+            result = await m.run(script, timeout_s=120)
+            assert result is not None and result.ok, result and result.stdout
+            assert result.reports == {"ro": "1", "head": "RRRRRRRR"}
+            await m.quit()
+
+    asyncio.run(scenario())
+    assert image.read_bytes() == before
+    assert writes(entries(log)) == [(0, 0, f"mark:{END_MARK}")]
