@@ -212,12 +212,20 @@ def decode_entry_at(buf: bytes | bytearray, pos: int, sectorsize: int, index: in
     else:
         # dm-log-writes, QEMU and we zero a header block after its 32 bytes (replay-log checks
         # the first of them): anything else means the reader is out of step with the writer
-        # (wrong sectorsize, a torn or overwritten block). count() is a C loop, no copy.
-        end = pos + sectorsize
-        if buf.count(0, start, end) != end - start:
+        # (wrong sectorsize, a torn or overwritten block). startswith() is a memcmp, no copy.
+        if not buf.startswith(zero_padding(sectorsize), start, pos + sectorsize):
             raise LogFormatError(index, "non-zero padding after the entry header")
         mark = None
     return Entry(index, sector, nr_sectors, _FLAGS_BY_VALUE[flags], data_len, data_offset, mark)
 
 
 _unpack_header: Final = ENTRY_HEADER.unpack_from
+_ZERO_PADDING: dict[int, bytes] = {}
+
+
+def zero_padding(sectorsize: int) -> bytes:
+    """What follows the 32 header bytes in a non-mark header block: zeros."""
+    padding = _ZERO_PADDING.get(sectorsize)
+    if padding is None:
+        padding = _ZERO_PADDING[sectorsize] = bytes(sectorsize - INLINE_OFFSET)
+    return padding

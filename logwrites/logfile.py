@@ -186,11 +186,21 @@ class LogWriter:
         self.close()
 
 
-# The reader fetches headers in chunks of this many bytes; payloads up to _BUFFERED_PAYLOAD
+# The reader fetches headers in chunks of this many bytes; payloads up to BUFFERED_PAYLOAD
 # ride along and are handed out as views of the chunk (one read for hundreds of small entries),
 # bigger ones are stepped over and left for the caller to copy in the kernel.
-_CHUNK: Final = 1 << 20
-_BUFFERED_PAYLOAD: Final = 256 << 10
+CHUNK: Final = 1 << 20
+BUFFERED_PAYLOAD: Final = 256 << 10
+
+
+def header_past_end(index: int, size: int, nr_entries: int) -> LogFormatError:
+    return LogFormatError(index, f"log ends at byte {size}, before this entry's header "
+                                 f"(the super block counts {nr_entries} entries)")
+
+
+def payload_past_end(index: int, nr_sectors: int, end: int, size: int) -> LogFormatError:
+    return LogFormatError(index, f"entry runs past the end of the log: its {nr_sectors} "
+                                 f"blocks of payload end at byte {end}, the log has {size}")
 
 
 class LogReader:
@@ -262,7 +272,7 @@ class LogReader:
         sectorsize, size, fd, nr_entries = self.sectorsize, self.size, self._fd, self.nr_entries
         if not 0 <= start_index <= nr_entries:
             raise LogFormatError(start_index, f"no such entry: the log has {nr_entries}")
-        buf = bytearray(max(_CHUNK, 2 * sectorsize))
+        buf = bytearray(max(CHUNK, 2 * sectorsize))
         view = memoryview(buf)
         one_block = view[:sectorsize]
         buf_start = buf_end = 0            # the log bytes [buf_start, buf_end) are in buf
@@ -271,9 +281,7 @@ class LogReader:
         for index in range(start_index, nr_entries):
             if at + sectorsize > buf_end:
                 if at + sectorsize > size:
-                    raise LogFormatError(index, f"log ends at byte {size}, before this entry's "
-                                                f"header (the super block counts "
-                                                f"{nr_entries} entries)")
+                    raise header_past_end(index, size, nr_entries)
                 # After a large payload, the next entry is likely large too: fetching a whole
                 # chunk would read its payload only to step over it.
                 got = os.preadv(fd, [one_block if big_step else view], at)
@@ -287,10 +295,8 @@ class LogReader:
                 payload_len = nr_sectors * sectorsize
                 next_at = at + sectorsize + payload_len
                 if next_at > size:
-                    raise LogFormatError(index, f"entry runs past the end of the log: its "
-                                                f"{nr_sectors} blocks of payload end at byte "
-                                                f"{next_at}, the log has {size}")
-                big_step = payload_len > _BUFFERED_PAYLOAD
+                    raise payload_past_end(index, nr_sectors, next_at, size)
+                big_step = payload_len > BUFFERED_PAYLOAD
                 payload = None
                 if payloads and not big_step:
                     if next_at > buf_end:
