@@ -259,3 +259,27 @@ def test_target_is_created_when_missing(tmp_path: Path) -> None:
     target = tmp_path / "new.img"
     replay(log_path, target)
     assert target.read_bytes() == bytes(1024) + b"\x5a" * 512
+
+
+def test_discard_writes_zeros_where_holes_cannot_be_punched(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import errno
+
+    import logwrites.replay as replay_module
+
+    def no_holes(fd: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(replay_module, "_fallocate", no_holes)
+    target = tmp_path / "target.img"
+    target.write_bytes(b"\xff" * (3 << 20))
+    log_path = tmp_path / "log"
+    # 2 MiB from 2 MiB: half of it lies past the end of the 3 MiB target
+    build_log(log_path, 4096, [("d", 512, 512), ("d", 1, 1)])
+    replay(log_path, target)
+    data = target.read_bytes()
+    assert len(data) == 3 << 20  # zeros written instead of a hole do not grow the file
+    assert data[: 4096] == b"\xff" * 4096 and data[4096:8192] == bytes(4096)
+    assert data[2 << 20 :] == bytes(1 << 20) and data[8192 : 2 << 20].count(0) == 0
