@@ -93,15 +93,14 @@ def _stream_table(reader: LogReader, summary: Summary, out: TextIO) -> None:
     # Fixed columns instead of one rich Table: a table is laid out only once all its rows are
     # known, which would hold the whole log in memory.
     width = max(5, len(str(max(reader.nr_entries - 1, 0))))
-    row = f"{{:>{width}}}  {{:>12}}  {{:>10}}  {{:<20}}  {{:>8}}  {{}}\n"
+    row = f"{{:>{width}}}  {{:>12}}  {{:>10}}  {{:<20}}  {{:>8}}  {{}}"
     write, sectorsize = out.write, reader.sectorsize
-    write(row.format("index", "sector", "nr_sectors", "flags", "data_len", "mark").rstrip()
-          + "\n")
+    write(row.format("index", "sector", "nr_sectors", "flags", "data_len", "mark") + "\n")
     for entry in reader.entries():
         flags = entry.flags
         write(row.format(entry.index, entry.sector, entry.nr_sectors,
                          ",".join(flag_names(flags)) or "write", entry.data_len,
-                         entry.mark if entry.mark is not None else ""))
+                         entry.mark if entry.mark is not None else "").rstrip() + "\n")
         _count(summary, flags, entry.payload_blocks() * sectorsize,
                entry.next_block(sectorsize))
 
