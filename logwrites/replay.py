@@ -358,6 +358,23 @@ def replay(log_path: str | os.PathLike[str], target_path: str | os.PathLike[str]
         return result
 
 
+def replay_entries(reader: LogReader, target_fd: int, start_index: int, start_block: int,
+                   count: int, *, discard_zeroes: bool = True) -> ReplayResult:
+    """Apply `count` entries from `start_index` (header at log block `start_block`) onto an
+    open target, on the fast path; no sync. For callers that keep the log and target open
+    across many replays (the crash-state builder): far cheaper than `apply_entry` per entry.
+    The result's `next_index`/`next_block` are where the next call continues.
+
+    :raise LogFormatError: the log is damaged. :raise OSError: the target cannot be written.
+    """
+    result = ReplayResult(start_index=start_index, next_index=start_index,
+                          next_block=start_block)
+    count = min(count, reader.nr_entries - start_index)
+    if count > 0:
+        _replay_fast(reader, target_fd, start_index, start_block, count, result, discard_zeroes)
+    return result
+
+
 def _replay_fast(reader: LogReader, fd: int, index: int, block: int, count: int,
                  result: ReplayResult, discard_zeroes: bool) -> None:
     """The hot path (no checks): `LogReader.scan` fused with the replay loop, no Entry objects.
@@ -526,6 +543,7 @@ __all__ = [
     "find_mark",
     "find_stop",
     "replay",
+    "replay_entries",
     "resolve_start",
     "shell_checker",
     "zero_range",

@@ -283,3 +283,24 @@ def test_discard_writes_zeros_where_holes_cannot_be_punched(
     assert len(data) == 3 << 20  # zeros written instead of a hole do not grow the file
     assert data[: 4096] == b"\xff" * 4096 and data[4096:8192] == bytes(4096)
     assert data[2 << 20 :] == bytes(1 << 20) and data[8192 : 2 << 20].count(0) == 0
+
+
+def test_replay_entries_in_steps_on_an_open_target(tmp_path: Path, sectorsize: int,
+                                                   base: bytes) -> None:
+    from logwrites.replay import replay_entries
+
+    log_path = tmp_path / "log"
+    build_log(log_path, sectorsize, OPS)
+    target = fresh_target(tmp_path, base)
+    fd = os.open(target, os.O_WRONLY)
+    try:
+        with LogReader(log_path) as reader:
+            index, block = 0, 1
+            for step in (3, 0, 4, 100):
+                result = replay_entries(reader, fd, index, block, step)
+                assert result.entries == min(step, len(OPS) - index)
+                index, block = result.next_index, result.next_block
+                assert target.read_bytes() == model(base, sectorsize, OPS[:index])
+    finally:
+        os.close(fd)
+    assert index == len(OPS)
