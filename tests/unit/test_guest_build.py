@@ -92,3 +92,30 @@ def test_overlay_reads_through_and_keeps_the_base(tmp_path: Path) -> None:
     assert "Pattern verification failed" not in read
     assert base.read_bytes() == b"B" * 65536
     assert overlay.stat().st_size < 1 << 20
+
+
+def test_direct_boot_kernel_is_the_payload_elf_with_a_pvh_entry() -> None:
+    elf = build.direct_boot_kernel(build.distribution_kernel())
+    # Debian's kernel has CONFIG_PVH: QEMU boots its decompressed ELF without the
+    # bzImage's decompressor (seconds under TCG).
+    assert elf is not None and elf[:4] == b"\x7fELF" and build._has_pvh_entry(elf)
+
+
+def test_direct_boot_kernel_refuses_what_it_cannot_boot(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\0" * 8192)
+    assert build.direct_boot_kernel(junk) is None
+    assert not build._has_pvh_entry(b"\x7fELF\x02\x01" + b"\0" * 100)
+
+
+def test_modules_dep_lists_on_demand_modules_with_their_dependencies() -> None:
+    version = build.kernel_version(build.distribution_kernel())
+    mod_dir = Path("/lib/modules") / version
+    boot = build._module_closure(mod_dir, build.BOOT_MODULES)
+    every = build._module_closure(mod_dir)
+    names = {build._module_name(p) for p in boot}
+    assert "ext4" in names and "dm_log_writes" in names and not {"xfs", "btrfs"} & names
+    dep = build._modules_dep(mod_dir, every).decode()
+    lines = {line.split(":")[0]: line.split(":")[1].split() for line in dep.splitlines()}
+    assert "btrfs.ko" in lines and "raid6_pq.ko" in lines["btrfs.ko"]
+    assert all("/" not in d for deps in lines.values() for d in deps)  # the guest's flat layout
