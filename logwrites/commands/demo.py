@@ -21,4 +21,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     crash_loop.add_loop_arguments(p)
     p.set_defaults(run=crash_loop.run, fs="ext4", workload="fs-default",
                    max_states=DEMO_MAX_STATES, image_size="64M",
-                   out=Path("logwrites-demo-report"))
+                   out=Path("out/demo"))
