@@ -62,7 +62,10 @@ def generate(path: Path, size: int, block: int, sectorsize: int, sequential: boo
 
 
 def fresh(path: Path) -> None:
+    """An empty target, with the previous run's deletion and writeback settled first, so
+    that no run pays for the one before it."""
     path.unlink(missing_ok=True)
+    os.sync()
     path.touch()
 
 
@@ -141,16 +144,18 @@ def main() -> int:
             # side, round after round, and keep each one's best.
             raw = ours = theirs = 0.0
             ours_digest = theirs_digest = ""
-            for _ in range(args.repeat):
+            for round_no in range(args.repeat):
                 raw = max(raw, raw_write_bandwidth(target, args.size))
-                seconds = run_ours(log, target)[0]
-                if not ours or seconds < ours:
-                    ours = seconds
-                ours_digest = ours_digest or digest(target)
-                if replay_log:
-                    seconds = run_replay_log(replay_log, log, target)
-                    theirs = seconds if not theirs else min(theirs, seconds)
-                    theirs_digest = theirs_digest or digest(target)
+                # alternate who goes first, so that neither always follows the raw run
+                for who in (("ours", "theirs") if round_no % 2 == 0 else ("theirs", "ours")):
+                    if who == "ours":
+                        seconds = run_ours(log, target)[0]
+                        ours = seconds if not ours else min(ours, seconds)
+                        ours_digest = ours_digest or digest(target)
+                    elif replay_log:
+                        seconds = run_replay_log(replay_log, log, target)
+                        theirs = seconds if not theirs else min(theirs, seconds)
+                        theirs_digest = theirs_digest or digest(target)
             raws.append(raw)
             row = {"entries": entries, "log_bytes": log.stat().st_size,
                    "raw_seq_write_MiBps": raw / MiB, "seconds": ours,
