@@ -6,7 +6,8 @@ condition (a mark, the next FLUSH, the next FUA), and may check the target along
 Writes copy their payload to `entry.sector * sectorsize`; discards always leave zeros, whatever
 their size (replay-log silently skips zeroing discards over 128 MiB on files: we don't);
 flushes and marks change nothing on the target. Entries before the start point are passed over
-by their headers only. The crash-replay loop builds its states on `apply_entry` and `replay`.
+by their headers only. The crash-replay loop builds its states on `apply_entry`, `replay` and
+`replay_entries` (the fast path on an already open log and target).
 """
 
 from __future__ import annotations
