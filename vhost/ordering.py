@@ -131,11 +131,18 @@ class _LoggingSink:
             self.observer.entry(index, flags)
         return index
 
-    def _append_flush(self) -> int:
-        index = self.writer.append_flush()
+    def _append_flush(self, records: list[tuple[int, int, int, bytes | None]] | None = None
+                      ) -> int:
+        """Append `records` and one FLUSH entry (one pwritev for all), commit; the count's own
+        sync is deferred to the next commit (see LogWriter.commit: still DESIGN §3.7)."""
+        records = records or []
+        first = self.writer.append_batch(records, flush=True)
+        index = first + len(records)
         if self.observer is not None:
+            for n, record in enumerate(records):
+                self.observer.entry(first + n, record[2])
             self.observer.entry(index, FLUSH)
-        self.writer.commit()
+        self.writer.commit(sync_count=False)
         self._dirty = False
         self._flushes += 1
         if self.observer is not None:
@@ -145,7 +152,7 @@ class _LoggingSink:
     def batch_end(self) -> None:
         """Commit FUA entries appended during the batch, before its completions are published."""
         if self._dirty:
-            self.writer.commit()
+            self.writer.commit(sync_count=False)
             self._dirty = False
 
     def _pending_records(self) -> None:
@@ -216,10 +223,7 @@ class LogWritesSink(_LoggingSink):
         Returns the FLUSH entry's index; the device completes the FLUSH request after this.
         """
         assert isinstance(ticket, list)
-        append = self._append
-        for sector, nr_sectors, flags, payload in ticket:
-            append(sector, nr_sectors, flags, None if payload is None else (payload,))
-        return self._append_flush()
+        return self._append_flush(ticket)
 
     def _pending_records(self) -> None:
         records, self._records = self._records, []
