@@ -1,19 +1,23 @@
 """Crashes at an exact point of the log, checked against the log and against what the guest saw
 complete (DESIGN §6, issue 4 "Crashes").
 
-One boot, two points. The guest writes numbered 4 KiB records straight to its disk (O_DIRECT),
-most followed by a FLUSH (`conv=fsync`), and says on the console which ones returned. First
-the backend stops at the k-th FLUSH: while it holds, the log ends at that FLUSH, the guest has
-seen no record past it complete and the next record is not even on the image; then the run goes
-on. Then it stops at a mark the guest inserts, and the machine is cut: past the mark the log
-holds only the volatile tail (a write the guest saw complete *before* the mark, never flushed)
-and the end mark; the record the guest wrote after the mark is nowhere.
+One boot, two points (and a third through `logwrites run --crash-at entry:N`). The guest writes
+numbered 4 KiB records straight to its disk (O_DIRECT), most followed by a FLUSH
+(`conv=fsync`), and says on the console which ones returned. First the backend stops at the
+k-th FLUSH: while it holds, the log ends at that FLUSH, the guest has seen no record past it
+complete and the next record is not even on the image; then the run goes on. Then it stops at
+a mark the guest inserts, and the machine is cut: past the mark the log holds only the volatile
+tail (a write the guest saw complete *before* the mark, never flushed) and the end mark; the
+record the guest wrote after the mark is nowhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +170,28 @@ def test_crash_at_flush_then_at_mark(default_guest, tmp_path: Path) -> None:
     assert _on_image(image, AFTER_MARK) == bytes(RECORD)
     for n in (*range(1, LOOP + 1), VOLATILE):
         assert _on_image(image, n) == _record(n)
+
+
+@pytest.mark.slow
+def test_run_crash_at_entry_cli(default_guest, tmp_path: Path) -> None:
+    """`logwrites run --crash-at entry:N`: the machine is cut when the log reaches entry N; the
+    summary names the point, and nothing past it reached the guest, the log or the image."""
+    workload = tmp_path / "records.sh"
+    workload.write_text(WORKLOAD)
+    out = tmp_path / "out"
+    # Per record a write and its FLUSH: entry 5 is the FLUSH of record 3.
+    done = subprocess.run([sys.executable, "-m", "logwrites.cli", "run", "--workload",
+                           str(workload), "--crash-at", "entry:5", "--size", "64", "--out",
+                           str(out)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["crash"], summary["qemu_status"]) == ("power-cut", -9)
+    assert summary["stopped_at"]["entry"] == 5 and "result" not in summary
+    assert "stopped at entry 5" in done.stdout
+    entries = _log(out / "log")
+    assert [_record_of(e) for e in entries] == [1, None, 2, None, 3, None, None]
+    assert entries[5].is_flush and entries[-1].mark == END_MARK
+    assert _done(out / "console.log") in ([1, 2, 3], [1, 2])
+    assert _on_image(out / "disk.img", 4) == bytes(RECORD)
+    assert _on_image(out / "disk.img", 3) == _record(3)
+    assert _on_image(out / "base.img", 1) == bytes(RECORD)  # the base stays as it was
