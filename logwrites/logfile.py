@@ -298,10 +298,13 @@ class LogWriter:
 
 
 # The reader fetches headers in chunks of this many bytes; payloads up to BUFFERED_PAYLOAD
-# ride along and are handed out as views of the chunk (one read for hundreds of small entries),
-# bigger ones are stepped over and left for the caller to copy in the kernel.
-CHUNK: Final = 1 << 20
-BUFFERED_PAYLOAD: Final = 256 << 10
+# ride along and are handed out as views of the chunk (one read for dozens of small entries),
+# bigger ones are stepped over and left for the caller to copy in the kernel. A chunk that fits
+# in the CPU's L2 cache is the sweet spot (measured on 4 KiB random-write logs: 256 KiB chunks
+# cost ~1 us less CPU per entry than 1 MiB ones, whose copy out of the page cache no longer
+# stays in cache for the pwrite that follows).
+CHUNK: Final = 256 << 10
+BUFFERED_PAYLOAD: Final = 64 << 10
 
 
 def header_past_end(index: int, size: int, nr_entries: int) -> LogFormatError:

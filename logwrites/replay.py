@@ -380,7 +380,7 @@ def _replay_fast(reader: LogReader, fd: int, index: int, block: int, count: int,
                  result: ReplayResult, discard_zeroes: bool) -> None:
     """The hot path (no checks): `LogReader.scan` fused with the replay loop, no Entry objects.
 
-    Headers come in 1 MiB chunks; a small write is one pwrite straight out of the chunk, a
+    Headers come in CHUNK-sized reads; a small write is one pwrite straight out of the chunk, a
     large one is copied in the kernel. An entry that is not plainly valid goes to
     `decode_entry_at`, the one validator, which raises the error naming it.
     """

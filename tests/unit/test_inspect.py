@@ -91,5 +91,5 @@ def _long_log(path: Path, writes: int) -> Path:
 def test_inspect_streams_with_flat_memory(tmp_path: Path, stream) -> None:
     short = _peak_while_streaming(_long_log(tmp_path / "short.log", 1_000), stream)
     long = _peak_while_streaming(_long_log(tmp_path / "long.log", 20_000), stream)
-    # 20 times the entries, the same memory (the read buffer dominates: 1 MiB)
+    # 20 times the entries, the same memory (the read buffer dominates)
     assert long < 3 << 20 and long - short < 64 << 10, (short, long)
