@@ -32,8 +32,13 @@ from pathlib import Path
 import pytest
 
 from vhost.testing.daemons import LogwritesServe
-from vhost.testing.frontend import BlkFrontend, CompletionTimeout, Status, flush_parts, \
-    write_parts
+from vhost.testing.frontend import (
+    BlkFrontend,
+    CompletionTimeout,
+    Status,
+    flush_parts,
+    write_parts,
+)
 from vhost.testing.logcheck import log_records, replay
 from vhost.testing.protocol import BackendGone, FrontendError
 
