@@ -1,7 +1,13 @@
 """Checkers: does a crash-state image hold what a crash may leave behind? (DESIGN.md §5)
 
-Every checker runs on a disposable copy of the state's image (reflinked or sparse-copied), so a
-checker that repairs or recovers never changes the state itself. Three kinds, parsed from the
+A checker never changes the state itself (later states and the report need it pristine). A
+checker that may write (`writes_image` True: `host:CMD`, `guest:PATH`, unknown ones) runs on a
+disposable copy of the state's image (reflinked where the filesystem can, else sparse-copied:
+the copy costs O(image)). The built-in `fsck` runs on the state's image itself and leaves it as
+it found it: ext4's journal replay writes through e2fsck's undo file (`-z`), rolled back with
+`e2undo` afterwards — O(blocks the checker changed); the other read-only checks write nothing.
+When a rollback cannot be trusted (a killed or failed replay, e2undo refusing) the checker says
+so with `ImageNotRestored`, and the caller rebuilds the image. Three kinds, parsed from the
 command line by `parse_checker`:
 
 - `fsck` picks the filesystem's own checker. A crash state of a journaling filesystem usually
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
-from logwrites.errors import UsageError
+from logwrites.errors import LogwritesError, UsageError
 from logwrites.statebuild import clone_file
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,7 @@ VERDICTS: Final = ("pass", "fail", "error")
 FILESYSTEMS: Final = ("ext4", "xfs", "btrfs")
 DEFAULT_TIMEOUT_S: Final = 300.0
 _OUTPUT_LIMIT: Final = 64 << 10
+_EXT4_RECOVER: Final = 0x4  # s_feature_incompat bit: the journal needs replaying
 _TOOLS: Final = {"ext4": ("e2fsck", "e2fsprogs"), "xfs": ("xfs_repair", "xfsprogs"),
                  "btrfs": ("btrfs", "btrfs-progs")}
 
@@ -57,13 +64,31 @@ class Verdict:
     output: str = ""
 
 
+class ImageNotRestored(LogwritesError):
+    """A checker that promised to leave the image as it found it could not be sure it did.
+    `verdicts` are the answers of the check (valid); the image must be rebuilt."""
+
+    def __init__(self, image: Path, why: str, verdicts: list[Verdict] | None = None) -> None:
+        super().__init__(f"{image}: {why}")
+        self.image, self.why, self.verdicts = image, why, verdicts or []
+
+
+class _Unrestored(Exception):
+    def __init__(self, result: tuple[str, str, str], why: str) -> None:
+        super().__init__(why)
+        self.result, self.why = result, why
+
+
 class Checker(Protocol):
     name: str
+    writes_image: bool  # True: give it a disposable copy (absent counts as True)
 
     def check(self, image: Path, *, expect_fs: bool,
               env: Mapping[str, str] | None = None) -> Verdict:
-        """Check `image`, which the checker may modify (it is a disposable copy). `env` tells
-        user checkers about the state (LW_STATE, LW_STATE_KIND, LW_MARKS)."""
+        """Check `image`, which a checker with `writes_image` may modify (it is then given a
+        disposable copy); one without must leave it byte for byte as it found it, or raise
+        `ImageNotRestored`. `env` tells user checkers about the state (LW_STATE,
+        LW_STATE_KIND, LW_MARKS)."""
         ...
 
 
@@ -115,7 +140,10 @@ def _last_line(text: str) -> str:
 
 
 class FsckChecker:
-    """The filesystem's own read-only checker, after its journal recovery where the host can."""
+    """The filesystem's own read-only checker, after its journal recovery where the host can.
+    Leaves the image as it found it (the journal replay is undone), so it needs no copy."""
+
+    writes_image = False
 
     def __init__(self, fs: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         if fs is not None and fs not in FILESYSTEMS:
@@ -137,18 +165,46 @@ class FsckChecker:
         if found != fs:
             return Verdict("fail", self.name, time.perf_counter() - started,
                            f"signature says {found}, expected {fs}")
-        status, output, detail = getattr(self, f"_{fs}")(image)
+        try:
+            status, output, detail = getattr(self, f"_{fs}")(image)
+        except _Unrestored as err:
+            status, output, detail = err.result
+            verdict = Verdict(status, f"{self.name}:{fs}", time.perf_counter() - started,
+                              detail, output)
+            raise ImageNotRestored(image, err.why, [verdict]) from None
         return Verdict(status, f"{self.name}:{fs}", time.perf_counter() - started, detail,
                        output)
 
     def _ext4(self, image: Path) -> tuple[str, str, str]:
-        # Replay the journal on the copy (e2fsck: "journal_only: only replay the journal if
-        # required"), as the kernel would on mount; then a full read-only check.
-        status, out1 = _run(["e2fsck", "-E", "journal_only", "-y", str(image)], self.timeout_s)
-        if status is None:
-            return "error", out1, "e2fsck journal replay timed out"
-        if status >= 8:
-            return "fail", out1, f"e2fsck journal replay: exit {status}: {_last_line(out1)}"
+        if not _ext4_needs_recovery(image):
+            return self._ext4_check(image, "")
+        # Replay the journal (e2fsck: "journal_only: only replay the journal if required"), as
+        # the kernel would on mount, saving every block it overwrites in an undo file; check
+        # read-only; then put the saved blocks back (e2undo).
+        undo = image.with_name(image.name + ".e2undo")
+        undo.unlink(missing_ok=True)
+        trusted = False
+        try:
+            status, out1 = _run(["e2fsck", "-E", "journal_only", "-y", "-z", str(undo),
+                                 str(image)], self.timeout_s)
+            # A killed or failing e2fsck may not have written the undo file's last keys.
+            trusted = status is not None and 0 <= status < 8
+            if status is None:
+                result = "error", out1, "e2fsck journal replay timed out"
+            elif status >= 8 or status < 0:
+                result = "fail", out1, f"e2fsck journal replay: exit {status}: {_last_line(out1)}"
+            else:
+                result = self._ext4_check(image, out1)
+        finally:
+            undone, out3 = _run(["e2undo", str(undo), str(image)], self.timeout_s)
+            undo.unlink(missing_ok=True)
+        if not trusted or undone != 0:
+            why = (f"e2undo exit {undone}: {_last_line(out3)}" if trusted
+                   else "the journal replay did not finish cleanly")
+            raise _Unrestored(result, why)
+        return result
+
+    def _ext4_check(self, image: Path, out1: str) -> tuple[str, str, str]:
         status, out2 = _run(["e2fsck", "-fn", str(image)], self.timeout_s)
         output = out1 + "\n--- e2fsck -fn\n" + out2
         if status is None:
@@ -180,6 +236,14 @@ class FsckChecker:
         return "fail", out, f"xfs_repair -n exit {status}: {_first_problem(out)}"
 
 
+def _ext4_needs_recovery(image: Path) -> bool:
+    """Whether the superblock says the journal holds transactions to replay."""
+    with open(image, "rb") as f:
+        f.seek(1024 + 0x60)
+        incompat = int.from_bytes(f.read(4), "little")
+    return bool(incompat & _EXT4_RECOVER)
+
+
 def _first_problem(output: str) -> str:
     """The first line of a checker's output that names a problem, for one-line reports."""
     skip = ("e2fsck", "Pass ", "Warning: skipping journal", "--- ", "Checking", "Opening",
@@ -192,7 +256,10 @@ def _first_problem(output: str) -> str:
 
 
 class HostChecker:
-    """`host:CMD`: CMD through the shell with `{image}` replaced by the image path."""
+    """`host:CMD`: CMD through the shell with `{image}` replaced by the image path. CMD may
+    write, so it gets a copy (reflinked where the filesystem can, else sparse: O(image))."""
+
+    writes_image = True
 
     def __init__(self, command: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         if not command.strip():
@@ -221,6 +288,8 @@ class HostChecker:
 
 class GuestChecker:
     """`guest:PATH`: the guest boots on an overlay of the state and runs PATH inside."""
+
+    writes_image = True  # the guest mounts the disk read-write (its recovery writes)
 
     def __init__(self, script: Path, runner: GuestRunner | None,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -265,25 +334,37 @@ def parse_checker(spec: str, *, fs: str | None, guest_runner: GuestRunner | None
 def check_state(checkers: Sequence[Checker], image: Path, scratch: Path, *,
                 expect_fs: bool, env: Mapping[str, str] | None = None,
                 consume: bool = False) -> list[Verdict]:
-    """Run every checker on its own disposable copy of `image` (left untouched).
+    """Run every checker on `image`, which is left as it was: checkers that write get their
+    own disposable copy at `scratch` (removed afterwards), the others run on it directly.
 
-    `scratch` is a path the copies may use (removed afterwards). With `consume`, the caller
-    no longer needs `image`: the last checker runs on it directly, saving a copy (the loop
-    rebuilds the rare failing state it wants to keep).
+    With `consume`, the caller no longer needs `image`: the last checker runs on it directly
+    whatever it does, saving a copy (the loop rebuilds the rare failing state it keeps).
+
+    :raise ImageNotRestored: (carrying every verdict) when a checker could not promise that
+        it left `image` as it found it; the caller must rebuild it.
     """
-    verdicts = []
+    verdicts: list[Verdict] = []
+    lost: ImageNotRestored | None = None
     for k, checker in enumerate(checkers):
-        in_place = consume and k == len(checkers) - 1
+        consumed = consume and k == len(checkers) - 1
+        in_place = consumed or not getattr(checker, "writes_image", True)
         target = image if in_place else scratch
         if not in_place:
             clone_file(image, scratch)
         try:
             verdict = checker.check(target, expect_fs=expect_fs, env=env)
+        except ImageNotRestored as err:
+            if not err.verdicts or not in_place:
+                raise
+            verdict, lost = err.verdicts[0], None if consumed else err
         finally:
             if not in_place:
                 scratch.unlink(missing_ok=True)
         log.debug("%s on %s: %s (%s)", checker.name, image, verdict.verdict, verdict.detail)
         verdicts.append(verdict)
+        if lost is not None:
+            # Later checkers must not see a changed image: stop here, the caller rebuilds.
+            raise ImageNotRestored(image, lost.why, verdicts)
     return verdicts
 
 
@@ -303,5 +384,6 @@ def require_tools(fs: str | None) -> None:
         raise UsageError(f"{tool} is not installed: apt-get install {package}")
 
 
-__all__ = ["Checker", "FsckChecker", "GuestChecker", "GuestRunner", "HostChecker", "Verdict",
+__all__ = ["Checker", "FsckChecker", "GuestChecker", "GuestRunner", "HostChecker",
+           "ImageNotRestored", "Verdict",
            "check_state", "combine", "detect_fs", "parse_checker", "require_tools"]

@@ -5,11 +5,13 @@ starts from, the filesystem, console logs). `logwrites.guestrecord` records a wo
 real guest on our backend; `existing_recording` takes a log and base image the user already
 has (any dm-log-writes log: ours, the kernel target's, QEMU blklogwrites').
 
-Steps 2-4 run here. The main thread walks the log once with a `StateBuilder` cursor and
-builds each state from the cursor at its checkpoint (its epoch's opening durability point):
-one image copy and one epoch of entries per state. Worker threads run the checkers (on
-disposable copies, the last one on the state image itself) and shrink failing reordered
-states, rebuilding those rare states in one pass each. Results come back through a callback
+Steps 2-4 run here. Each of `jobs` worker threads owns a `StateBuilder` cursor image and takes
+the next state in build order from a FIFO queue, so its cursor only moves forward (each worker
+walks the log once). A state is the worker's cursor at the state's checkpoint with its epoch's
+local entries applied in place and undone after the check (`StateBuilder.view`): no image copy
+per state. Checkers that leave the image as they found it (the built-in fsck) run on the cursor
+itself; checkers that may write get a disposable copy (`check_state`). Failing reordered states
+are shrunk, rebuilding those rare states in one pass each. Results come back through a callback
 (the command module draws the progress bar); the library never prints.
 """
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
 
-from logwrites.check import Checker, Verdict, check_state, combine
+from logwrites.check import Checker, ImageNotRestored, Verdict, check_state, combine
 from logwrites.crashstates import (
     DEFAULT_MAX_STATES,
     SETUP_MARK,
@@ -197,16 +199,25 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
 
     results: list[StateResult] = []
     with LogReader(recording.log) as reader:
-        builder = StateBuilder(reader, logmap, recording.base_image, workdir / "build")
-        slot = threading.Semaphore(options.jobs * 2)  # bounds images on disk at once
+        builders: list[StateBuilder] = []
+        mine = threading.local()
+        builders_lock = threading.Lock()
         done_lock = threading.Lock()
 
-        def one(state: CrashState, n: int, image: Path) -> StateResult:
-            try:
-                return _check_one(reader, logmap, state, image, checkers, workdir, n,
-                                  recording, options, expect_fs(state))
-            finally:
-                slot.release()
+        def builder() -> StateBuilder:
+            # One cursor per worker thread: the pool's FIFO queue hands each thread states in
+            # build order, so its cursor never has to go back.
+            if getattr(mine, "builder", None) is None:
+                with builders_lock:
+                    mine.builder = StateBuilder(reader, logmap, recording.base_image,
+                                                workdir / f"build-{len(builders)}")
+                    builders.append(mine.builder)
+            b: StateBuilder = mine.builder
+            return b
+
+        def one(state: CrashState, n: int) -> StateResult:
+            return _check_one(builder(), reader, logmap, state, checkers, workdir, n,
+                              recording, options, expect_fs(state))
 
         futures: list[Future[StateResult]] = []
         reported = 0
@@ -223,58 +234,59 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
 
         try:
             with ThreadPoolExecutor(options.jobs, thread_name_prefix="crashstate") as pool:
-                for n, state in enumerate(states):
-                    while not slot.acquire(timeout=0.2):
-                        report_done(block=False)
-                    # Built here, in log order, from the cursor at the state's checkpoint: one
-                    # copy and one epoch of entries per state; workers only check.
-                    image = workdir / f"state-{n}.img"
+                futures = [pool.submit(one, state, n) for n, state in enumerate(states)]
+                while reported < len(futures):
                     try:
-                        builder.build_at_cursor(state, image)
-                    except BaseException:
-                        slot.release()
-                        raise
-                    futures.append(pool.submit(one, state, n, image))
+                        futures[reported].result(timeout=0.2)
+                    except TimeoutError:
+                        pass
                     report_done(block=False)
-                report_done(block=True)
         finally:
-            builder.close()
-        applied = builder.entries_applied
+            for b in builders:
+                b.close()
+        applied = sum(b.entries_applied for b in builders)
     return LoopResult(recording, logmap, start, results, time.perf_counter() - started,
                       options.jobs, applied)
 
 
-def _check_one(reader: LogReader, logmap: LogMap, state: CrashState, image: Path,
+def _check_one(builder: StateBuilder, reader: LogReader, logmap: LogMap, state: CrashState,
                checkers: Sequence[Checker], workdir: Path, n: int, recording: Recording,
                options: LoopOptions, expect_fs: bool) -> StateResult:
     t0 = time.perf_counter()
     scratch = workdir / f"check-{n}.img"
     repro = repro_command(recording, state, options.command)
+    build_s = 0.0
     try:
         env = state_env(recording_marks(logmap, state), state)
-        verdicts = check_state(checkers, image, scratch, expect_fs=expect_fs, env=env,
-                               consume=True)
+        changed = False
+        with builder.view(state, workdir / f"state-{n}.img") as image:
+            build_s = time.perf_counter() - t0
+            try:
+                verdicts = check_state(checkers, image, scratch, expect_fs=expect_fs, env=env)
+            except ImageNotRestored as err:
+                # The verdicts stand; the cursor may not be the checkpoint image any more.
+                verdicts, changed = err.verdicts, True
+        if changed:  # after the view has put its pre-images back, which a reset would undo
+            builder.reset()
         verdict = combine(verdicts)
         shrunk = None
         kept = None
         if verdict == "fail":
-            # The image was consumed by the last checker: failing states (rare) are rebuilt
-            # in one pass for the report and for shrinking.
+            # Failing states (rare) are rebuilt in one pass for the report and for shrinking.
             rebuild = _Rebuilder(reader, logmap, recording.base_image)
             if options.shrink and state.kind == "reorder" and len(state.dropped) > 1:
                 shrunk = _shrink(rebuild, state, checkers, workdir, n, expect_fs, env)
             if options.keep_failing is not None:
                 kept = options.keep_failing / f"{state_filename(state.id)}.img"
                 rebuild(state, kept)
-        return StateResult(state, verdict, verdicts, time.perf_counter() - t0, 0.0, repro,
+        return StateResult(state, verdict, verdicts, time.perf_counter() - t0, build_s, repro,
                            kept, shrunk)
     except OSError as err:
         log.error("state %s: %s", state.id, err)
         log.debug("traceback", exc_info=True)
         return StateResult(state, "error", [Verdict("error", "build", 0.0, str(err))],
-                           time.perf_counter() - t0, 0.0, repro)
+                           time.perf_counter() - t0, build_s, repro)
     finally:
-        image.unlink(missing_ok=True)
         scratch.unlink(missing_ok=True)
 
 

@@ -10,6 +10,7 @@ import pytest
 from logwrites.check import (
     FsckChecker,
     HostChecker,
+    ImageNotRestored,
     Verdict,
     check_state,
     combine,
@@ -99,3 +100,36 @@ def test_combine_and_parse() -> None:
         parse_checker("fsk", fs="ext4")
     with pytest.raises(UsageError, match="is not a file"):
         parse_checker("guest:/no/such/script", fs="ext4")
+
+
+def test_fsck_replays_the_journal_on_the_image_and_undoes_it(ext4_image: Path,
+                                                             tmp_path: Path) -> None:
+    # A superblock that asks for journal recovery: e2fsck's replay writes the image (it clears
+    # the flag at least); the built-in checker runs in place and must leave every byte as it was.
+    debugfs = require_tool("debugfs", "e2fsprogs")
+    subprocess.run([debugfs, "-w", "-R", "feature needs_recovery", str(ext4_image)], check=True,
+                   capture_output=True)
+    before = ext4_image.read_bytes()
+    checker = FsckChecker("ext4")
+    assert checker.writes_image is False
+    verdicts = check_state([checker], ext4_image, tmp_path / "copy", expect_fs=True)
+    assert not (tmp_path / "copy").exists()  # no copy was made
+    assert verdicts[0].verdict in ("pass", "fail")
+    assert "journal" in verdicts[0].output or "recover" in verdicts[0].output.lower()
+    assert ext4_image.read_bytes() == before
+    assert not list(tmp_path.glob("*.e2undo"))
+
+
+def test_a_checker_that_cannot_undo_says_so(tmp_path: Path) -> None:
+    image = tmp_path / "state.img"
+    image.write_bytes(b"pristine")
+
+    class Sloppy:
+        name, writes_image = "sloppy", False
+
+        def check(self, image: Path, *, expect_fs: bool, env=None) -> Verdict:
+            raise ImageNotRestored(image, "undo failed", [Verdict("pass", "sloppy", 0.0)])
+
+    with pytest.raises(ImageNotRestored) as err:
+        check_state([Sloppy(), HostChecker("true")], image, tmp_path / "copy", expect_fs=False)
+    assert [v.verdict for v in err.value.verdicts] == ["pass"]  # the second never ran

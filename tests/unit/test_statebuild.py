@@ -135,3 +135,32 @@ def test_clone_keeps_holes_and_size(tmp_path: Path) -> None:
     with open(dst, "rb") as f:
         f.seek(32 << 20)
         assert f.read(8192) == b"x" * 8192
+
+
+@pytest.mark.parametrize("undo_limit", [None, 1])
+def test_view_is_each_state_and_leaves_the_cursor_at_its_checkpoint(
+        setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, undo_limit: int | None) -> None:
+    # The copy-free path: the cursor itself becomes the state, then goes back. With a tiny
+    # UNDO_LIMIT every state with local writes takes the copy fallback instead.
+    import logwrites.statebuild as statebuild
+    if undo_limit is not None:
+        monkeypatch.setattr(statebuild, "UNDO_LIMIT", undo_limit)
+    log_path, base, sectorsize = setup
+    logmap = LogMap.read(log_path)
+    states = enumerate_states(logmap, ["prefix", "reorder", "torn"], start=-1)
+    with LogReader(log_path) as reader:
+        builder = StateBuilder(reader, logmap, base, tmp_path / "work")
+        try:
+            for state in states:
+                with builder.view(state) as image:
+                    assert image.read_bytes() == model(logmap, OPS, state, sectorsize), state.id
+                at_checkpoint = CrashState("p", "prefix", state.checkpoint, state.checkpoint, 0)
+                assert builder.cursor.read_bytes() == model(logmap, OPS, at_checkpoint,
+                                                            sectorsize), state.id
+            assert (builder.copies > 0) == (undo_limit is not None)
+            builder.reset()  # back to the base; the next view replays from entry 0
+            last = states[-1]
+            with builder.view(last) as image:
+                assert image.read_bytes() == model(logmap, OPS, last, sectorsize)
+        finally:
+            builder.close()
