@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Crash-loop cost: incremental state building (checkpoints) against xfstests generic/482's
-pattern (replay from entry 0 for every FUA/flush point), on the same recorded ext4 log.
+"""Crash-loop cost: incremental state building (one cursor, states built and undone in place)
+against xfstests generic/482's pattern (replay from entry 0 for every FUA/flush point), on the
+same recorded ext4 log; the old path (the cursor copied per state) alongside.
 
 The log: `--log LOG --base IMAGE`, or recorded here on the host without a guest: QEMU's
 blklogwrites driver in qemu-storage-daemon, exported through FUSE, attached to a loop device,
@@ -8,9 +9,10 @@ mkfs.ext4 + a mount + a workload of small fsync'd files (the host kernel's ext4 
 mark `mkfs` is added after mkfs's entries, as our agent does). Needs root, /dev/fuse and loop
 devices for that; prints the figures and the ratios, `--json` for machines; no asserts.
 
-Printed: entries, states; build seconds per state against its index (deciles, both patterns);
-whole-loop seconds and states per minute with `e2fsck` (journal replay + -fn) as the checker,
-for both patterns; the ratios.
+Printed: entries, states; build ms per state against its position (deciles, each pattern);
+per pattern the entries applied, build and check seconds, whole-loop seconds, states per minute
+and the checker's share of the loop, with `e2fsck` (journal replay + -fn) as the checker; the
+from-zero/in-place ratios.
 """
 
 from __future__ import annotations
@@ -111,7 +113,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--log", type=Path)
     ap.add_argument("--base", type=Path)
-    ap.add_argument("--files", type=int, default=300, help="fsync'd appends when recording")
+    ap.add_argument("--files", type=int, default=1000,
+                    help="fsync'd appends when recording (1000: about 9,000 entries)")
+    ap.add_argument("--patterns", default="in-place,copy,from-zero",
+                    help="in-place (the loop's path: no copy per state), copy (the cursor "
+                         "copied per state, the old path), from-zero (xfstests generic/482)")
     ap.add_argument("--no-check", action="store_true", help="build only, no fsck")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None,
@@ -147,8 +153,9 @@ def main() -> None:
             "states": len(states), "record_seconds": round(record_s, 1),
             "image_filesystem": fs_type}
 
-        def run(pattern: str) -> tuple[list[float], float, int]:
+        def run(pattern: str) -> dict[str, object]:
             builds: list[float] = []
+            check_s = 0.0
             applied = 0
             img, scratch = work / f"{pattern}.img", work / f"{pattern}-check.img"
             started = time.perf_counter()
@@ -156,53 +163,68 @@ def main() -> None:
                 builder = StateBuilder(reader, logmap, base, work / f"build-{pattern}")
                 for s in states:
                     b0 = time.perf_counter()
-                    if pattern == "incremental":
-                        builder.build_at_cursor(s, img)
+                    if pattern == "in-place":
+                        # The loop's path: the cursor becomes the state, checked in place
+                        # (e2fsck's journal replay undone), then the state's writes undone.
+                        with builder.view(s, img) as image:
+                            c0 = time.perf_counter()
+                            builds.append(c0 - b0)
+                            if not args.no_check:
+                                verdicts = check_state([checker], image, scratch,
+                                                       expect_fs=True)
+                            check_s += time.perf_counter() - c0
                     else:
-                        applied += build_from_zero(reader, logmap, base, s, img)
-                    builds.append(time.perf_counter() - b0)
+                        if pattern == "copy":  # the cursor copied per state (the old path)
+                            builder.build_at_cursor(s, img)
+                        else:
+                            applied += build_from_zero(reader, logmap, base, s, img)
+                        c0 = time.perf_counter()
+                        builds.append(c0 - b0)
+                        if not args.no_check:
+                            verdicts = check_state([checker], img, scratch, expect_fs=True,
+                                                   consume=True)
+                        check_s += time.perf_counter() - c0
                     if not args.no_check:
-                        verdicts = check_state([checker], img, scratch, expect_fs=True,
-                                               consume=True)
                         assert verdicts[0].verdict == "pass", (s.id, verdicts[0].detail)
                 builder.close()
-                if pattern == "incremental":
+                if pattern != "from-zero":
                     applied = builder.entries_applied
-            return builds, time.perf_counter() - started, applied
+            total = time.perf_counter() - started
+            return {"build_ms_by_decile": [round(x * 1e3, 2) for x in deciles(builds)],
+                    "entries_applied": applied, "build_s": round(sum(builds), 2),
+                    "check_s": round(check_s, 2), "loop_s": round(total, 2),
+                    "checker_share": round(check_s / total, 3),
+                    "states_per_min": round(60 * len(states) / total)}
 
-        inc, inc_total, inc_applied = run("incremental")
-        zero, zero_total, zero_applied = run("from-zero")
-        figures.update({
-            "incremental_build_ms_by_decile": [round(x * 1e3, 2) for x in deciles(inc)],
-            "from_zero_build_ms_by_decile": [round(x * 1e3, 2) for x in deciles(zero)],
-            "incremental_entries_applied": inc_applied, "from_zero_entries_applied": zero_applied,
-            "incremental_build_s": round(sum(inc), 2), "from_zero_build_s": round(sum(zero), 2),
-            "build_ratio": round(sum(zero) / sum(inc), 1),
-            "incremental_loop_s": round(inc_total, 2), "from_zero_loop_s": round(zero_total, 2),
-            "loop_ratio": round(zero_total / inc_total, 1),
-            "incremental_states_per_min": round(60 * len(states) / inc_total),
-            "from_zero_states_per_min": round(60 * len(states) / zero_total),
-            "checker": "none" if args.no_check else "e2fsck journal replay + e2fsck -fn",
-        })
+        patterns = [p.strip() for p in args.patterns.split(",")]
+        for pattern in patterns:
+            figures[pattern] = run(pattern)
+        if "from-zero" in figures and "in-place" in figures:
+            zero, inc = figures["from-zero"], figures["in-place"]
+            figures["build_ratio"] = round(zero["build_s"] / max(inc["build_s"], 1e-6), 1)  # type: ignore[index]
+            figures["loop_ratio"] = round(zero["loop_s"] / inc["loop_s"], 1)  # type: ignore[index]
+        figures["checker"] = "none" if args.no_check else "e2fsck journal replay + e2fsck -fn"
         if args.json:
             print(json.dumps(figures))
             return
         print(f"log: {figures['entries']} entries, {figures['epochs']} epochs, "
               f"{len(states)} prefix states from the mkfs mark; {os.cpu_count()} cores, "
-              f"one job (recorded in {record_s:.0f} s); images on {fs_type}")
+              f"one job (recorded in {record_s:.0f} s); images on {fs_type}; checker: "
+              f"{figures['checker']}")
         print("build ms per state, by decile of the state's position in the log:")
-        print("  incremental:", " ".join(f"{x:6.1f}" for x in
-                                         figures["incremental_build_ms_by_decile"]))  # type: ignore[union-attr]
-        print("  from zero:  ", " ".join(f"{x:6.1f}" for x in
-                                         figures["from_zero_build_ms_by_decile"]))  # type: ignore[union-attr]
-        print(f"entries applied: incremental {inc_applied}, from zero {zero_applied} "
-              f"({zero_applied / max(inc_applied, 1):.0f}x)")
-        print(f"building: incremental {sum(inc):.2f} s, from zero {sum(zero):.2f} s, "
-              f"ratio {figures['build_ratio']}x")
-        print(f"whole loop with {figures['checker']}: incremental {inc_total:.1f} s "
-              f"({figures['incremental_states_per_min']} states/min), from zero "
-              f"{zero_total:.1f} s ({figures['from_zero_states_per_min']} states/min), "
-              f"ratio {figures['loop_ratio']}x")
+        for pattern in patterns:
+            f = figures[pattern]
+            print(f"  {pattern:10}", " ".join(f"{x:6.1f}" for x in f["build_ms_by_decile"]))  # type: ignore[index]
+        print(f"{'pattern':10} {'entries':>9} {'build s':>8} {'check s':>8} {'loop s':>8} "
+              f"{'states/min':>10} {'checker share':>13}")
+        for pattern in patterns:
+            f = figures[pattern]
+            print(f"{pattern:10} {f['entries_applied']:9} {f['build_s']:8.2f} "  # type: ignore[index]
+                  f"{f['check_s']:8.2f} {f['loop_s']:8.2f} {f['states_per_min']:10} "  # type: ignore[index]
+                  f"{f['checker_share']:12.0%}")  # type: ignore[index]
+        if "build_ratio" in figures:
+            print(f"from-zero / in-place: building {figures['build_ratio']}x, whole loop "
+                  f"{figures['loop_ratio']}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if scratch_mnt is not None:
