@@ -39,13 +39,14 @@ AGENT_DIR: Final = Path(__file__).resolve().parent / "agent"
 BOOT_MODULES: Final = (
     "virtio_pci", "virtio_blk", "virtio_console", "qemu_fw_cfg",
     "crc32c_generic", "crc32c_intel", "libcrc32c",  # ext4/btrfs/xfs softdeps on crc32c
-    "ext4", "dm_mod", "dm_log_writes",
+    "dm_mod", "dm_log_writes",
 )
 
-#: Modules in the guest that are loaded only when wanted (`modprobe`, by the agent for a job's
-#: filesystem, or by the kernel for `mount -t xfs`): under TCG xfs and btrfs (with raid6's and
-#: xor's boot-time benchmarks) cost several seconds of every boot.
-ON_DEMAND_MODULES: Final = ("xfs", "btrfs")
+#: Modules in the guest that are loaded only when wanted (`modprobe fs-NAME` by the agent for a
+#: job's filesystem, or by the kernel itself when a script mounts one): under TCG loading ext4
+#: took about 1 s, xfs about 3 s, btrfs (with raid6_pq's and xor's boot-time benchmarks) 2-4 s,
+#: paid by every boot that did not use them.
+ON_DEMAND_MODULES: Final = ("ext4", "xfs", "btrfs")
 
 GUEST_MODULES: Final = BOOT_MODULES + ON_DEMAND_MODULES
 
@@ -313,6 +314,21 @@ def _modules_dep(mod_dir: Path, included: Iterable[str]) -> bytes:
     return "".join(lines).encode()
 
 
+def _fs_aliases(mod_dir: Path | None) -> bytes:
+    """modprobe.conf lines naming the module of each filesystem (`alias fs-ext3 ext4`), from the
+    kernel's modules.alias where it has one: the names the kernel asks modprobe for on mount."""
+    wanted = {name.replace("-", "_") for name in ON_DEMAND_MODULES}
+    lines = {f"alias fs-{name} {name}\n" for name in wanted}
+    alias_file = mod_dir / "modules.alias" if mod_dir is not None else None
+    if alias_file is not None and alias_file.is_file():
+        for line in alias_file.read_text().splitlines():
+            words = line.split()
+            if (len(words) == 3 and words[0] == "alias" and words[1].startswith("fs-")
+                    and words[2].replace("-", "_") in wanted):
+                lines.add(f"alias {words[1]} {words[2]}\n")
+    return "".join(sorted(lines)).encode()
+
+
 # ---- the kernel --------------------------------------------------------------------------------
 
 def _decompress_payload(data: bytes) -> bytes | None:
@@ -541,8 +557,7 @@ def _build(kernel: Path, version: str, mod_dir: Path | None, out: Path) -> Guest
                           0o644)
             cpio.file(f"lib/modules/{version}/lw-load-order",
                       "".join(m + "\n" for m in modules).encode(), 0o644)
-            cpio.file("etc/modprobe.d/logwrites.conf", "".join(
-                f"alias fs-{fs} {fs}\n" for fs in ON_DEMAND_MODULES).encode(), 0o644)
+            cpio.file("etc/modprobe.d/logwrites.conf", _fs_aliases(mod_dir), 0o644)
             cpio.trailer()
         elf = direct_boot_kernel(kernel)
         kernel_name = "vmlinux" if elf is not None else "bzImage"
