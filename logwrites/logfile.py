@@ -15,7 +15,7 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 from logwrites.errors import LogFormatError, LogwritesError
 from logwrites.format import (
@@ -45,9 +45,19 @@ _ZEROS: Final = bytes(1 << 20)
 # One pwritev takes at most this many buffers (Linux UIO_MAXIOV); a batch is split beyond it.
 IOV_MAX: Final = 1024
 
+
+
+class Spilled(NamedTuple):
+    """A payload parked in a file rather than in memory: `append_batch` copies it into the log
+    in the kernel (copy_file_range), so parking a write costs no process memory."""
+
+    fd: int
+    offset: int
+
+
 # One parked record for `append_batch`: (sector, nr_sectors, flags, payload) with payload None
 # for discards (DISCARD in flags) and write-zeroes.
-Record = tuple[int, int, int, "Buffer | None"]
+Record = tuple[int, int, int, "Buffer | Spilled | None"]
 
 
 class LogFullError(LogwritesError):
@@ -179,6 +189,26 @@ class LogWriter:
                 raise LogFullError(self.path, os.strerror(err.errno)) from err
             raise
 
+    def _copy(self, src_fd: int, src_at: int, length: int, at: int) -> None:
+        """Copy `length` bytes of a spilled payload into the log at `at`, in the kernel."""
+        try:
+            while length:
+                try:
+                    got = os.copy_file_range(src_fd, self._fd, length, src_at, at)
+                except OSError as err:
+                    if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                         errno.EOPNOTSUPP):
+                        raise
+                    got = os.pwrite(self._fd, os.pread(src_fd, min(length, 1 << 20), src_at),
+                                    at)
+                if got <= 0:
+                    raise LogFullError(self.path, f"short copy ({length} bytes left)")
+                src_at, at, length = src_at + got, at + got, length - got
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise LogFullError(self.path, os.strerror(err.errno)) from err
+            raise
+
     def _append(self, header: bytes, payload: Sequence[Buffer], payload_blocks: int) -> int:
         at = self.next_block * self.sectorsize
         nbytes = self.sectorsize * (1 + payload_blocks)
@@ -199,6 +229,7 @@ class LogWriter:
         """
         sectorsize = self.sectorsize
         buffers: list[Buffer] = []
+        copies: list[tuple[int, Spilled, int]] = []  # (buffers before it, source, bytes)
         blocks = 0
         for sector, nr_sectors, flags, payload in records:
             if flags & DISCARD:
@@ -208,6 +239,8 @@ class LogWriter:
             buffers.append(encode_entry_header(sector, nr_sectors, flags, sectorsize))
             if payload is None:
                 buffers.extend(_zero_payload(nr_sectors * sectorsize))
+            elif isinstance(payload, Spilled):
+                copies.append((len(buffers), payload, nr_sectors * sectorsize))
             else:
                 buffers.append(payload)
             blocks += 1 + nr_sectors
@@ -217,7 +250,17 @@ class LogWriter:
         at = self.next_block * sectorsize
         nbytes = blocks * sectorsize
         self._reserve(at + nbytes)
-        self._write(buffers, at, nbytes)
+        if not copies:
+            self._write(buffers, at, nbytes)
+        else:
+            done = 0
+            for upto, source, length in copies:
+                part = buffers[done:upto]
+                size = sum(map(len, part))
+                self._write(part, at, size)
+                self._copy(source.fd, source.offset, length, at + size)
+                at, done = at + size + length, upto
+            self._write(buffers[done:], at, sum(map(len, buffers[done:])))
         index = self.next_index
         self.next_index += len(records) + flush
         self.next_block += blocks
@@ -445,4 +488,4 @@ class LogReader:
         self.close()
 
 
-__all__ = ["LogFullError", "LogReader", "LogWriter", "validate_mark_name"]
+__all__ = ["LogFullError", "LogReader", "LogWriter", "Spilled", "validate_mark_name"]

@@ -23,16 +23,22 @@ write touched the same sectors).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import Final, Protocol
 
 from logwrites.format import END_MARK, EntryFlag, validate_mark_name
-from logwrites.logfile import Buffer, LogWriter
+from logwrites.logfile import Buffer, LogWriter, Spilled
 
 FLUSH: Final = int(EntryFlag.FLUSH)
 FUA: Final = int(EntryFlag.FUA)
 DISCARD: Final = int(EntryFlag.DISCARD)
 MARK: Final = int(EntryFlag.MARK)
+# Parked payloads beyond this many bytes go to an unlinked spill file next to the log instead
+# of process memory (a guest may write gigabytes without a flush; dm-log-writes.c keeps them
+# all in kernel pages). The flush copies them into the log in the kernel.
+PARK_IN_MEMORY: Final = 32 << 20
 
 
 class LogObserver(Protocol):
@@ -194,7 +200,10 @@ class LogWritesSink(_LoggingSink):
     def __init__(self, writer: LogWriter) -> None:
         super().__init__(writer)
         # (sector, nr_sectors, flags, payload or None), in completion order.
-        self._records: list[tuple[int, int, int, bytes | None]] = []
+        self._records: list[tuple[int, int, int, bytes | Spilled | None]] = []
+        self._in_memory = 0         # payload bytes parked in memory
+        self._spill_fd = -1         # the spill file, opened on first need
+        self._spill_end = 0         # bytes used in it
 
     @property
     def unflushed(self) -> int:
@@ -210,7 +219,45 @@ class LogWritesSink(_LoggingSink):
             # Rule 1: parked in completion order; the payload is copied, since the guest may
             # reuse its buffer as soon as the request completes.
             self._records.append((sector, nr_sectors, flags,
-                                  None if data is None else b"".join(data)))
+                                  None if data is None else self._park(data)))
+
+    def _park(self, data: Sequence[Buffer]) -> bytes | Spilled:
+        """A copy of `data`: in memory up to PARK_IN_MEMORY, in the spill file beyond."""
+        nbytes = sum(map(len, data))
+        if self._in_memory + nbytes <= PARK_IN_MEMORY:
+            self._in_memory += nbytes
+            return b"".join(data)
+        if self._spill_fd < 0:
+            # Unlinked from the start (O_TMPFILE): nothing to clean up after a kill. Next to a
+            # log file (same filesystem: copy_file_range can share blocks); a log on a block
+            # device spills to TMPDIR instead of /dev.
+            log = self.writer.path
+            where = None if log.is_block_device() else log.parent
+            spill = tempfile.TemporaryFile(dir=where, prefix=".lw-spill-")
+            self._spill_fd = os.dup(spill.fileno())
+            spill.close()
+        at = self._spill_end
+        try:
+            written = os.pwritev(self._spill_fd, data, at)
+        except OSError:
+            written = -1
+        if written != nbytes:
+            # The request already completed in the image: never fail it here; keep the
+            # copy in memory instead (the spill's filesystem is full).
+            self._spill_end += max(written, 0)
+            return b"".join(data)
+        self._spill_end += nbytes
+        return Spilled(self._spill_fd, at)
+
+    def _parked_logged(self) -> None:
+        """The records parked so far are in the log: reuse the memory and spill budgets."""
+        if self._records:
+            return
+        self._in_memory = 0
+        if self._spill_end:
+            # Dropping the pages before writeback means a spill normally never reaches disk.
+            os.ftruncate(self._spill_fd, 0)
+            self._spill_end = 0
 
     def flush_taken(self) -> object:
         """Rule 2: the records completed so far belong to this flush; later ones do not."""
@@ -223,12 +270,26 @@ class LogWritesSink(_LoggingSink):
         Returns the FLUSH entry's index; the device completes the FLUSH request after this.
         """
         assert isinstance(ticket, list)
-        return self._append_flush(ticket)
+        index = self._append_flush(ticket)
+        self._parked_logged()
+        return index
 
     def _pending_records(self) -> None:
         records, self._records = self._records, []
-        for sector, nr_sectors, flags, payload in records:
-            self._append(sector, nr_sectors, flags, None if payload is None else (payload,))
+        if records:
+            first = self.writer.append_batch(records, flush=False)
+            if self.observer is not None:
+                for n, record in enumerate(records):
+                    self.observer.entry(first + n, record[2])
+        self._parked_logged()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self._spill_fd >= 0:
+                os.close(self._spill_fd)
+                self._spill_fd = -1
 
 
 class ImmediateSink(_LoggingSink):
