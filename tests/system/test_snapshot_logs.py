@@ -3,7 +3,8 @@
 clone, log position, nothing unflushed); restoring it twice, each time with a new backend on a
 clone of the checkpoint image and a new log, and running the same workload gives two logs that
 hold the same writes — payloads included, and the payload comes from the guest's memory as it
-was saved.
+was saved. `qmp.snapshot.save_vm_snapshot` refuses a moment when the guest has a completed write
+no FLUSH has logged: the backend keeps those in memory only.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import pytest
 from logwrites.format import END_MARK
 from logwrites.logfile import LogReader
 from qmp.backend import ControlClient, ServeBackend
+from qmp.errors import MachineError
 from qmp.machine import Machine
-from qmp.snapshot import clone_image
+from qmp.snapshot import VmSnapshot, clone_image, save_vm_snapshot
 
 MiB = 1 << 20
 RECORD = 4096
@@ -63,36 +65,32 @@ def test_same_workload_twice_from_one_snapshot_logs_the_same_writes(default_gues
     image = tmp_path / "disk.img"
     with image.open("wb") as f:
         f.truncate(64 * MiB)
-    state = tmp_path / "state.bin"
-    checkpoint_image = tmp_path / "checkpoint.img"
     saved: dict[str, Any] = {}
 
     async def save() -> None:
         backend = ServeBackend(image, tmp_path / "log0", tmp_path / "b0")
         async with backend, Machine(default_guest, tmp_path / "saved", disk_socket=backend.socket,
                                     control_socket=backend.control) as m:
-            prepared = await m.run(PREPARE, timeout_s=120)
-            assert prepared.ok, prepared.stderr
-            saved["payload"] = prepared.reports["payload"]
             assert backend.control is not None
             async with ControlClient(backend.control) as control:
-
-                async def checkpoint() -> None:
-                    # The backend's half of the snapshot: its image now, and where its log is.
-                    # Nothing may be unflushed: the backend keeps those records in memory only,
-                    # and a restored backend would never log them.
-                    status = await control.status()
-                    assert status["unflushed"] == 0, status
-                    saved["log_entries"] = status["entries"]
-                    clone_image(image, checkpoint_image)
-
-                await m.save_state(state, checkpoint=checkpoint)
+                # Not yet: the guest has a write it never flushed. The backend keeps those in
+                # memory only, and a restored backend would never log them.
+                unflushed = await m.run(f"dd if=/dev/zero of=$LW_DEV bs={RECORD} count=1 "
+                                        "seek=50 oflag=direct 2>/dev/null", timeout_s=120)
+                assert unflushed.ok, unflushed.stderr
+                with pytest.raises(MachineError, match="1 completed writes no FLUSH"):
+                    await save_vm_snapshot(m, control, image, tmp_path / "refused")
+                prepared = await m.run(PREPARE, timeout_s=120)
+                assert prepared.ok, prepared.stderr
+                saved["payload"] = prepared.reports["payload"]
+                saved["snap"] = await save_vm_snapshot(m, control, image, tmp_path / "snap")
             await m.power_cut()
 
     async def restore(i: int) -> dict[str, str]:
-        image_i = clone_image(checkpoint_image, tmp_path / f"restored{i}.img")
+        snap: VmSnapshot = saved["snap"]
+        image_i = clone_image(snap.image, tmp_path / f"restored{i}.img")
         backend = ServeBackend(image_i, tmp_path / f"log{i}", tmp_path / f"b{i}")
-        async with backend, Machine(default_guest, tmp_path / f"restored{i}", incoming=state,
+        async with backend, Machine(default_guest, tmp_path / f"restored{i}", incoming=snap.state,
                                     disk_socket=backend.socket,
                                     control_socket=backend.control) as m:
             result = await m.run(WORKLOAD, timeout_s=120)
@@ -101,16 +99,22 @@ def test_same_workload_twice_from_one_snapshot_logs_the_same_writes(default_gues
         return result.reports
 
     asyncio.run(save())
-    assert state.stat().st_size > 0 and saved["log_entries"] > 0
-    with LogReader(tmp_path / "log0") as reader:  # the saved run's log went up to the checkpoint
-        assert reader.nr_entries >= saved["log_entries"]
+    snap = saved["snap"]
+    assert snap.state.stat().st_size > 0
+    with LogReader(tmp_path / "log0") as reader:
+        # The saved run's log: the refused moment's write and then PREPARE's three records, each
+        # with its FLUSH, are before the snapshot's position; the volatile tail and end after.
+        before = list(reader.entries())[:snap.log_entries]
+        assert [(e.sector, e.is_flush) for e in before if e.nr_sectors or e.is_flush] == [
+            (400, False), (8, False), (0, True), (16, False), (0, True), (24, False), (0, True)]
+        assert snap.log_bytes == before[-1].data_offset  # a FLUSH: no payload after its header
     reports = [asyncio.run(restore(i)) for i in (1, 2)]
 
     for got in reports:
         # The restored guest is the saved one: its tmpfs payload, and the disk it wrote before.
         assert got["payload"] == saved["payload"]
     assert reports[0]["before"] == reports[1]["before"]
-    with checkpoint_image.open("rb") as f:
+    with snap.image.open("rb") as f:
         f.seek(RECORD)
         assert hashlib.sha256(f.read(3 * RECORD)).hexdigest() == reports[0]["before"]
 
