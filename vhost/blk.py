@@ -9,6 +9,28 @@ Python), and its used entry is filled; at the end of the batch FUA entries are c
 used entries are published with one notification. A FLUSH makes the image durable, then the log
 (the filter appends the records it carries and a FLUSH entry), before it completes.
 
+When the log cannot take an entry (LogFullError: its filesystem is full or `--log-size` is
+reached) the data image already holds writes the log does not describe, so nothing may pretend
+otherwise (issue 6):
+
+- `on_log_full="fail"` (default): the request that needed the log fails with IOERR — the FLUSH
+  whose records did not fit (in `logwrites` mode records are logged at FLUSH time), or the write
+  itself when it is logged on completion (FUA, `immediate` mode). From then on the device is
+  *log-full*: every write, discard, write-zeroes and FLUSH gets IOERR without touching the image
+  or the log (reads still work), `log_full` says why and `unlogged` counts the completed writes
+  that are on the image but not in the log. The log stays valid up to its last counted entry,
+  which describes the image as it was at the last FLUSH that succeeded. Only a new backend (a
+  fresh log on the image as it is) makes the pair consistent again.
+- `on_log_full="pause"`: a FLUSH whose records do not fit is held, uncompleted: `on_log_full`
+  tells the control socket (event `{"event": "log-full"}`), and the device serves only the
+  control socket until a `resume` (after the user made room) retries the same records; a full
+  log again pauses again. Nothing is lost or reordered: no other request is taken meanwhile.
+  Writes logged on completion (FUA, `immediate`) cannot be held once done: they fail as above.
+
+An I/O error on the data image (read, write, sync) completes the request with IOERR and logs
+nothing; a FLUSH whose image sync failed drops the records it carried from the log (they were
+never made durable).
+
 Sectors: virtio requests count 512-byte units (`req_sector`); log entries count `sectorsize`
 units. Both are converted here, in one place, through byte offsets.
 """
@@ -19,8 +41,11 @@ import errno
 import logging
 import os
 import struct
+from collections.abc import Callable
 from typing import Final
 
+from logwrites.errors import LogwritesError
+from logwrites.logfile import LogFullError
 from vhost import lvu
 from vhost.lvu import VirtioBlk as V
 from vhost.ordering import DISCARD, FUA, CompletionSink
@@ -60,13 +85,14 @@ class BlkDevice:
 
     __slots__ = (
         "_fd", "_fua", "_id", "_req", "_wrote_through", "bytes_read", "bytes_written", "conn",
-        "counts", "held", "num_queues", "readonly", "sectorsize", "sink", "size", "started",
+        "counts", "held", "log_full", "log_full_events", "num_queues", "on_log_full",
+        "pause_until_resumed", "readonly", "sectorsize", "sink", "size", "started", "unlogged",
         "wce",
     )
 
     def __init__(self, image_fd: int, size: int, sink: CompletionSink, *, sectorsize: int = 512,
                  readonly: bool = False, writethrough: bool = False, num_queues: int = 1,
-                 serial: str = "logwrites") -> None:
+                 serial: str = "logwrites", on_log_full: str = "fail") -> None:
         if sectorsize not in (512, 4096):
             raise ValueError(f"sector size {sectorsize}: 512 or 4096")
         raw_id = serial.encode()
@@ -89,6 +115,15 @@ class BlkDevice:
         self.counts = [0] * len(COUNTER_NAMES)
         self.bytes_read = 0
         self.bytes_written = 0
+        if on_log_full not in ("fail", "pause"):
+            raise ValueError(f"on_log_full {on_log_full!r}: fail or pause")
+        self.on_log_full = on_log_full
+        self.log_full: str | None = None     # why the log took no more entries (fail mode)
+        self.unlogged = 0                    # completed writes on the image, not in the log
+        self.log_full_events = 0
+        # Set by the serve loop: called with the reason, returns once the user sent `resume`
+        # (True) or the backend is stopping (False). Without it, pause behaves as fail.
+        self.pause_until_resumed: Callable[[str], bool] | None = None
 
     # -- vhost-user side ---------------------------------------------------------------------
 
@@ -121,7 +156,7 @@ class BlkDevice:
         """The connection is gone: what is unflushed becomes the volatile tail (§3.6)."""
         self.conn = None
         self.started = [False] * self.num_queues
-        self.sink.guest_gone()
+        self._volatile_tail()
 
     def queue_started(self, qidx: int, started: bool) -> None:
         if 0 <= qidx < self.num_queues:
@@ -130,7 +165,23 @@ class BlkDevice:
             if was_running and not any(self.started):
                 # The driver stopped the device (reset, reboot, VM paused): as for a crash,
                 # the records still waiting for a flush are the volatile tail.
-                self.sink.guest_gone()
+                self._volatile_tail()
+
+    def _volatile_tail(self) -> None:
+        pending = self.sink.unflushed
+        try:
+            self.sink.guest_gone()
+        except LogFullError as err:
+            self._full(err, pending)
+
+    def _full(self, err: LogwritesError | OSError, unlogged: int) -> None:
+        """The log took no more entries: fail every later write (see the module docstring)."""
+        self.unlogged += unlogged
+        self.log_full_events += 1
+        if self.log_full is None:
+            self.log_full = f"log full: {err}"
+            log.error("%s; %d completed writes are on the image but not in the log; refusing "
+                      "writes and flushes from now on", self.log_full, self.unlogged)
 
     def set_config(self, offset: int, data: bytes) -> bool:
         """The guest writes `wce` (its cache_type); nothing else in the config is writable."""
@@ -232,7 +283,8 @@ class BlkDevice:
         nbytes = req.len  # type: ignore[attr-defined]
         offset = req.sector * REQ_SECTOR  # type: ignore[attr-defined]
         ss = self.sectorsize
-        if self.readonly or offset % ss or nbytes % ss or offset + nbytes > self.size:
+        if (self.readonly or offset % ss or nbytes % ss or offset + nbytes > self.size
+                or self.log_full is not None):
             self.counts[C_ERROR] += 1
             return _IOERR
         self.counts[C_OUT] += 1
@@ -248,7 +300,14 @@ class BlkDevice:
             self.counts[C_ERROR] += 1
             return _IOERR
         self.bytes_written += nbytes
-        self.sink.completed(offset // ss, nbytes // ss, self._fua, buffers)
+        try:
+            self.sink.completed(offset // ss, nbytes // ss, self._fua, buffers)
+        except LogFullError as err:
+            # Logged on completion (FUA, immediate mode) and it did not fit: on the image,
+            # not in the log; the guest must not believe it logged.
+            self._full(err, 1)
+            self.counts[C_ERROR] += 1
+            return _IOERR
         if self._fua:
             self._wrote_through = True
         return _OK
@@ -257,11 +316,34 @@ class BlkDevice:
         self.counts[C_FLUSH] += 1
         if self.readonly:
             return _OK
+        if self.log_full is not None:
+            self.counts[C_ERROR] += 1
+            return _IOERR
         sink = self.sink
         ticket = sink.flush_taken()
-        os.fdatasync(self._fd)
-        sink.flush_durable(ticket)
-        return _OK
+        carried = len(ticket) if isinstance(ticket, list) else 0
+        try:
+            os.fdatasync(self._fd)
+        except OSError as err:
+            # Not durable on the image: the records it carried must not be logged as flushed.
+            log.warning("image sync for a FLUSH: %s (%d records dropped from the log)", err,
+                        carried)
+            self.counts[C_ERROR] += 1
+            return _IOERR
+        while True:
+            try:
+                sink.flush_durable(ticket)
+                return _OK
+            except LogFullError as err:
+                pause = self.pause_until_resumed
+                if self.on_log_full == "pause" and pause is not None:
+                    self.log_full_events += 1
+                    log.warning("log full: %s; FLUSH held until resume", err)
+                    if pause(str(err)):
+                        continue        # the user made room: the same records again
+                self._full(err, carried + sink.unflushed)
+                self.counts[C_ERROR] += 1
+                return _IOERR
 
     def _get_id(self, req: object) -> tuple[int, int]:
         self.counts[C_GET_ID] += 1
@@ -280,7 +362,7 @@ class BlkDevice:
         """DISCARD or WRITE_ZEROES: every segment is checked before any is applied."""
         nbytes = req.len  # type: ignore[attr-defined]
         count = nbytes // SEGMENT.size
-        if self.readonly or not count or nbytes % SEGMENT.size:
+        if self.readonly or not count or nbytes % SEGMENT.size or self.log_full is not None:
             self.counts[C_ERROR] += 1
             return _IOERR
         if count > MAX_DISCARD_SEG:
@@ -313,12 +395,17 @@ class BlkDevice:
                             "write-zeroes", length, offset, err)
                 self.counts[C_ERROR] += 1
                 return _IOERR
-            if discard:
-                self.sink.completed(offset // ss, length // ss, DISCARD, None)
-            else:
-                self.sink.completed(offset // ss, length // ss, self._fua, None)
-                if self._fua:
-                    self._wrote_through = True
+            try:
+                if discard:
+                    self.sink.completed(offset // ss, length // ss, DISCARD, None)
+                else:
+                    self.sink.completed(offset // ss, length // ss, self._fua, None)
+                    if self._fua:
+                        self._wrote_through = True
+            except LogFullError as err:
+                self._full(err, 1)
+                self.counts[C_ERROR] += 1
+                return _IOERR
         return _OK
 
     def _punch(self, offset: int, length: int) -> None:

@@ -7,7 +7,8 @@ Requests, one JSON object per line, each answered by one line:
 - `{"cmd": "subscribe"}` → `{"ok": true}`, then events on this connection:
   `{"event": "entry", "index": I, "flags": [...]}`, `{"event": "flush", "entry": I,
   "count": K}` (K-th FLUSH entry, from 1), `{"event": "mark", "entry": I, "name": N}`,
-  `{"event": "stopped", "at": AT, "entry": I}`.
+  `{"event": "stopped", "at": AT, "entry": I}`, `{"event": "log-full", "reason": R}` (with
+  `--on-log-full pause`: a FLUSH is held until the user makes room and sends `resume`).
 - `{"cmd": "stop-at", "at": "entry:N" | "mark:NAME" | "flush:K"}` → `{"ok": true}`: when the
   log reaches that point the device stops taking requests from the guest (they stay in the
   rings, uncompleted) and subscribers get "stopped"; `{"cmd": "resume"}` goes on.
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from logwrites.format import flag_names
+from logwrites.logfile import LogFullError
 
 if TYPE_CHECKING:
     from vhost.server import EventLoop, Server
@@ -74,7 +76,9 @@ class ControlServer:
         self.clients: dict[int, _Client] = {}
         self.stop_point: StopPoint | None = None
         self.stopped: dict[str, Any] | None = None   # the last "stopped" event, while held
+        self.paused_log_full: str | None = None     # why a FLUSH is held (pause mode)
         self._listener = listen_unix(path, 0o600)
+        self.listener_fd = self._listener.fileno()
         loop.watch(self._listener.fileno(), self._accept)
 
     def close(self) -> None:
@@ -170,6 +174,8 @@ class ControlServer:
                 if self.stopped is not None:
                     # Already stopped: a late subscriber learns it right after the reply.
                     client.later.append(self.stopped)
+                if self.paused_log_full is not None:
+                    client.later.append({"event": "log-full", "reason": self.paused_log_full})
                 return {"ok": True}
             if cmd == "stop-at":
                 return self._stop_at(request.get("at"))
@@ -177,9 +183,14 @@ class ControlServer:
                 self.stop_point = None
                 self.stopped = None
                 self._update_observer()
+                if self.paused_log_full is not None:
+                    # We run inside the held FLUSH: it retries when this reply is sent and
+                    # the device goes on by itself (releasing here would re-enter it).
+                    self.server.resume_log_full()
+                    return {"ok": True}
                 self.server.device.release()
                 return {"ok": True}
-        except ValueError as err:
+        except (ValueError, LogFullError) as err:
             return {"ok": False, "error": str(err)}
         return {"ok": False, "error": f"unknown command {cmd!r} "
                                       "(mark, status, subscribe, stop-at, resume)"}
@@ -187,6 +198,9 @@ class ControlServer:
     def _mark(self, name: object) -> dict[str, Any]:
         if not isinstance(name, str):
             raise ValueError('mark needs a "name" string')
+        if self.server.device.log_full is not None:
+            # The log no longer describes the image: a mark would name a state it never had.
+            raise ValueError(f"{self.server.device.log_full}: no more marks")
         entry = self.server.sink.mark(name)    # durable when it returns
         log.info("mark %s logged as entry %d", name, entry)
         return {"ok": True, "entry": entry}
@@ -204,7 +218,16 @@ class ControlServer:
                 "requests": device.requests(), "bytes_written": device.bytes_written,
                 "bytes_read": device.bytes_read, "unflushed": sink.unflushed,
                 "flushes": sink.flushes, "log_bytes": sink.log_bytes,
-                "held": device.held, "stop_at": self.stop_point.text if self.stop_point else None}
+                "held": device.held, "stop_at": self.stop_point.text if self.stop_point else None,
+                "log_full": device.log_full or (f"log full (paused): {self.paused_log_full}"
+                                                if self.paused_log_full else None),
+                "unlogged": device.unlogged, "log_full_events": device.log_full_events}
+
+    def log_full(self, reason: str | None) -> None:
+        """A FLUSH is held because the log is full (reason), or goes on again (None)."""
+        self.paused_log_full = reason
+        if reason is not None:
+            self._broadcast({"event": "log-full", "reason": reason})
 
     def _stop_at(self, at: object) -> dict[str, Any]:
         if not isinstance(at, str):

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from logwrites.logfile import LogFullError
 from vhost.blk import BlkDevice
 from vhost.control import ControlServer
 from vhost.lvu import Connection
@@ -53,6 +54,10 @@ class EventLoop:
             current = fds.get(key.fd)
             if current is not None and current.data is key.data:
                 key.data(key.fd)
+
+    def callbacks(self) -> dict[int, Callable[[int], None]]:
+        """The callback of every watched fd, now."""
+        return {fd: key.data for fd, key in self._sel.get_map().items()}
 
     def close(self) -> None:
         self._sel.close()
@@ -94,6 +99,9 @@ class Server:
         self._stop_signal: int | None = None
         self._listener: socket.socket | None = None
         self.control: ControlServer | None = None
+        self._wake: socket.socket | None = None
+        self._resumed = False
+        device.pause_until_resumed = self._pause_until_resumed
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -107,6 +115,7 @@ class Server:
                         for sig in (signal.SIGINT, signal.SIGTERM)}
         self.started_at = time.monotonic()
         try:
+            self._wake = wake_r
             self.loop.watch(wake_r.fileno(), lambda fd: self._drain(wake_r))
             self._listener = listen_unix(self.socket_path)
             self.loop.watch(self._listener.fileno(), self._accept)
@@ -143,7 +152,17 @@ class Server:
             conn, self.conn = self.conn, None
             conn.close()
         self.device.conn = None
-        self.sink.close()
+        try:
+            if self.device.log_full is None:
+                self.sink.close()
+            else:
+                # The log stopped describing the image at its last FLUSH: no volatile tail
+                # and no end mark after that (they would claim a clean, complete log).
+                log.warning("%s: the log ends at its last counted entry", self.device.log_full)
+        except LogFullError as err:
+            # The log stays valid up to its last counted entry; the tail and end mark are not
+            # in it, which the status and the log say already.
+            log.error("log full at stop: %s (volatile tail and end mark not logged)", err)
         if self.control is not None:
             self.control.close()
         if self._listener is not None:
@@ -191,6 +210,36 @@ class Server:
         self.device.detach()        # the volatile tail (DESIGN §3.6)
         if self._listener is not None and not self.once:
             self.loop.watch(self._listener.fileno(), self._accept)
+
+    # -- a full log, paused (--on-log-full pause) ------------------------------------------------
+
+    def _pause_until_resumed(self, reason: str) -> bool:
+        """Serve only the control socket (and stop signals) until `resume`; the device is in
+        the middle of a FLUSH, so the vhost-user connection and kicks wait (level-triggered,
+        they fire again afterwards). True when resumed, False when stopping."""
+        self._resumed = False
+        if self.control is None:
+            return False
+        self.control.log_full(reason)
+        while not self._resumed and self._stop_signal is None:
+            allowed = {self.control.listener_fd, *self.control.clients}
+            if self._wake is not None:
+                allowed.add(self._wake.fileno())
+            callbacks = self.loop.callbacks()
+            with selectors.DefaultSelector() as sel:
+                for fd in allowed & callbacks.keys():
+                    sel.register(fd, selectors.EVENT_READ, callbacks[fd])
+                for key, _ in sel.select(1.0):
+                    # An earlier callback of this round may have unwatched this fd.
+                    if self.loop.callbacks().get(key.fd) is key.data:
+                        key.data(key.fd)
+        self.control.log_full(None)
+        return self._resumed
+
+    def resume_log_full(self) -> bool:
+        """`resume` from the control socket: True if a paused FLUSH will be retried."""
+        self._resumed = True
+        return True
 
     # -- what the control socket asks --------------------------------------------------------
 

@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start with the guest's write cache off (every write logged as FUA)")
     p.add_argument("--num-queues", type=int, default=1, help="virtqueues (default 1)")
     p.add_argument("--serial", default="logwrites", help="GET_ID string (at most 20 bytes)")
+    p.add_argument("--log-size", type=int, metavar="BYTES",
+                   help="the log may grow to at most BYTES; then see --on-log-full")
+    p.add_argument("--on-log-full", choices=("fail", "pause"), default="fail",
+                   help="fail (default): the FLUSH (or FUA write) whose entries do not fit "
+                        "gets IOERR and every later write and flush too, the log staying valid "
+                        "up to its last entry; pause: hold that FLUSH, emit a log-full event "
+                        "on the control socket, retry on resume")
     p.add_argument("--once", action="store_true",
                    help="exit when the first front-end disconnects")
     p.set_defaults(run=run)
@@ -73,11 +80,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.image}: {size} bytes, smaller than one sector")
         writer = None
         if args.mode != "passthrough":
-            writer = LogWriter.create(args.log, args.sector_size)
+            writer = LogWriter.create(args.log, args.sector_size, max_bytes=args.log_size)
         sink = make_sink(args.mode, writer)
         device = BlkDevice(fd, size, sink, sectorsize=args.sector_size,
                            readonly=args.readonly, writethrough=args.writethrough,
-                           num_queues=args.num_queues, serial=args.serial)
+                           num_queues=args.num_queues, serial=args.serial,
+                           on_log_full=args.on_log_full)
         server = Server(device, sink, args.socket, control, once=args.once)
 
         def ready() -> None:
