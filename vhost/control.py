@@ -14,7 +14,8 @@ Requests, one JSON object per line, each answered by one line:
   rings, uncompleted) and subscribers get "stopped"; `{"cmd": "resume"}` goes on.
 Anything else gets `{"ok": false, "error": "..."}` and the connection stays usable. Several
 clients may be connected at once (the guest's lw-mark comes through a QEMU chardev that stays
-connected). The socket is created with mode 0600.
+connected). The socket is created with umask 0o077 and mode 0600 (unless serve's
+`--socket-mode` says otherwise).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class StopPoint:
 class ControlServer:
     """Listens on `path`; `server` is the serve loop (device, sink, connection state)."""
 
-    def __init__(self, path: Path, loop: EventLoop, server: Server) -> None:
+    def __init__(self, path: Path, loop: EventLoop, server: Server,
+                 mode: int = 0o600) -> None:
         from vhost.server import listen_unix
 
         self.path = path
@@ -77,7 +79,7 @@ class ControlServer:
         self.stop_point: StopPoint | None = None
         self.stopped: dict[str, Any] | None = None   # the last "stopped" event, while held
         self.paused_log_full: str | None = None     # why a FLUSH is held (pause mode)
-        self._listener = listen_unix(path, 0o600)
+        self._listener = listen_unix(path, mode)
         self.listener_fd = self._listener.fileno()
         loop.watch(self._listener.fileno(), self._accept)
 

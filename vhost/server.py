@@ -86,12 +86,14 @@ class Server:
     """Serves `device` on `socket_path`; `control_path` (or None) is the control socket."""
 
     def __init__(self, device: BlkDevice, sink: CompletionSink, socket_path: Path,
-                 control_path: Path | None, *, once: bool = False) -> None:
+                 control_path: Path | None, *, once: bool = False,
+                 socket_mode: int = 0o600) -> None:
         self.device = device
         self.sink = sink
         self.socket_path = socket_path
         self.control_path = control_path
         self.once = once
+        self.socket_mode = socket_mode
         self.loop = EventLoop()
         self.conn: Connection | None = None
         self.connections = 0
@@ -117,10 +119,11 @@ class Server:
         try:
             self._wake = wake_r
             self.loop.watch(wake_r.fileno(), lambda fd: self._drain(wake_r))
-            self._listener = listen_unix(self.socket_path)
+            self._listener = listen_unix(self.socket_path, self.socket_mode)
             self.loop.watch(self._listener.fileno(), self._accept)
             if self.control_path is not None:
-                self.control = ControlServer(self.control_path, self.loop, self)
+                self.control = ControlServer(self.control_path, self.loop, self,
+                                             self.socket_mode)
             on_ready()
             while self._stop_signal is None:
                 self.loop.run_once(None)

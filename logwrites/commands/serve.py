@@ -4,6 +4,14 @@ Serves IMAGE to QEMU's vhost-user-blk-pci device and records every write in LOG 
 DESIGN.md §3's rules (or as QEMU's blklogwrites does, or not at all: `--mode`). Prints one line
 starting with `ready` once it listens (scripts wait for it) and one summary line when it stops
 (SIGINT/SIGTERM; or, with `--once`, when the first front-end leaves).
+
+Sockets: the vhost-user and control sockets are created with umask 0o077 and mode 0600
+(`--socket-mode` to share them, e.g. with a QEMU running as another user in the same group).
+Whoever can connect to the vhost-user socket can read and write the image and whoever reaches
+the control socket can stop the guest, so a socket directory that others may enter or write
+(mode & 0o007) gets a warning on stderr; we warn rather than refuse because the socket's own
+mode already keeps others out, and /run/user/UID-style private directories are the advice.
+Every command-line error is one line on stderr and exit status 2 (cli.py).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "gets IOERR and every later write and flush too, the log staying valid "
                         "up to its last entry; pause: hold that FLUSH, emit a log-full event "
                         "on the control socket, retry on resume")
+    p.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o600,
+                   metavar="OCTAL", help="mode of both sockets (default 0600)")
     p.add_argument("--once", action="store_true",
                    help="exit when the first front-end disconnects")
     p.set_defaults(run=run)
@@ -56,6 +66,21 @@ def _image_size(fd: int) -> int:
     if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
         return os.lseek(fd, 0, os.SEEK_END)
     raise UsageError("the image must be a regular file or a block device")
+
+
+def _check_socket_dir(sock: Path) -> None:
+    """The socket's directory must exist; warn if others may enter or write it."""
+    parent = sock.parent if str(sock.parent) else Path(".")
+    try:
+        st = parent.stat()
+    except OSError as err:
+        raise UsageError(f"--socket {sock}: its directory: {err.strerror}") from err
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"--socket {sock}: {parent} is not a directory")
+    if st.st_mode & 0o007:
+        print(f"logwrites serve: warning: {parent} is open to other users (mode "
+              f"{stat.S_IMODE(st.st_mode):04o}); prefer a directory only you can enter",
+              file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,11 +98,24 @@ def run(args: argparse.Namespace) -> int:
     control = args.control or args.socket.with_name(args.socket.name + ".control")
     if len(str(args.socket)) > 107 or len(str(control)) > 107:
         raise UsageError("socket paths are limited to 107 bytes: choose a shorter --socket")
+    if not 0 <= args.socket_mode <= 0o777:
+        raise UsageError(f"--socket-mode {args.socket_mode:o}: permission bits, e.g. 600")
+    if args.log_size is not None and args.log_size < 2 * args.sector_size:
+        raise UsageError(f"--log-size {args.log_size}: at least two {args.sector_size}-byte "
+                         f"blocks (the super block and one entry)")
+    if args.log is not None and args.log.exists() and args.image.exists() \
+            and args.log.resolve() == args.image.resolve():
+        raise UsageError(f"--log {args.log} is the image itself")
+    for sock in (args.socket, control):
+        _check_socket_dir(sock)
     fd = os.open(args.image, (os.O_RDONLY if args.readonly else os.O_RDWR) | os.O_CLOEXEC)
     try:
         size = _image_size(fd)
         if size < args.sector_size:
             raise UsageError(f"{args.image}: {size} bytes, smaller than one sector")
+        if size % args.sector_size:
+            raise UsageError(f"{args.image}: {size} bytes, not a multiple of the "
+                             f"{args.sector_size}-byte sector size")
         writer = None
         if args.mode != "passthrough":
             writer = LogWriter.create(args.log, args.sector_size, max_bytes=args.log_size)
@@ -86,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
                            readonly=args.readonly, writethrough=args.writethrough,
                            num_queues=args.num_queues, serial=args.serial,
                            on_log_full=args.on_log_full)
-        server = Server(device, sink, args.socket, control, once=args.once)
+        server = Server(device, sink, args.socket, control, once=args.once,
+                        socket_mode=args.socket_mode)
 
         def ready() -> None:
             print(f"ready socket={args.socket} control={control} mode={args.mode} "

@@ -1,0 +1,138 @@
+"""Sockets and inputs of `logwrites serve` (issue 6): socket modes and directories, what the
+control socket does with hostile lines (beyond tests/system/test_backend_control.py), and
+every command-line error being one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.system.test_backend_control import Control
+from vhost.testing.daemons import LogwritesServe, logwrites_path
+from vhost.testing.frontend import BlkFrontend, Status
+
+MiB = 1 << 20
+
+
+def image(tmp_path: Path, size: int = 4 * MiB) -> Path:
+    path = tmp_path / "disk.img"
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.slow
+def test_sockets_are_private_and_open_directories_warned(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    d = LogwritesServe(image(tmp_path), private / "s.sock", tmp_path / "log", tmp_path)
+    with d:
+        assert mode(private / "s.sock") == 0o600
+        assert mode(private / "s.sock.control") == 0o600
+        assert "warning" not in d.stderr_tail()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    d = LogwritesServe(image(tmp_path), shared / "s.sock", tmp_path / "log2", tmp_path,
+                       extra_args=["--socket-mode", "660"])
+    with d:
+        assert mode(shared / "s.sock") == 0o660
+        assert mode(shared / "s.sock.control") == 0o660
+        with BlkFrontend(d.socket_path) as fe:       # still a working disk
+            assert fe.write(0, b"\x05" * 4096).status == Status.OK
+    assert f"warning: {shared} is open to other users (mode 0777)" in d.stderr_tail()
+
+
+@pytest.mark.slow
+def test_control_socket_survives_hostile_lines(tmp_path: Path) -> None:
+    with LogwritesServe(image(tmp_path), tmp_path / "s.sock", tmp_path / "log", tmp_path) as d:
+        ctl = Control(tmp_path / "s.sock.control")
+        bad_lines = [
+            b"\xff\xfe not utf-8\n",
+            b'{"cmd": "mark", "name": 7}\n',
+            b'{"cmd": "mark", "name": "tab\\there"}\n',
+            b'{"cmd": "mark", "name": "new\\nline"}\n',
+            b'{"cmd": "mark", "name": " "}\n',
+            b'{"cmd": 1}\n',
+            b'{"cmd": "stop-at", "at": 5}\n',
+            b'{"cmd": "stop-at", "at": "flush:-1"}\n',
+            b"{" * 10000 + b"\n",                          # nesting the parser may refuse
+            json.dumps({"cmd": "mark", "name": "y" * 5000}).encode() + b"\n",
+        ]
+        for line in bad_lines:
+            reply = ctl.send_raw(line)
+            assert reply["ok"] is False and reply["error"], line[:40]
+        # A line longer than the limit, with no newline for a while: refused, then the rest of
+        # it up to its newline is one more bad line; the connection goes on.
+        ctl.sock.sendall(b"z" * (200 << 10) + b"\n")
+        replies = [ctl.line(), ctl.line()]
+        assert [r["ok"] for r in replies] == [False, False]
+        assert "too long" in replies[0]["error"]
+        assert ctl("status")["entries"] == 0
+        assert ctl("mark", name="fine")["ok"] is True
+        assert ctl("status")["entries"] == 1
+        ctl.close()
+        assert d.alive()
+
+
+CLI_ERRORS = {
+    "missing image": (["serve", "{tmp}/nope.img", "--socket", "{tmp}/s", "--log", "{tmp}/l"],
+                      "No such file"),
+    "bad sector size": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "{tmp}/l",
+                         "--sector-size", "1000"], "--sector-size"),
+    "image not a multiple of the sector size": (
+        ["serve", "{odd}", "--socket", "{tmp}/s", "--log", "{tmp}/l", "--sector-size", "4096"],
+        "not a multiple"),
+    "image smaller than a sector": (["serve", "{tiny}", "--socket", "{tmp}/s", "--log",
+                                     "{tmp}/l"], "smaller than one sector"),
+    "unwritable log": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "/proc/nope/l"],
+                       "No such file"),
+    "log is the image": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "{img}"],
+                         "the image itself"),
+    "no log": (["serve", "{img}", "--socket", "{tmp}/s"], "needs --log"),
+    "log size too small": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "{tmp}/l",
+                            "--log-size", "100"], "--log-size"),
+    "bad on-log-full": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "{tmp}/l",
+                         "--on-log-full", "ignore"], "--on-log-full"),
+    "socket directory missing": (["serve", "{img}", "--socket", "{tmp}/no/dir/s", "--log",
+                                  "{tmp}/l"], "directory"),
+    "socket path too long": (["serve", "{img}", "--socket", "{tmp}/" + "s" * 120, "--log",
+                              "{tmp}/l"], "107 bytes"),
+    "bad socket mode": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "{tmp}/l",
+                         "--socket-mode", "rw"], "--socket-mode"),
+    "image is a directory": (["serve", "{tmp}", "--socket", "{tmp}/s", "--log", "{tmp}/l"],
+                             ""),
+    "no queues": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "{tmp}/l",
+                   "--num-queues", "0"], "--num-queues"),
+    "long serial": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "{tmp}/l",
+                     "--serial", "x" * 21], "--serial"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_ERRORS))
+def test_serve_command_line_errors_are_one_line_exit_2(tmp_path: Path, case: str) -> None:
+    img = image(tmp_path)
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(bytes(4096 + 512))
+    tiny = tmp_path / "tiny.img"
+    tiny.write_bytes(bytes(100))
+    argv, expect = CLI_ERRORS[case]
+    argv = [a.format(tmp=tmp_path, img=img, odd=odd, tiny=tiny) for a in argv]
+    done = subprocess.run([logwrites_path(), *argv], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, (case, done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, (case, done.stderr)
+    assert expect in lines[0], (case, lines[0])
+    assert done.stdout == ""
+    assert not (tmp_path / "s").exists()
