@@ -56,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "on the control socket, retry on resume")
     p.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o600,
                    metavar="OCTAL", help="mode of both sockets (default 0600)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue LOG after its last counted entry (a restarted backend on the "
+                        "same image) instead of creating it; completed writes a killed backend "
+                        "had not logged yet come back from LOG.pending (--pending-journal)")
+    p.add_argument("--pending-journal", action="store_true",
+                   help="keep the unflushed list in LOG.pending too (one more write per "
+                        "request) so that a killed backend restarted with --resume loses none "
+                        "of it (logwrites mode)")
     p.add_argument("--once", action="store_true",
                    help="exit when the first front-end disconnects")
     p.set_defaults(run=run)
@@ -85,6 +93,7 @@ def _check_socket_dir(sock: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from logwrites.logfile import LogWriter
+    from vhost import pending
     from vhost.blk import BlkDevice
     from vhost.ordering import make_sink
     from vhost.server import Server
@@ -95,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--serial {args.serial!r}: at most 20 bytes")
     if args.mode != "passthrough" and args.log is None:
         raise UsageError(f"--mode {args.mode} needs --log LOG")
+    if args.resume and (args.log is None or not args.log.exists()):
+        raise UsageError(f"--resume: no log {args.log} to resume")
     control = args.control or args.socket.with_name(args.socket.name + ".control")
     if len(str(args.socket)) > 107 or len(str(control)) > 107:
         raise UsageError("socket paths are limited to 107 bytes: choose a shorter --socket")
@@ -118,8 +129,24 @@ def run(args: argparse.Namespace) -> int:
                              f"{args.sector_size}-byte sector size")
         writer = None
         if args.mode != "passthrough":
-            writer = LogWriter.create(args.log, args.sector_size, max_bytes=args.log_size)
+            if args.resume:
+                writer = LogWriter.resume(args.log, max_bytes=args.log_size)
+                if writer.sectorsize != args.sector_size:
+                    writer.close()
+                    raise UsageError(f"--resume: {args.log} has {writer.sectorsize}-byte "
+                                     f"sectors, not {args.sector_size} (--sector-size)")
+            else:
+                writer = LogWriter.create(args.log, args.sector_size, max_bytes=args.log_size)
         sink = make_sink(args.mode, writer)
+        restored = 0
+        if args.log is not None and args.mode == "logwrites" and (
+                args.pending_journal or args.resume):
+            journal = pending.journal_path(args.log)
+            records = pending.load(journal, args.log) if args.resume else []
+            if args.pending_journal or records:
+                sink = pending.JournaledSink(sink, journal)
+                sink.restore(records)
+                restored = len(records)
         device = BlkDevice(fd, size, sink, sectorsize=args.sector_size,
                            readonly=args.readonly, writethrough=args.writethrough,
                            num_queues=args.num_queues, serial=args.serial,
@@ -127,10 +154,13 @@ def run(args: argparse.Namespace) -> int:
         server = Server(device, sink, args.socket, control, once=args.once,
                         socket_mode=args.socket_mode)
 
+        resumed = f" resumed entries={sink.entries} restored={restored}" if args.resume else ""
+
         def ready() -> None:
             print(f"ready socket={args.socket} control={control} mode={args.mode} "
                   f"sectorsize={args.sector_size} capacity={device.size}"
-                  f"{' readonly' if args.readonly else ''}", flush=True)
+                  f"{' readonly' if args.readonly else ''}"
+                  f"{resumed}", flush=True)
 
         try:
             server.serve(ready)
