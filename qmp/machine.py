@@ -38,6 +38,7 @@ from qmp.errors import AgentError, KernelPanic, MachineError
 log = logging.getLogger(__name__)
 
 QEMU: Final = "qemu-system-x86_64"
+QBOOT: Final = "/usr/share/qemu/qboot.rom"
 AGENT_PORT: Final = "org.logwrites.agent"
 CONTROL_PORT: Final = "org.logwrites.control"
 MARKER: Final = "@@LW@@ "
@@ -309,8 +310,13 @@ class Machine:
 
     def _kernel_args(self) -> list[str]:
         cmdline = f"{self.guest.cmdline} {self.extra_cmdline}".strip()
-        return ["-kernel", str(self.guest.kernel), "-initrd", str(self.guest.initrd),
+        args = ["-kernel", str(self.guest.kernel), "-initrd", str(self.guest.initrd),
                 "-append", cmdline]
+        # A kernel booted directly (PVH) needs no BIOS services: qboot gets it there 0.3-0.5 s
+        # sooner than SeaBIOS under TCG.
+        if getattr(self.guest, "direct_boot", False) and Path(QBOOT).is_file():
+            args += ["-bios", QBOOT]
+        return args
 
     def _console_args(self) -> list[str]:
         return ["-chardev", f"file,id=console,path={self.console_path}",
