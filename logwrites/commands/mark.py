@@ -27,11 +27,15 @@ def control_request(path: Path, request: dict[str, Any], timeout_s: float) -> di
     """One request line to the control socket at `path`, one reply line back.
 
     :raise UsageError: the backend said no (its error), or no reply came.
-    :raise OSError: no backend listens there.
+    :raise UsageError: also when no backend listens there.
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
-        sock.connect(str(path))
+        try:
+            sock.connect(str(path))
+        except OSError as err:
+            raise UsageError(f"no backend at control socket {path}: "
+                             f"{err.strerror or err}") from err
         sock.sendall(json.dumps(request).encode() + b"\n")
         reply = b""
         while not reply.endswith(b"\n"):
