@@ -22,6 +22,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
+from logwrites.errors import LogwritesError
 from vhost._lvu import ffi, lib
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Device(Protocol):
     def set_config(self, offset: int, data: bytes) -> bool: ...
 
 
-class VhostUserError(Exception):
+class VhostUserError(LogwritesError):
     """libvhost-user gave up on the connection (its panic callback)."""
 
 
