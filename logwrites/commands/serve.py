@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     if args.log is not None and args.log.exists() and args.image.exists() \
             and args.log.resolve() == args.image.resolve():
         raise UsageError(f"--log {args.log} is the image itself")
-    for sock in (args.socket, control):
+    # One check (and at most one warning) per directory: both sockets usually share one.
+    for sock in {sock.parent: sock for sock in (control, args.socket)}.values():
         _check_socket_dir(sock)
     fd = os.open(args.image, (os.O_RDONLY if args.readonly else os.O_RDWR) | os.O_CLOEXEC)
     try:
