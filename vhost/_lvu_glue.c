@@ -6,6 +6,22 @@
  * the driver-written buffers, status byte last in the device-written ones, either possibly
  * split across descriptors) so that Python sees one flat request per element, and fills and
  * publishes used entries in batches.
+ *
+ * In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): libvhost-user marks each popped
+ * head in-flight in a region QEMU keeps across a backend restart, and clears the mark in
+ * vu_queue_push (fill one entry, note it as the last batch head, move used->idx by one, clear).
+ * After a restart it resubmits every head still marked, and trusts only the *last* head to have
+ * been published if used->idx moved past its record. A batch of many entries published with one
+ * used->idx update breaks that (a kill between the update and the clears leaves published heads
+ * marked: they would be resubmitted, i.e. completed twice). So when the feature is negotiated,
+ * lw_fill only notes (head, length) and lw_publish pushes them one at a time, in pop order,
+ * then notifies the guest once; otherwise the batched path (fill all, one used->idx update).
+ *
+ * Each popped request carries its identity: queue, head and libvhost-user's in-flight
+ * `counter` (pop order, kept across restarts in the region). A resubmitted request the Python
+ * side declared already done (lw_expect: the killed backend completed and recorded it but never
+ * published it; see vhost/pending.py) is not handed to Python: lw_pop writes its status byte
+ * (OK), queues its used entry with the batch and pops on.
  */
 #include <stdbool.h>
 #include <stdint.h>
@@ -24,6 +40,22 @@ typedef struct LwDev {
     uint64_t protocol_features;
     struct virtio_blk_config config;
     VuDevIface iface;
+    /* The request lw_pop returned last (what vhost/pending.py journals with a record). */
+    uint16_t cur_qidx;
+    uint16_t cur_head;
+    uint64_t cur_counter;
+    /* Queues started since their last pop (bit per queue): the next pop reports the queue's
+     * resubmissions first (lw_py_queue_resumed). */
+    uint64_t resume_check;
+    /* With in-flight tracking: used entries of the batch, pushed one by one by lw_publish. */
+    unsigned int npending;
+    struct { unsigned int head; uint32_t len; } pending[VIRTQUEUE_MAX_SIZE];
+    /* Resubmissions to complete without Python (already done by a killed backend). */
+    unsigned int nexpect;
+    unsigned int expect_cap;
+    struct LwExpect { uint16_t qidx; uint16_t head; uint64_t counter; } *expect;
+    uint64_t duplicates;        /* resubmissions completed that way */
+    uint64_t resubmitted;       /* resubmissions popped (handed to Python or not) */
 } LwDev;
 
 typedef struct LwReq {
@@ -35,6 +67,10 @@ typedef struct LwReq {
     uint64_t len;               /* bytes in iov */
     uint8_t *status;            /* NULL when the element has no device-writable byte */
     int problem;                /* LW_REQ_OK or why the request cannot be served */
+    uint16_t qidx;              /* identity: queue, head, libvhost-user's in-flight counter */
+    uint16_t head;
+    uint64_t counter;
+    bool resubmitted;           /* from libvhost-user's resubmit list after a reconnect */
 } LwReq;
 
 #define LW_REQ_OK 0
@@ -52,6 +88,7 @@ static void lw_py_queue_started(void *owner, int qidx, bool started);
 static void lw_py_kick(void *owner, int qidx);
 static int lw_py_set_config(void *owner, const uint8_t *data, uint32_t offset,
                             uint32_t size, uint32_t flags);
+static void lw_py_queue_resumed(void *owner, int qidx, int resubmits);
 
 #define LW_OF(vudev) ((LwDev *)(vudev))
 
@@ -102,6 +139,11 @@ static void lw_queue_handler(VuDev *dev, int qidx)
 
 static void lw_queue_set_started(VuDev *dev, int qidx, bool started)
 {
+    /* Called before libvhost-user reads the in-flight region for this queue
+     * (vu_check_queue_inflights): the first pop reports what it found. */
+    if (started && qidx < 64) {
+        LW_OF(dev)->resume_check |= 1ULL << qidx;
+    }
     vu_set_queue_handler(dev, &dev->vq[qidx], started ? lw_queue_handler : NULL);
     lw_py_queue_started(LW_OF(dev)->owner, qidx, started);
 }
@@ -139,9 +181,17 @@ LwDev *lw_new(void *owner)
     return d;
 }
 
+void lw_free(LwDev *d)
+{
+    free(d->expect);
+    free(d);
+}
+
 bool lw_init(LwDev *d, uint16_t max_queues, int sock)
 {
     d->disconnected = false;
+    d->resume_check = 0;
+    d->npending = 0;
     return vu_init(&d->dev, max_queues, sock, lw_panic, NULL, lw_set_watch, lw_remove_watch,
                    &d->iface);
 }
@@ -205,14 +255,111 @@ static size_t lw_iov_size(const struct iovec *iov, unsigned int cnt)
     return total;
 }
 
+/* Whether in-flight tracking is on for queue `qidx` (negotiated, region mapped). */
+static bool lw_tracking(LwDev *d, int qidx)
+{
+    return vu_has_protocol_feature(&d->dev, VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
+        && d->dev.vq[qidx].inflight != NULL;
+}
+
+bool lw_inflight(LwDev *d, int qidx)
+{
+    return d->dev.vq && lw_tracking(d, qidx);
+}
+
+/* Resubmissions still to be popped from queue `qidx`, and the i-th of them (in pop order). */
+int lw_resubmits(LwDev *d, int qidx)
+{
+    VuVirtq *vq = &d->dev.vq[qidx];
+    return vq->resubmit_list ? vq->resubmit_num : 0;
+}
+
+void lw_resubmit(LwDev *d, int qidx, int i, uint16_t *head, uint64_t *counter)
+{
+    VuVirtq *vq = &d->dev.vq[qidx];
+    /* vu_queue_pop takes them from the end of the list (sorted by counter, descending). */
+    VuVirtqInflightDesc *r = &vq->resubmit_list[vq->resubmit_num - 1 - i];
+    *head = r->index;
+    *counter = r->counter;
+}
+
+/* Declare a resubmission of (queue, head, counter) already done: lw_pop completes it OK. */
+bool lw_expect(LwDev *d, uint16_t qidx, uint16_t head, uint64_t counter)
+{
+    if (d->nexpect == d->expect_cap) {
+        unsigned int cap = d->expect_cap ? 2 * d->expect_cap : 64;
+        void *grown = realloc(d->expect, cap * sizeof(*d->expect));
+        if (!grown) {
+            return false;
+        }
+        d->expect = grown;
+        d->expect_cap = cap;
+    }
+    d->expect[d->nexpect].qidx = qidx;
+    d->expect[d->nexpect].head = head;
+    d->expect[d->nexpect].counter = counter;
+    d->nexpect++;
+    return true;
+}
+
+static bool lw_take_expected(LwDev *d, uint16_t qidx, uint16_t head, uint64_t counter)
+{
+    for (unsigned int i = 0; i < d->nexpect; i++) {
+        struct LwExpect *e = &d->expect[i];
+        if (e->qidx == qidx && e->head == head && e->counter == counter) {
+            *e = d->expect[--d->nexpect];
+            return true;
+        }
+    }
+    return false;
+}
+
+static int lw_parse(LwDev *d, int qidx, VuVirtqElement *elem, LwReq *req);
+
 /* Pop one element of queue `qidx` and parse it as a virtio-blk request; 0 if none. */
 int lw_pop(LwDev *d, int qidx, LwReq *req)
 {
     VuDev *dev = &d->dev;
-    VuVirtqElement *elem = vu_queue_pop(dev, &dev->vq[qidx], sizeof(VuVirtqElement));
-    if (!elem) {
-        return 0;
+    VuVirtq *vq = &dev->vq[qidx];
+    if (d->resume_check & (1ULL << qidx)) {
+        d->resume_check &= ~(1ULL << qidx);
+        lw_py_queue_resumed(d->owner, qidx, lw_resubmits(d, qidx));
     }
+    for (;;) {
+        bool resubmitted = vq->resubmit_list && vq->resubmit_num > 0;
+        VuVirtqElement *elem = vu_queue_pop(dev, vq, sizeof(VuVirtqElement));
+        if (!elem) {
+            return 0;
+        }
+        lw_parse(d, qidx, elem, req);
+        req->qidx = qidx;
+        req->head = elem->index;
+        req->counter = lw_tracking(d, qidx) ? vq->inflight->desc[elem->index].counter : 0;
+        req->resubmitted = resubmitted;
+        if (resubmitted) {
+            d->resubmitted++;
+        }
+        if (resubmitted && req->problem == LW_REQ_OK && d->nexpect
+                && lw_take_expected(d, qidx, req->head, req->counter)) {
+            /* Done and recorded by the backend that was killed before publishing it. */
+            *req->status = VIRTIO_BLK_S_OK;
+            d->pending[d->npending].head = elem->index;
+            d->pending[d->npending].len = 1;
+            d->npending++;
+            d->duplicates++;
+            free(elem);
+            req->elem = NULL;
+            continue;
+        }
+        d->cur_qidx = qidx;
+        d->cur_head = req->head;
+        d->cur_counter = req->counter;
+        return 1;
+    }
+}
+
+static int lw_parse(LwDev *d, int qidx, VuVirtqElement *elem, LwReq *req)
+{
     memset(req, 0, sizeof(*req));
     req->elem = elem;
 
@@ -264,7 +411,8 @@ int lw_pop(LwDev *d, int qidx, LwReq *req)
     return 1;
 }
 
-/* Complete a popped request: status byte, used entry `idx` of this batch, element freed. */
+/* Complete a popped request: status byte, used entry `idx` of this batch, element freed.
+ * With in-flight tracking the entry waits for lw_publish (which pushes in pop order). */
 void lw_fill(LwDev *d, int qidx, LwReq *req, uint8_t status, uint32_t used_len,
              unsigned int idx)
 {
@@ -272,18 +420,40 @@ void lw_fill(LwDev *d, int qidx, LwReq *req, uint8_t status, uint32_t used_len,
     if (req->status) {
         *req->status = status;
     }
-    vu_queue_fill(dev, &dev->vq[qidx], req->elem, used_len, idx);
+    if (lw_tracking(d, qidx)) {
+        if (d->npending < VIRTQUEUE_MAX_SIZE) {
+            d->pending[d->npending].head = req->elem->index;
+            d->pending[d->npending].len = used_len;
+            d->npending++;
+        } else {
+            vu_panic(dev, "more used entries pending than a ring holds");
+        }
+    } else {
+        vu_queue_fill(dev, &dev->vq[qidx], req->elem, used_len, idx);
+    }
     free(req->elem);
     req->elem = NULL;
 }
 
-/* Publish `count` filled entries and notify the guest once (if it wants to be). */
+/* Publish the batch's filled entries and notify the guest once (if it wants to be):
+ * `count` entries filled at once (batched path), or every pending entry pushed one at a
+ * time (in-flight tracking: libvhost-user's own bookkeeping stays exact at every instant). */
 void lw_publish(LwDev *d, int qidx, unsigned int count)
 {
     VuDev *dev = &d->dev;
-    if (count) {
-        vu_queue_flush(dev, &dev->vq[qidx], count);
-        vu_queue_notify(dev, &dev->vq[qidx]);
+    VuVirtq *vq = &dev->vq[qidx];
+    if (d->npending) {
+        VuVirtqElement one;
+        memset(&one, 0, sizeof(one));
+        for (unsigned int i = 0; i < d->npending; i++) {
+            one.index = d->pending[i].head;
+            vu_queue_push(dev, vq, &one, d->pending[i].len);
+        }
+        d->npending = 0;
+        vu_queue_notify(dev, vq);
+    } else if (count && !lw_tracking(d, qidx)) {
+        vu_queue_flush(dev, vq, count);
+        vu_queue_notify(dev, vq);
     }
 }
 

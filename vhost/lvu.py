@@ -13,6 +13,14 @@ it is remembered and re-raised when the C call that led to it returns.
 
 The glue also holds virtio-blk's config space and parses requests (header, status byte), so
 the device's hot path calls `pop`/`fill`/`publish` straight into C.
+
+In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) is always offered: QEMU then keeps
+libvhost-user's in-flight region across a backend restart and the restarted backend resubmits
+what was popped but never published. With it negotiated the glue publishes one used entry at a
+time (libvhost-user's push) and still notifies once per batch. Each popped request has an
+identity (queue, head, in-flight counter: `Connection.current()`); when a queue (re)starts, the
+connection reports the resubmissions libvhost-user found (`on_queue_resumed`) and accepts
+`expect(...)`: resubmissions already done, which the glue completes without the device.
 """
 
 from __future__ import annotations
@@ -73,6 +81,10 @@ class VirtioBlk:
 
 PROTOCOL_F_MQ: Final = lib.VHOST_USER_PROTOCOL_F_MQ
 PROTOCOL_F_CONFIG: Final = lib.VHOST_USER_PROTOCOL_F_CONFIG
+PROTOCOL_F_INFLIGHT_SHMFD: Final = lib.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
+
+# (qidx, head, counter) of a popped request: what libvhost-user's in-flight region knows it by.
+Identity = tuple[int, int, int]
 
 
 class Watches(Protocol):
@@ -119,11 +131,17 @@ class Connection:
     """
 
     def __init__(self, sock: socket.socket, device: Device, watches: Watches, *,
-                 max_queues: int, features: int, protocol_features: int) -> None:
+                 max_queues: int, features: int, protocol_features: int,
+                 inflight: bool = True) -> None:
         self.device = device
         self.watches = watches
         self.disconnected = False
         self.panic: str | None = None
+        # Told, before a (re)started queue's first pop, which requests libvhost-user will
+        # resubmit on it: (qidx, [(head, counter), ...] in pop order).
+        self.on_queue_resumed: Callable[[int, list[tuple[int, int]]], None] | None = None
+        if inflight:
+            protocol_features |= 1 << PROTOCOL_F_INFLIGHT_SHMFD
         self._handle = ffi.new_handle(self)      # kept alive as long as C may call back
         self._watch: dict[int, tuple[Any, Any]] = {}
         self.dev = lib.lw_new(self._handle)
@@ -134,7 +152,7 @@ class Connection:
         self._vudev = ffi.cast("VuDev *", self.dev)
         self.fd = sock.detach()                  # libvhost-user closes it in vu_deinit
         if not lib.lw_init(self.dev, max_queues, self.fd):
-            lib.free(self.dev)
+            lib.lw_free(self.dev)
             self.dev = ffi.NULL
             raise VhostUserError("vu_init failed")
         watches.watch(self.fd, self._readable)
@@ -156,6 +174,41 @@ class Connection:
 
     def queue_started(self, qidx: int) -> bool:
         return self.open and bool(lib.lw_queue_started(self.dev, qidx))
+
+    def inflight(self, qidx: int) -> bool:
+        """Whether queue `qidx` runs with in-flight tracking (negotiated, region mapped)."""
+        return self.open and bool(lib.lw_inflight(self.dev, qidx))
+
+    def current(self) -> Identity:
+        """The identity of the request popped last (the one the device is serving)."""
+        dev = self.dev
+        return (dev.cur_qidx, dev.cur_head, dev.cur_counter)
+
+    def expect(self, qidx: int, head: int, counter: int) -> None:
+        """A resubmission of (qidx, head, counter) is already done: complete it OK, unseen by
+        the device (see vhost/pending.py)."""
+        if not lib.lw_expect(self.dev, qidx, head, counter):
+            raise MemoryError("lw_expect")
+
+    @property
+    def resubmitted(self) -> int:
+        """Resubmitted requests popped so far on this connection."""
+        return int(self.dev.resubmitted) if self.open else 0
+
+    @property
+    def duplicates(self) -> int:
+        """Of those, how many were already done and completed without the device."""
+        return int(self.dev.duplicates) if self.open else 0
+
+    def _queue_resumed(self, qidx: int, count: int) -> None:
+        if self.on_queue_resumed is None:
+            return
+        head, counter = ffi.new("uint16_t *"), ffi.new("uint64_t *")
+        found = []
+        for i in range(count):
+            lib.lw_resubmit(self.dev, qidx, i, head, counter)
+            found.append((head[0], counter[0]))
+        self.on_queue_resumed(qidx, found)
 
     def set_blk_config(self, *, capacity: int, size_max: int, seg_max: int, blk_size: int,
                        wce: int, num_queues: int, max_discard_sectors: int,
@@ -179,7 +232,7 @@ class Connection:
         lib.vu_deinit(self._vudev)
         for fd in list(self._watch):
             self._remove_watch(fd)
-        lib.free(self.dev)
+        lib.lw_free(self.dev)
         self.dev = ffi.NULL
         _raise_remembered()
 
@@ -223,6 +276,11 @@ def lw_py_queue_started(owner: Any, qidx: int, started: bool) -> None:
 @ffi.def_extern(onerror=_remember_failure)
 def lw_py_kick(owner: Any, qidx: int) -> None:
     ffi.from_handle(owner).device.kick(qidx)
+
+
+@ffi.def_extern(onerror=_remember_failure)
+def lw_py_queue_resumed(owner: Any, qidx: int, resubmits: int) -> None:
+    ffi.from_handle(owner)._queue_resumed(qidx, resubmits)
 
 
 @ffi.def_extern(onerror=_remember_failure)

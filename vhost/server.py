@@ -153,6 +153,9 @@ class Server:
         """Clean stop: no more requests, the volatile tail and the end mark, durable."""
         if self.conn is not None:
             conn, self.conn = self.conn, None
+            attach = getattr(self.sink, "attach", None)
+            if attach is not None:
+                attach(None)
             conn.close()
         self.device.conn = None
         try:
@@ -199,6 +202,10 @@ class Server:
             self.loop.watch(self._listener.fileno(), self._accept)
             return
         device.attach(self.conn)
+        attach = getattr(self.sink, "attach", None)
+        if attach is not None:
+            # The pending journal follows each request's identity and the resubmissions.
+            attach(self.conn)
         self.connections += 1
         log.info("front-end connected (connection %d)", self.connections)
 
@@ -209,6 +216,9 @@ class Server:
             log.warning("front-end dropped after a protocol error: %s", conn.panic)
         else:
             log.info("front-end disconnected")
+        attach = getattr(self.sink, "attach", None)
+        if attach is not None:
+            attach(None)
         conn.close()
         self.device.detach()        # the volatile tail (DESIGN §3.6)
         if self._listener is not None and not self.once:

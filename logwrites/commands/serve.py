@@ -140,14 +140,16 @@ def run(args: argparse.Namespace) -> int:
                 writer = LogWriter.create(args.log, args.sector_size, max_bytes=args.log_size)
         sink = make_sink(args.mode, writer)
         restored = 0
+        journal = None
         if args.log is not None and args.mode == "logwrites" and (
                 args.pending_journal or args.resume):
-            journal = pending.journal_path(args.log)
-            records = pending.load(journal, args.log) if args.resume else []
-            if args.pending_journal or records:
-                sink = pending.JournaledSink(sink, journal)
-                sink.restore(records)
-                restored = len(records)
+            journal_file = pending.journal_path(args.log)
+            journal = (pending.load(journal_file, args.log) if args.resume
+                       else pending.Journal())
+            if args.pending_journal or journal.records or journal.done:
+                sink = pending.JournaledSink(sink, journal_file)
+                sink.restore(journal)
+                restored = len(journal)
         device = BlkDevice(fd, size, sink, sectorsize=args.sector_size,
                            readonly=args.readonly, writethrough=args.writethrough,
                            num_queues=args.num_queues, serial=args.serial,
@@ -155,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
         server = Server(device, sink, args.socket, control, once=args.once,
                         socket_mode=args.socket_mode)
 
-        resumed = f" resumed entries={sink.entries} restored={restored}" if args.resume else ""
+        resumed = (f" resumed entries={sink.entries} restored={restored}"
+                   f" done={len(journal.done) if journal is not None else 0}"
+                   if args.resume else "")
 
         def ready() -> None:
             print(f"ready socket={args.socket} control={control} mode={args.mode} "
