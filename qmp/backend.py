@@ -97,26 +97,64 @@ class _Subprocess:
 
 
 class ServeBackend(_Subprocess):
-    """`logwrites serve IMAGE --socket SOCK --log LOG --control CTRL ...` (DESIGN §8)."""
+    """`logwrites serve IMAGE --socket SOCK --log LOG --control CTRL ...` (DESIGN §8).
+
+    With `resume`, it continues LOG (`--resume`) instead of creating it; `kill()` then
+    `restart()` is a backend crash and its restart on the same image, log and sockets, which a
+    QEMU whose disk chardev reconnects (Machine's default) follows by itself.
+    """
 
     name = "serve"
 
     def __init__(self, image: Path, log_path: Path, run_dir: Path, *, mode: str = "logwrites",
                  sector_size: int = 512, num_queues: int = 1, writethrough: bool = False,
+                 resume: bool = False, verbose: bool = False,
                  extra_args: Sequence[str] = ()) -> None:
         super().__init__(run_dir, run_dir / "disk.sock", run_dir / "control.sock")
         self.image, self.log_path, self.mode = image, log_path, mode
         self.sector_size, self.num_queues = sector_size, num_queues
         self.writethrough, self.extra_args = writethrough, tuple(extra_args)
+        self.resume = resume
+        self.verbose = verbose          # -v: INFO lines (resubmissions, ...) in serve.log
+        self.ready_line = ""
         self._drainer: asyncio.Future[None] | None = None
 
+    async def kill(self) -> int | None:
+        """SIGKILL: no volatile tail, no end mark, nothing flushed — a crashed backend."""
+        if self.proc is None:
+            return None
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._drainer is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._drainer, 10)
+            self._drainer = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    async def restart(self) -> None:
+        """Start again on the same image and log, continuing it (`--resume`).
+
+        :raise BackendError: it did not get ready (see `start`).
+        """
+        if self.proc is not None and self.proc.returncode is None:
+            raise BackendError("restart: the backend still runs (kill or stop it first)")
+        self.resume = True
+        await self.start()
+
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "logwrites.cli", "serve", str(self.image),
+        argv = [sys.executable, "-m", "logwrites.cli", *(["-v"] if self.verbose else []),
+                "serve", str(self.image),
                 "--socket", str(self.socket), "--log", str(self.log_path),
                 "--control", str(self.control), "--mode", self.mode,
                 "--sector-size", str(self.sector_size), "--num-queues", str(self.num_queues)]
         if self.writethrough:
             argv.append("--writethrough")
+        if self.resume:
+            argv.append("--resume")
         return argv + list(self.extra_args)
 
     async def _wait_started(self) -> None:
@@ -126,6 +164,7 @@ class ServeBackend(_Subprocess):
             if not line:
                 raise BackendError(f"exited with status {await self.proc.wait()}")
             if line.startswith(b"ready"):
+                self.ready_line = line.decode(errors="replace").strip()
                 # Keep draining stdout so the backend never blocks on a full pipe.
                 self._drainer = asyncio.ensure_future(self._drain())
                 return

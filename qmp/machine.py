@@ -251,6 +251,7 @@ class Machine:
     :param control_socket: the backend's control socket, for in-guest marks, or None.
     :param disks: plain disks served by QEMU, after the vhost-user disk (vdb, vdc, ...).
     :param incoming: a state file saved by `save_state` to restore instead of booting.
+    :param disk_reconnect_s: how often QEMU retries the backend's socket when it is gone.
     """
 
     def __init__(self, guest: GuestImage, run_dir: Path, *, disk_socket: Path | None = None,
@@ -258,8 +259,10 @@ class Machine:
                  num_queues: int = 1, memory_mb: int = 1024, cpus: int = 1,
                  accel: str | None = None, name: str = "guest",
                  boot_timeout_s: float = 180.0, extra_cmdline: str = "",
-                 incoming: Path | None = None, qemu: str = QEMU) -> None:
+                 incoming: Path | None = None, qemu: str = QEMU,
+                 disk_reconnect_s: int = 1) -> None:
         self.guest = guest
+        self.disk_reconnect_s = disk_reconnect_s
         self.run_dir = run_dir
         self.disk_socket = disk_socket
         self.control_socket = control_socket
@@ -339,7 +342,10 @@ class Machine:
     def _disk_args(self) -> list[str]:
         args: list[str] = []
         if self.disk_socket is not None:
-            args += ["-chardev", f"socket,id=disk0,path={self.disk_socket},reconnect=1",
+            # reconnect: QEMU follows a backend that restarts (a killed one restarted with
+            # --resume), keeping the disk's in-flight region; 0 would end QEMU's disk with it.
+            args += ["-chardev", f"socket,id=disk0,path={self.disk_socket},"
+                                 f"reconnect={self.disk_reconnect_s}",
                      "-device", f"vhost-user-blk-pci,id=vdisk0,chardev=disk0,"
                                 f"num-queues={self.num_queues},addr={_SLOT_VHOST_DISK:#x}"]
         for i, disk in enumerate(self.disks, start=1):
