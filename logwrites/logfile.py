@@ -15,7 +15,7 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Final
 
 from logwrites.errors import LogFormatError, LogwritesError
 from logwrites.format import (
@@ -47,17 +47,9 @@ IOV_MAX: Final = 1024
 
 
 
-class Spilled(NamedTuple):
-    """A payload parked in a file rather than in memory: `append_batch` copies it into the log
-    in the kernel (copy_file_range), so parking a write costs no process memory."""
-
-    fd: int
-    offset: int
-
-
 # One parked record for `append_batch`: (sector, nr_sectors, flags, payload) with payload None
 # for discards (DISCARD in flags) and write-zeroes.
-Record = tuple[int, int, int, "Buffer | Spilled | None"]
+Record = tuple[int, int, int, "Buffer | None"]
 
 
 class LogFullError(LogwritesError):
@@ -71,7 +63,7 @@ class LogFullError(LogwritesError):
         return f"log {self.path} is full: {self.reason}"
 
 
-def _zero_payload(nbytes: int) -> list[memoryview]:
+def zero_payload(nbytes: int) -> list[memoryview]:
     view = memoryview(_ZEROS)
     chunks = []
     while nbytes:
@@ -189,26 +181,6 @@ class LogWriter:
                 raise LogFullError(self.path, os.strerror(err.errno)) from err
             raise
 
-    def _copy(self, src_fd: int, src_at: int, length: int, at: int) -> None:
-        """Copy `length` bytes of a spilled payload into the log at `at`, in the kernel."""
-        try:
-            while length:
-                try:
-                    got = os.copy_file_range(src_fd, self._fd, length, src_at, at)
-                except OSError as err:
-                    if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
-                                         errno.EOPNOTSUPP):
-                        raise
-                    got = os.pwrite(self._fd, os.pread(src_fd, min(length, 1 << 20), src_at),
-                                    at)
-                if got <= 0:
-                    raise LogFullError(self.path, f"short copy ({length} bytes left)")
-                src_at, at, length = src_at + got, at + got, length - got
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise LogFullError(self.path, os.strerror(err.errno)) from err
-            raise
-
     def _append(self, header: bytes, payload: Sequence[Buffer], payload_blocks: int) -> int:
         at = self.next_block * self.sectorsize
         nbytes = self.sectorsize * (1 + payload_blocks)
@@ -229,18 +201,14 @@ class LogWriter:
         """
         sectorsize = self.sectorsize
         buffers: list[Buffer] = []
-        copies: list[tuple[int, Spilled, int]] = []  # (buffers before it, source, bytes)
         blocks = 0
         for sector, nr_sectors, flags, payload in records:
+            buffers.append(encode_entry_header(sector, nr_sectors, flags, sectorsize))
             if flags & DISCARD:
-                buffers.append(encode_entry_header(sector, nr_sectors, flags, sectorsize))
                 blocks += 1
                 continue
-            buffers.append(encode_entry_header(sector, nr_sectors, flags, sectorsize))
             if payload is None:
-                buffers.extend(_zero_payload(nr_sectors * sectorsize))
-            elif isinstance(payload, Spilled):
-                copies.append((len(buffers), payload, nr_sectors * sectorsize))
+                buffers.extend(zero_payload(nr_sectors * sectorsize))
             else:
                 buffers.append(payload)
             blocks += 1 + nr_sectors
@@ -250,17 +218,7 @@ class LogWriter:
         at = self.next_block * sectorsize
         nbytes = blocks * sectorsize
         self._reserve(at + nbytes)
-        if not copies:
-            self._write(buffers, at, nbytes)
-        else:
-            done = 0
-            for upto, source, length in copies:
-                part = buffers[done:upto]
-                size = sum(map(len, part))
-                self._write(part, at, size)
-                self._copy(source.fd, source.offset, length, at + size)
-                at, done = at + size + length, upto
-            self._write(buffers[done:], at, sum(map(len, buffers[done:])))
+        self._write(buffers, at, nbytes)
         index = self.next_index
         self.next_index += len(records) + flush
         self.next_block += blocks
@@ -275,7 +233,7 @@ class LogWriter:
     def append_zeroes(self, sector: int, nr_sectors: int, flags: int = 0) -> int:
         """Write-zeroes is logged as a write whose payload is zeros (as QEMU's blklogwrites)."""
         header = encode_entry_header(sector, nr_sectors, flags, self.sectorsize)
-        return self._append(header, _zero_payload(nr_sectors * self.sectorsize), nr_sectors)
+        return self._append(header, zero_payload(nr_sectors * self.sectorsize), nr_sectors)
 
     def append_discard(self, sector: int, nr_sectors: int, flags: int = 0) -> int:
         header = encode_entry_header(sector, nr_sectors, flags | EntryFlag.DISCARD,
@@ -289,8 +247,40 @@ class LogWriter:
         """:raise ValueError: for a name that cannot be a mark."""
         return self._append(encode_mark_header(name, self.sectorsize), (), 0)
 
-    def commit(self, sync_count: bool = True) -> None:
-        """Make every appended entry durable, then count it in the super block.
+    def insert(self, index: int, block: int, header: bytes, payload: Sequence[Buffer],
+               payload_blocks: int) -> int:
+        """Put an entry at `block` (entry `index`), ahead of the uncounted entries that start
+        there: they move up by the new entry's size. Returns `index`.
+
+        This is how an entry is ordered ahead of records already written but not yet counted
+        (dm-log-writes logs marks and FUA writes ahead of its unflushed list). Only uncounted
+        entries move, so the log stays valid up to its count whenever the writer dies. The
+        room is claimed first by extending the file with zeros, so a full log raises
+        LogFullError before any byte moves; the move copies backwards (the ranges overlap).
+        """
+        if index < self.nr_entries or index > self.next_index or block > self.next_block:
+            raise ValueError(f"entry {index} at block {block}: only uncounted entries move")
+        if index == self.next_index:
+            return self._append(header, payload, payload_blocks)
+        ss = self.sectorsize
+        shift = (1 + payload_blocks) * ss
+        start, end = block * ss, self.next_block * ss
+        self._reserve(end + shift)
+        self._write(zero_payload(shift), end, shift)
+        at = end
+        while at > start:
+            take = min(at - start, 1 << 20)
+            at -= take
+            chunk = os.pread(self._fd, take, at)
+            self._write([chunk], at + shift, take)
+        self._write([header, *payload], start, shift)
+        self.next_index += 1
+        self.next_block += 1 + payload_blocks
+        return index
+
+    def commit(self, sync_count: bool = True, count: int | None = None) -> None:
+        """Make every appended entry durable, then count it in the super block (`count`: only
+        the first `count` entries, leaving later ones appended but uncounted).
 
         The entries are synced before the count moves. With `sync_count` the count is synced
         too before we return; without it, the count's own sync rides on the next commit's
@@ -306,14 +296,18 @@ class LogWriter:
         after them, and rewrites the count only after FUA and MARK entries, so its count both
         lags and is not ordered after the entries on a volatile log device.
         """
-        if self.next_index == self.nr_entries:
+        count = self.next_index if count is None else count
+        if not self.nr_entries <= count <= self.next_index:
+            raise ValueError(f"cannot count {count} entries: {self.nr_entries} counted, "
+                             f"{self.next_index} appended")
+        if count == self.nr_entries:
             if sync_count and self._count_unsynced:
                 os.fdatasync(self._fd)
                 self._count_unsynced = False
             return
         os.fdatasync(self._fd)
-        os.pwrite(self._fd, encode_super(self.next_index, self.sectorsize), 0)
-        self.nr_entries = self.next_index
+        os.pwrite(self._fd, encode_super(count, self.sectorsize), 0)
+        self.nr_entries = count
         if sync_count:
             os.fdatasync(self._fd)
         self._count_unsynced = not sync_count
@@ -488,4 +482,4 @@ class LogReader:
         self.close()
 
 
-__all__ = ["LogFullError", "LogReader", "LogWriter", "Spilled", "validate_mark_name"]
+__all__ = ["LogFullError", "LogReader", "LogWriter", "validate_mark_name"]

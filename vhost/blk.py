@@ -7,29 +7,29 @@ batch is validated before anything is touched (header, sizes, direction, alignme
 memory and the image through `preadv`/`pwritev` on buffers over the guest's pages (no copies in
 Python), and its used entry is filled; at the end of the batch FUA entries are committed and the
 used entries are published with one notification. A FLUSH makes the image durable, then the log
-(the filter appends the records it carries and a FLUSH entry), before it completes.
+(the filter counts the records it carries and a FLUSH entry), before it completes.
 
-When the log cannot take an entry (LogFullError: its filesystem is full or `--log-size` is
-reached) the data image already holds writes the log does not describe, so nothing may pretend
-otherwise (issue 6):
+Every record reaches the log file when its request completes (in `logwrites` mode uncounted
+until a FLUSH carries it), so when the log cannot take an entry (LogFullError: its filesystem
+is full or `--log-size` is reached) the request that needed it has not completed yet:
 
-- `on_log_full="fail"` (default): the request that needed the log fails with IOERR — the FLUSH
-  whose records did not fit (in `logwrites` mode records are logged at FLUSH time), or the write
-  itself when it is logged on completion (FUA, `immediate` mode). From then on the device is
+- `on_log_full="fail"` (default): that request fails with IOERR — the write (its data already
+  on the image) or the FLUSH whose entry did not fit. The data image then holds writes the log
+  does not describe, so nothing may pretend otherwise (issue 6): from then on the device is
   *log-full*: every write, discard, write-zeroes and FLUSH gets IOERR without touching the image
   or the log (reads still work), `log_full` says why and `unlogged` counts the completed writes
   that are on the image but not in the log. The log stays valid up to its last counted entry,
   which describes the image as it was at the last FLUSH that succeeded. Only a new backend (a
   fresh log on the image as it is) makes the pair consistent again.
-- `on_log_full="pause"`: a FLUSH whose records do not fit is held, uncompleted: `on_log_full`
-  tells the control socket (event `{"event": "log-full"}`), and the device serves only the
-  control socket until a `resume` (after the user made room) retries the same records; a full
-  log again pauses again. Nothing is lost or reordered: no other request is taken meanwhile.
-  Writes logged on completion (FUA, `immediate`) cannot be held once done: they fail as above.
+- `on_log_full="pause"`: the request is held, uncompleted: `on_log_full` tells the control
+  socket (event `{"event": "log-full"}`), and the device serves only the control socket until
+  a `resume` (after the user made room) logs it again from the guest's buffers, which are
+  still the device's; a full log again pauses again. Nothing is lost or reordered: no other
+  request is taken meanwhile.
 
 An I/O error on the data image (read, write, sync) completes the request with IOERR and logs
-nothing; a FLUSH whose image sync failed drops the records it carried from the log (they were
-never made durable).
+nothing; a FLUSH whose image sync failed counts nothing: its records wait for a FLUSH that
+succeeds (the image was not made durable, so no FLUSH entry may claim it was).
 
 Sectors: virtio requests count 512-byte units (`req_sector`); log entries count `sectorsize`
 units. Both are converted here, in one place, through byte offsets.
@@ -300,12 +300,7 @@ class BlkDevice:
             self.counts[C_ERROR] += 1
             return _IOERR
         self.bytes_written += nbytes
-        try:
-            self.sink.completed(offset // ss, nbytes // ss, self._fua, buffers)
-        except LogFullError as err:
-            # Logged on completion (FUA, immediate mode) and it did not fit: on the image,
-            # not in the log; the guest must not believe it logged.
-            self._full(err, 1)
+        if not self._record(offset // ss, nbytes // ss, self._fua, buffers):
             self.counts[C_ERROR] += 1
             return _IOERR
         if self._fua:
@@ -321,13 +316,13 @@ class BlkDevice:
             return _IOERR
         sink = self.sink
         ticket = sink.flush_taken()
-        carried = len(ticket) if isinstance(ticket, list) else 0
         try:
             os.fdatasync(self._fd)
         except OSError as err:
-            # Not durable on the image: the records it carried must not be logged as flushed.
-            log.warning("image sync for a FLUSH: %s (%d records dropped from the log)", err,
-                        carried)
+            # Not durable on the image: the records it carried must not be counted as
+            # flushed; they wait for a FLUSH that succeeds.
+            log.warning("image sync for a FLUSH: %s (%d records not flushed)", err,
+                        sink.unflushed)
             self.counts[C_ERROR] += 1
             return _IOERR
         while True:
@@ -335,15 +330,37 @@ class BlkDevice:
                 sink.flush_durable(ticket)
                 return _OK
             except LogFullError as err:
-                pause = self.pause_until_resumed
-                if self.on_log_full == "pause" and pause is not None:
-                    self.log_full_events += 1
-                    log.warning("log full: %s; FLUSH held until resume", err)
-                    if pause(str(err)):
-                        continue        # the user made room: the same records again
-                self._full(err, carried + sink.unflushed)
+                if self._held_for_room(err, "FLUSH"):
+                    continue        # the user made room: the same FLUSH again
+                self._full(err, sink.unflushed)
                 self.counts[C_ERROR] += 1
                 return _IOERR
+
+    def _record(self, sector: int, nr_sectors: int, flags: int,
+                data: list | None) -> bool:
+        """Tell the sink a request completed on the image; False if the log could not take it
+        (the device is log-full from then on)."""
+        while True:
+            try:
+                self.sink.completed(sector, nr_sectors, flags, data)
+                return True
+            except LogFullError as err:
+                if self._held_for_room(err, "write"):
+                    continue        # the guest's buffers are still ours: log them again
+                # On the image, not in the log: the guest must not believe it logged, and
+                # the records waiting for a flush can never be counted now.
+                self._full(err, 1 + self.sink.unflushed)
+                return False
+
+    def _held_for_room(self, err: LogFullError, what: str) -> bool:
+        """With `on_log_full="pause"`: hold the request (uncompleted) until the user made room
+        and sent `resume`; True to retry it, False to fail it (or in fail mode)."""
+        pause = self.pause_until_resumed
+        if self.on_log_full != "pause" or pause is None:
+            return False
+        self.log_full_events += 1
+        log.warning("log full: %s; %s held until resume", err, what)
+        return pause(str(err))
 
     def _get_id(self, req: object) -> tuple[int, int]:
         self.counts[C_GET_ID] += 1
@@ -395,17 +412,12 @@ class BlkDevice:
                             "write-zeroes", length, offset, err)
                 self.counts[C_ERROR] += 1
                 return _IOERR
-            try:
-                if discard:
-                    self.sink.completed(offset // ss, length // ss, DISCARD, None)
-                else:
-                    self.sink.completed(offset // ss, length // ss, self._fua, None)
-                    if self._fua:
-                        self._wrote_through = True
-            except LogFullError as err:
-                self._full(err, 1)
+            flags = DISCARD if discard else self._fua
+            if not self._record(offset // ss, length // ss, flags, None):
                 self.counts[C_ERROR] += 1
                 return _IOERR
+            if flags & FUA:
+                self._wrote_through = True
         return _OK
 
     def _punch(self, offset: int, length: int) -> None:

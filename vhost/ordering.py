@@ -5,40 +5,44 @@ and its used-ring entry is about to be published), that a FLUSH was *taken* from
 taken flush is *durable* (the image was synced), that a mark was asked for, that the guest went
 away, and that the backend stops. Each mode is a sink chosen once (STYLE §7):
 
-- `LogWritesSink` applies dm-log-writes' rules: completed writes, discards and write-zeroes wait
-  on the *unflushed list* in completion order; a flush taken from the ring detaches the list as
-  it is at that instant, and when the flush is durable those records, then one FLUSH entry, are
-  appended and committed. Writes flagged FUA (the guest runs its cache write-through) are logged
-  at once, ahead of the unflushed list, as are marks. When the guest goes away the list becomes
-  the *volatile tail*: appended with no FLUSH after it.
+- `LogWritesSink` applies dm-log-writes' rules: completed writes, discards and write-zeroes
+  form the *unflushed list* in completion order; a flush taken from the ring carries the list
+  as it is at that instant, and when the flush is durable those records, then one FLUSH entry,
+  are counted. Writes flagged FUA (the guest runs its cache write-through) are logged at once,
+  ahead of the unflushed list, as are marks. When the guest goes away the list becomes the
+  *volatile tail*: counted with no FLUSH after it. The list lives in the log file itself,
+  written at completion straight from the guest's buffers and left uncounted (a killed
+  backend loses it exactly as dm-log-writes loses its in-memory list): the guest may reuse its
+  buffers once the request completes, so this is the one moment the data can be taken without
+  a copy, and a flush then costs one FLUSH entry and a sync.
 - `ImmediateSink` logs every record at completion, like QEMU's blklogwrites driver.
 - `PassthroughSink` logs nothing: the baseline for overhead.
 
 Sectors here count `sectorsize` units (log entry units); the device converts virtio's 512-byte
 `req_sector` before calling in. The `data` handed to `completed` may be views of guest memory
-that the guest reuses once the request completes: a record parked on the unflushed list holds a
-copy of the data *as written* (re-reading the image at flush time would be wrong when a later
-write touched the same sectors).
+that the guest reuses once the request completes: every sink is done with them when
+`completed` returns (re-reading the image at flush time would be wrong when a later write
+touched the same sectors).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Final, Protocol
 
-from logwrites.format import END_MARK, EntryFlag, validate_mark_name
-from logwrites.logfile import Buffer, LogWriter, Spilled
+from logwrites.format import (
+    END_MARK,
+    EntryFlag,
+    encode_entry_header,
+    encode_mark_header,
+    validate_mark_name,
+)
+from logwrites.logfile import Buffer, LogWriter, zero_payload
 
 FLUSH: Final = int(EntryFlag.FLUSH)
 FUA: Final = int(EntryFlag.FUA)
 DISCARD: Final = int(EntryFlag.DISCARD)
 MARK: Final = int(EntryFlag.MARK)
-# Parked payloads beyond this many bytes go to an unlinked spill file next to the log instead
-# of process memory (a guest may write gigabytes without a flush; dm-log-writes.c keeps them
-# all in kernel pages). The flush copies them into the log in the kernel.
-PARK_IN_MEMORY: Final = 32 << 20
 
 
 class LogObserver(Protocol):
@@ -193,103 +197,135 @@ class _LoggingSink:
 
 
 class LogWritesSink(_LoggingSink):
-    """dm-log-writes' ordering (DESIGN.md §3 rules 1-8)."""
+    """dm-log-writes' ordering (DESIGN.md §3 rules 1-8).
+
+    A completed record goes into the log file at once, straight from the guest's buffers, but
+    is not counted: it is *staged*, and the staged records are the unflushed list, in
+    completion order, in the file. A durable flush appends its FLUSH entry after the records it
+    carries and counts them; a mark or a FUA write is inserted ahead of the staged records
+    (they move up by one entry, see LogWriter.insert), as is a FLUSH that carries only the
+    first of them. Nothing is parked in memory, and no payload is copied in Python.
+    """
 
     mode = "logwrites"
 
     def __init__(self, writer: LogWriter) -> None:
         super().__init__(writer)
-        # (sector, nr_sectors, flags, payload or None), in completion order.
-        self._records: list[tuple[int, int, int, bytes | Spilled | None]] = []
-        self._in_memory = 0         # payload bytes parked in memory
-        self._spill_fd = -1         # the spill file, opened on first need
-        self._spill_end = 0         # bytes used in it
+        self._staged: list[tuple[int, int]] = []   # (flags, blocks in the log), in order
+        self._staged_blocks = 0
+        self._taken = 0             # records ever staged; a flush ticket is this count
+        self._done = 0              # records ever handed to a flush or the volatile tail
 
     @property
     def unflushed(self) -> int:
-        return len(self._records)
+        return len(self._staged)
+
+    @property
+    def entries(self) -> int:
+        return self.writer.next_index - len(self._staged)
+
+    def _first_staged(self) -> tuple[int, int]:
+        """(index, block) of the first staged record (where entries ahead of them go)."""
+        writer = self.writer
+        return (writer.next_index - len(self._staged), writer.next_block - self._staged_blocks)
 
     def completed(self, sector: int, nr_sectors: int, flags: int,
                   data: Sequence[Buffer] | None) -> None:
+        writer = self.writer
         if flags & FUA:
             # Rule 3: durable on completion, so logged now, ahead of the unflushed list.
-            self._append(sector, nr_sectors, flags, data)
+            if self._staged:
+                index, block = self._first_staged()
+                header = encode_entry_header(sector, nr_sectors, flags, writer.sectorsize)
+                payload = (zero_payload(nr_sectors * writer.sectorsize) if data is None
+                           else data)
+                writer.insert(index, block, header, payload, nr_sectors)
+                if self.observer is not None:
+                    self.observer.entry(index, flags)
+            else:
+                self._append(sector, nr_sectors, flags, data)
             self._dirty = True
-        else:
-            # Rule 1: parked in completion order; the payload is copied, since the guest may
-            # reuse its buffer as soon as the request completes.
-            self._records.append((sector, nr_sectors, flags,
-                                  None if data is None else self._park(data)))
-
-    def _park(self, data: Sequence[Buffer]) -> bytes | Spilled:
-        """A copy of `data`: in memory up to PARK_IN_MEMORY, in the spill file beyond."""
-        nbytes = sum(map(len, data))
-        if self._in_memory + nbytes <= PARK_IN_MEMORY:
-            self._in_memory += nbytes
-            return b"".join(data)
-        if self._spill_fd < 0:
-            # Unlinked from the start (O_TMPFILE): nothing to clean up after a kill. Next to a
-            # log file (same filesystem: copy_file_range can share blocks); a log on a block
-            # device spills to TMPDIR instead of /dev.
-            log = self.writer.path
-            where = None if log.is_block_device() else log.parent
-            spill = tempfile.TemporaryFile(dir=where, prefix=".lw-spill-")
-            self._spill_fd = os.dup(spill.fileno())
-            spill.close()
-        at = self._spill_end
-        try:
-            written = os.pwritev(self._spill_fd, data, at)
-        except OSError:
-            written = -1
-        if written != nbytes:
-            # The request already completed in the image: never fail it here; keep the
-            # copy in memory instead (the spill's filesystem is full).
-            self._spill_end += max(written, 0)
-            return b"".join(data)
-        self._spill_end += nbytes
-        return Spilled(self._spill_fd, at)
-
-    def _parked_logged(self) -> None:
-        """The records parked so far are in the log: reuse the memory and spill budgets."""
-        if self._records:
             return
-        self._in_memory = 0
-        if self._spill_end:
-            # Dropping the pages before writeback means a spill normally never reaches disk.
-            os.ftruncate(self._spill_fd, 0)
-            self._spill_end = 0
+        # Rule 1: in completion order; written now, from the guest's buffers, which the guest
+        # may reuse as soon as the request completes. Counted by the flush that carries it.
+        before = writer.next_block
+        if flags & DISCARD:
+            writer.append_discard(sector, nr_sectors, flags & ~DISCARD)
+        elif data is None:
+            writer.append_zeroes(sector, nr_sectors, flags)
+        else:
+            writer.append_write(sector, nr_sectors, data, flags)
+        blocks = writer.next_block - before
+        self._staged.append((flags, blocks))
+        self._staged_blocks += blocks
+        self._taken += 1
+
+    def batch_end(self) -> None:
+        """Commit FUA entries of the batch (not the staged records behind them) before its
+        completions are published."""
+        if self._dirty:
+            self.writer.commit(sync_count=False, count=self._first_staged()[0])
+            self._dirty = False
 
     def flush_taken(self) -> object:
         """Rule 2: the records completed so far belong to this flush; later ones do not."""
-        detached, self._records = self._records, []
-        return detached
+        return self._taken
+
+    def _log_staged(self, count: int, first: int) -> None:
+        """The first `count` staged records (from entry `first`) are in the log for good: tell
+        the observer, forget them."""
+        carried, self._staged = self._staged[:count], self._staged[count:]
+        self._staged_blocks -= sum(blocks for _, blocks in carried)
+        self._done += count
+        if self.observer is not None:
+            for n, (flags, _) in enumerate(carried):
+                self.observer.entry(first + n, flags)
 
     def flush_durable(self, ticket: object) -> int:
-        """The image is durable: append the flush's records and a FLUSH entry, commit.
+        """The image is durable: the flush's records, then its FLUSH entry, are counted.
 
         Returns the FLUSH entry's index; the device completes the FLUSH request after this.
         """
-        assert isinstance(ticket, list)
-        index = self._append_flush(ticket)
-        self._parked_logged()
+        assert isinstance(ticket, int)
+        writer = self.writer
+        carried = min(max(ticket - self._done, 0), len(self._staged))
+        first, block = self._first_staged()
+        if carried == len(self._staged):
+            index = writer.append_flush()
+        else:
+            # Records that completed after the flush was taken wait for the next one (seed
+            # example): the FLUSH entry goes between them and the ones it carries.
+            block += sum(blocks for _, blocks in self._staged[:carried])
+            header = encode_entry_header(0, 0, FLUSH, writer.sectorsize)
+            index = writer.insert(first + carried, block, header, (), 0)
+        writer.commit(sync_count=False, count=index + 1)
+        self._dirty = False
+        self._log_staged(carried, first)
+        self._flushes += 1
+        if self.observer is not None:
+            self.observer.entry(index, FLUSH)
+            self.observer.flush(index, self._flushes)
+        return index
+
+    def mark(self, name: str) -> int:
+        """Log a mark ahead of the unflushed list and make it durable; returns its index.
+
+        :raise ValueError: for a name that cannot be a mark.
+        """
+        validate_mark_name(name, self.writer.sectorsize)
+        index, block = self._first_staged()
+        self.writer.insert(index, block, encode_mark_header(name, self.writer.sectorsize),
+                           (), 0)
+        if self.observer is not None:
+            self.observer.entry(index, MARK)
+        self.writer.commit(count=index + 1)
+        self._dirty = False
+        if self.observer is not None:
+            self.observer.mark(index, name)
         return index
 
     def _pending_records(self) -> None:
-        records, self._records = self._records, []
-        if records:
-            first = self.writer.append_batch(records, flush=False)
-            if self.observer is not None:
-                for n, record in enumerate(records):
-                    self.observer.entry(first + n, record[2])
-        self._parked_logged()
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            if self._spill_fd >= 0:
-                os.close(self._spill_fd)
-                self._spill_fd = -1
+        self._log_staged(len(self._staged), self._first_staged()[0])
 
 
 class ImmediateSink(_LoggingSink):

@@ -1,12 +1,13 @@
 """Full logs and failing images: nothing is silently unlogged (issue 6; vhost/blk.py's docstring
 holds the semantics).
 
-- `--log-size` reached, or the log's filesystem full (a small tmpfs): the FLUSH whose records do
-  not fit gets IOERR, `status` says `log full` and why, every later write and FLUSH gets IOERR
-  without touching the image, reads still work, and the log stays valid up to its last counted
-  entry (the writes of every FLUSH that succeeded, nothing of the failed one).
-- `--on-log-full pause`: the FLUSH is held, subscribers get `{"event": "log-full"}`, the user
-  makes room and sends `resume`, the FLUSH completes and the log misses nothing.
+- `--log-size` reached, or the log's filesystem full (a small tmpfs): the write whose record
+  (or the FLUSH whose entry) does not fit gets IOERR, `status` says `log full` and why, every
+  later write and FLUSH gets IOERR without touching the image, reads still work, and the log
+  stays valid up to its last counted entry (the writes of every FLUSH that succeeded, nothing
+  of the failed one).
+- `--on-log-full pause`: the request is held, subscribers get `{"event": "log-full"}`, the user
+  makes room and sends `resume`, the request completes and the log misses nothing.
 - The data image on a full filesystem: the guest's write gets IOERR and is not logged.
 """
 
@@ -62,13 +63,13 @@ def fill(i: int) -> bytes:
 
 
 def write_and_flush_until_failure(fe: BlkFrontend, limit: int = 200) -> int:
-    """Write block i and flush, i = 0, 1, ...; the index of the first FLUSH that failed."""
+    """Write block i and flush, i = 0, 1, ...; the index of the first write or FLUSH that
+    failed (a write fails when its record does not fit, a FLUSH when its entry does not)."""
     for i in range(limit):
-        assert fe.write(i * 8, fill(i)).status == Status.OK
-        status = fe.flush().status
-        if status != Status.OK:
-            assert status == Status.IOERR
-            return i
+        for status in (fe.write(i * 8, fill(i)).status, fe.flush().status):
+            if status != Status.OK:
+                assert status == Status.IOERR
+                return i
     raise AssertionError(f"the log took {limit} writes and flushes: never full")
 
 
@@ -106,8 +107,12 @@ def test_log_size_reached_fails_the_flush_and_later_writes(tmp_path: Path) -> No
     try:
         with BlkFrontend(d.socket_path, timeout_s=10) as fe:
             failed = write_and_flush_until_failure(fe)
-            # 512-byte super block, then 4096+512 bytes per write and 512 per FLUSH entry.
-            assert failed == (limit - 512) // (BLOCK + 1024)
+            # 512-byte super block, then 512+4096 bytes per write and 512 per FLUSH entry:
+            # the first write whose record, or FLUSH whose entry, does not fit fails.
+            used, fits = 512, 0
+            while used + BLOCK + 1024 <= limit:
+                used, fits = used + BLOCK + 1024, fits + 1
+            assert failed == fits
             check_refusing(fe, d, failed, "size limit")
     finally:
         assert d.stop() == 0            # a clean stop even with the end mark not fitting
@@ -147,15 +152,16 @@ def test_on_log_full_pause_holds_the_flush_until_room_and_resume(tmp_path: Path,
             i = 0
             while pauses < 2:
                 assert i < 200, "the log never filled"
-                assert fe.write(i * 8, fill(i)).status == Status.OK
+                write = fe.prepare(write_parts(i * 8, fill(i)))
                 flush = fe.prepare(flush_parts())
-                fe.publish([flush])
+                fe.publish([write, flush])
                 fe.kick()
                 try:
-                    fe.wait([flush], timeout_s=1.5)
-                    assert flush.status == Status.OK
+                    fe.wait([write, flush], timeout_s=1.5)
+                    assert write.status == Status.OK and flush.status == Status.OK
                 except CompletionTimeout:
-                    # Held: the event says why, status too, nothing else is taken meanwhile.
+                    # Held (the write whose record did not fit, or the FLUSH): the event says
+                    # why, status too, nothing else is taken meanwhile.
                     event = events.line()
                     while event.get("event") != "log-full":
                         event = events.line()
@@ -167,11 +173,11 @@ def test_on_log_full_pause_holds_the_flush_until_room_and_resume(tmp_path: Path,
                     fe.kick()
                     with pytest.raises(CompletionTimeout):
                         fe.wait([later], timeout_s=1.0)
-                    # Make room, resume: the same FLUSH completes, then the held write.
+                    # Make room, resume: the held request completes, then the rest.
                     filler.write_bytes(bytes(len(filler.read_bytes()) // 2))
                     assert ctl("resume") == {"ok": True}
-                    fe.wait([flush, later], timeout_s=10)
-                    assert flush.status == Status.OK and later.status == Status.OK
+                    fe.wait([write, flush, later], timeout_s=10)
+                    assert all(r.status == Status.OK for r in (write, flush, later))
                     pauses += 1
                     i += 1      # the held write took block i + 1
                     assert fe.flush().status == Status.OK

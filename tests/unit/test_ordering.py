@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from logwrites.format import END_MARK, EntryFlag
-from logwrites.logfile import LogReader, LogWriter
+from logwrites.logfile import LogFullError, LogReader, LogWriter
 from vhost.ordering import (
     DISCARD,
     FUA,
@@ -83,7 +83,8 @@ def test_nothing_is_counted_before_a_flush(sink: LogWritesSink, log_path: Path) 
     assert counted(log_path) == 2
 
 
-def test_payload_is_copied_when_parked(sink: LogWritesSink, log_path: Path) -> None:
+def test_payload_is_logged_before_the_guest_reuses_its_buffer(sink: LogWritesSink,
+                                                              log_path: Path) -> None:
     guest_buffer = bytearray(payload(5, 2))
     view = memoryview(guest_buffer)
     sink.completed(4, 2, 0, [view[:512], view[512:]])
@@ -122,6 +123,57 @@ def test_mark_goes_ahead_of_the_unflushed_list(sink: LogWritesSink, log_path: Pa
     sink.flush_durable(sink.flush_taken())
     assert summary(log_path) == [("w", 1, 1, 1), ("flush",), ("mark", "after-first"),
                                  ("w", 2, 1, 2), ("flush",)]
+
+
+def test_records_reach_the_file_at_completion_but_only_a_flush_counts_them(
+        sink: LogWritesSink, log_path: Path) -> None:
+    sink.completed(1, 8, 0, [payload(1, 8)])
+    sink.completed(9, 2, DISCARD, None)
+    assert log_path.stat().st_size == 512 + (512 + 8 * 512) + 512
+    assert counted(log_path) == 0 and sink.entries == 0 and sink.unflushed == 2
+    # A backend killed now leaves a valid, empty log; a resumed writer drops the records
+    # exactly as dm-log-writes loses its in-memory unflushed list.
+    resumed = LogWriter.resume(log_path)
+    assert (resumed.next_index, resumed.next_block) == (0, 1)
+    resumed.close()
+
+
+def test_mark_ahead_of_megabytes_of_records_moves_them_intact(sink: LogWritesSink,
+                                                             log_path: Path) -> None:
+    big = 3 * 1024                                   # 1.5 MiB records: the move is chunked
+    for n in range(3):
+        sink.completed(n * big, big, 0, [payload(n + 1, big)])
+    assert sink.mark("ahead") == 0 and counted(log_path) == 1
+    sink.completed(10 * big, 1, FUA, [payload(9)])   # write-through, also ahead of the list
+    sink.batch_end()
+    assert counted(log_path) == 2
+    sink.flush_durable(sink.flush_taken())
+    assert summary(log_path) == [("mark", "ahead"), ("fua", 10 * big, 1, 9),
+                                 *[("w", n * big, big, n + 1) for n in range(3)], ("flush",)]
+
+
+def test_a_mark_that_does_not_fit_moves_nothing(log_path: Path) -> None:
+    # Room for the super block and one record, not for an entry more.
+    writer = LogWriter.create(log_path, SECTORSIZE, max_bytes=512 + (512 + 2 * 512))
+    sink = LogWritesSink(writer)
+    sink.completed(4, 2, 0, [payload(4, 2)])
+    with pytest.raises(LogFullError):
+        sink.mark("no-room")
+    assert sink.unflushed == 1 and counted(log_path) == 0
+    writer.max_bytes = None                          # the user made room
+    sink.flush_durable(sink.flush_taken())
+    assert summary(log_path) == [("w", 4, 2, 4), ("flush",)]
+
+
+def test_only_uncounted_entries_move(log_path: Path) -> None:
+    writer = LogWriter.create(log_path, SECTORSIZE)
+    writer.append_flush()
+    writer.commit()
+    with pytest.raises(ValueError):
+        writer.insert(0, 1, bytes(SECTORSIZE), (), 0)
+    with pytest.raises(ValueError):
+        writer.commit(count=0)
+    writer.close()
 
 
 @pytest.mark.parametrize("name", ["", "two words", "tab\tname", "x" * 480])
