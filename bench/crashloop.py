@@ -1,24 +1,35 @@
 #!/usr/bin/env python3
-"""Crash-loop cost: incremental state building (one cursor, states built and undone in place)
-against xfstests generic/482's pattern (replay from entry 0 for every FUA/flush point), on the
-same recorded ext4 log; the old path (the cursor copied per state) alongside.
+"""Crash-loop cost: our loop (one cursor per worker, states built and undone in place, the
+checker on the cursor itself, verdicts of provably identical states reused) against xfstests
+generic/482's pattern (replay from entry 0 for every FUA/flush point, then check), on the same
+recorded ext4 log; optionally the old path (the cursor copied per state) too.
 
 The log: `--log LOG --base IMAGE`, or recorded here on the host without a guest: QEMU's
 blklogwrites driver in qemu-storage-daemon, exported through FUSE, attached to a loop device,
-mkfs.ext4 + a mount + a workload of small fsync'd files (the host kernel's ext4 writes it; the
-mark `mkfs` is added after mkfs's entries, as our agent does). Needs root, /dev/fuse and loop
-devices for that; prints the figures and the ratios, `--json` for machines; no asserts.
+mkfs.ext4 + a mount + a workload of fsync'd writes into 50 files (`--files` writes of
+`--write-kb` KiB each, appended until the files reach their share of `--image-mb`, then
+overwritten in place, as a database would; every 7th a rename and a directory fsync; the host
+kernel's ext4 writes it; the mark `mkfs` is added after mkfs's entries, as our agent does).
+Needs root, /dev/fuse and loop devices for that.
 
-Printed: entries, states; build ms per state against its position (deciles, each pattern);
-per pattern the entries applied, build and check seconds, whole-loop seconds, states per minute
-and the checker's share of the loop, with `e2fsck` (journal replay + -fn) as the checker; the
-from-zero/in-place ratios.
+Replay-from-zero costs grow with the log (its payload and its length) while ours stay flat, so
+checking every state that way may take hours: `--sample N` checks N evenly spaced states with
+the from-zero (and copy) patterns and extrapolates their mean to the whole set (said so in the
+output); our loop always checks every state. Both patterns' images live on the same kind of
+filesystem (a tmpfs when the loop's cursor goes there), so the checker costs the same in both.
+
+Printed: entries, payload, states; build ms per state against its position (deciles, each
+pattern); per pattern the entries applied, build and check seconds, whole-loop seconds, states
+per minute and the checker's share; the from-zero/ours ratios and a verdict line against the
+issue's goal (>= 10x over the whole loop on a log of >= 2,000 entries, checker-limited).
+`--json` for machines; no asserts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -31,13 +42,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from logwrites.check import FsckChecker, check_state
-from logwrites.crashstates import LogMap, enumerate_states, start_index
+from logwrites.crashstates import CrashState, LogMap, enumerate_states, start_index
 from logwrites.logfile import LogReader, LogWriter
-from logwrites.statebuild import StateBuilder, build_from_zero
+from logwrites.loop import LoopOptions, existing_recording, run_loop
+from logwrites.statebuild import StateBuilder, build_from_zero, memory_dir
+
+PATTERNS = ("in-place", "in-place-nodedup", "copy", "from-zero")
+SAMPLED = ("copy", "from-zero")
 
 
-def record_on_host(workdir: Path, files: int, size_mb: int = 64) -> tuple[Path, Path]:
-    """An ext4 log from the host kernel through QEMU blklogwrites; returns (log, base)."""
+def record_on_host(workdir: Path, files: int, size_mb: int = 64,
+                   write_kb: int = 4) -> tuple[Path, Path]:
+    """An ext4 log from the host kernel through QEMU blklogwrites; returns (log, base).
+    `files` fsync'd writes of `write_kb` KiB over 50 files, each file capped at its share of
+    half the image (appends until then, overwrites in place after)."""
     for tool in ("qemu-storage-daemon", "mkfs.ext4", "losetup", "mount"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing: apt-get install qemu-system-x86 e2fsprogs util-linux")
@@ -69,12 +87,16 @@ def record_on_host(workdir: Path, files: int, size_mb: int = 64) -> tuple[Path, 
         loop = subprocess.run(["losetup", "-f", "--show", str(fuse)], check=True,
                               capture_output=True, text=True).stdout.strip()
         subprocess.run(["mount", loop, str(mnt)], check=True)
+        chunk = write_kb << 10
+        cap = max(chunk, (size_mb << 20) // 2 // 50 // chunk * chunk)
         for i in range(files):
             path = mnt / f"f{i % 50}"
-            with open(path, "ab") as f:
-                f.write(os.urandom(4096))
-                f.flush()
-                os.fsync(f.fileno())
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.pwrite(fd, os.urandom(chunk), (i // 50) * chunk % cap)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             if i % 7 == 0:
                 os.replace(path, mnt / f"r{i % 13}")
                 dirfd = os.open(mnt, os.O_RDONLY)
@@ -105,8 +127,94 @@ def record_on_host(workdir: Path, files: int, size_mb: int = 64) -> tuple[Path, 
 
 def deciles(values: list[float]) -> list[float]:
     n = len(values)
-    return [sum(values[i * n // 10:(i + 1) * n // 10]) / max(1, len(
-        values[i * n // 10:(i + 1) * n // 10])) for i in range(10)]
+    if n == 0:
+        return []
+    return [sum(part) / len(part) for part in (values[i * n // 10:max((i + 1) * n // 10,
+                                                                       i * n // 10 + 1)]
+                                               for i in range(10)) if part]
+
+
+def sample(states: list[CrashState], n: int | None) -> list[CrashState]:
+    """`n` evenly spaced states (first and last included), or all of them."""
+    if n is None or n >= len(states):
+        return states
+    if n <= 1:
+        return states[-1:]
+    return [states[round(k * (len(states) - 1) / (n - 1))] for k in range(n)]
+
+
+def run_ours(log: Path, base: Path, states: list[CrashState], work: Path, dedup: bool,
+             check: bool) -> dict[str, object]:
+    """The loop itself (logwrites.loop.run_loop), one job, the built-in fsck as the checker."""
+    checkers = [FsckChecker("ext4")] if check else [_NoCheck()]
+    options = LoopOptions(kinds=("prefix",), jobs=1, shrink=False, dedup=dedup)
+    result = run_loop(existing_recording(log, base, "ext4")(work), checkers, options,
+                      work / ("loop-dedup" if dedup else "loop"))
+    assert len(result.results) == len(states)
+    builds = [r.build_seconds for r in result.results]
+    checks = [r.seconds - r.build_seconds for r in result.results]
+    return {"states_checked": len(result.results), "sampled": False,
+            "build_ms_by_decile": [round(x * 1e3, 3) for x in deciles(builds)],
+            "entries_applied": result.entries_applied, "build_s": round(sum(builds), 2),
+            "check_s": round(sum(checks), 2), "loop_s": round(result.seconds, 2),
+            "checker_share": round(sum(checks) / result.seconds, 3),
+            "deduplicated": result.deduplicated,
+            "check_ms_per_checked_state": round(
+                1e3 * sum(checks) / max(1, len(states) - result.deduplicated), 1),
+            "not_pass": [r.state.id for r in result.results if r.verdict != "pass"],
+            "states_per_min": round(60 * len(states) / result.seconds)}
+
+
+class _NoCheck:
+    """--no-check: a checker that passes at once (building only)."""
+
+    name, writes_image, image_only = "none", False, True
+
+    def check(self, image: Path, *, expect_fs: bool, env: object = None) -> object:
+        from logwrites.check import Verdict
+
+        return Verdict("pass", self.name, 0.0)
+
+
+def run_theirs(pattern: str, log: Path, base: Path, logmap: LogMap, every: list[CrashState],
+               picked: list[CrashState], work: Path, images: Path, check: bool
+               ) -> dict[str, object]:
+    """`from-zero` (generic/482: copy the base, replay entries 0..state, check) or `copy` (the
+    cursor copied per state, the old path) on the `picked` states; whole-set figures are the
+    sample's mean times the number of states."""
+    checker = FsckChecker("ext4")
+    builds: list[float] = []
+    checks: list[float] = []
+    applied = 0
+    not_pass = []
+    img, scratch = images / f"{pattern}.img", images / f"{pattern}-check.img"
+    with LogReader(log) as reader:
+        builder = StateBuilder(reader, logmap, base, work / f"build-{pattern}")
+        for s in picked:
+            b0 = time.perf_counter()
+            if pattern == "copy":
+                builder.build_at_cursor(s, img)
+            else:
+                applied += build_from_zero(reader, logmap, base, s, img)
+            c0 = time.perf_counter()
+            builds.append(c0 - b0)
+            if check:
+                verdicts = check_state([checker], img, scratch, expect_fs=True, consume=True)
+                if verdicts[0].verdict != "pass":
+                    not_pass.append(s.id)
+            checks.append(time.perf_counter() - c0)
+            img.unlink(missing_ok=True)
+        builder.close()
+        if pattern == "copy":
+            applied = builder.entries_applied
+    scale = len(every) / len(picked)
+    loop_s = (sum(builds) + sum(checks)) * scale
+    return {"states_checked": len(picked), "sampled": len(picked) < len(every),
+            "build_ms_by_decile": [round(x * 1e3, 3) for x in deciles(builds)],
+            "entries_applied": round(applied * scale), "build_s": round(sum(builds) * scale, 2),
+            "check_s": round(sum(checks) * scale, 2), "loop_s": round(loop_s, 2),
+            "checker_share": round(sum(checks) / max(1e-9, sum(builds) + sum(checks)), 3),
+            "not_pass": not_pass, "states_per_min": round(60 * len(every) / loop_s)}
 
 
 def main() -> None:
@@ -114,123 +222,116 @@ def main() -> None:
     ap.add_argument("--log", type=Path)
     ap.add_argument("--base", type=Path)
     ap.add_argument("--files", type=int, default=1000,
-                    help="fsync'd appends when recording (1000: about 9,000 entries)")
-    ap.add_argument("--patterns", default="in-place,copy,from-zero",
-                    help="in-place (the loop's path: no copy per state), copy (the cursor "
-                         "copied per state, the old path), from-zero (xfstests generic/482)")
+                    help="fsync'd writes when recording (1000 x 4 KiB: about 7,700 entries)")
+    ap.add_argument("--write-kb", type=int, default=4, help="KiB per fsync'd write")
+    ap.add_argument("--image-mb", type=int, default=64, help="size of the recorded image")
+    ap.add_argument("--patterns", default="in-place,in-place-nodedup,from-zero",
+                    help="in-place (our loop), in-place-nodedup (our loop, no verdict reuse), "
+                         "copy (the cursor copied per state, the old path), from-zero "
+                         "(xfstests generic/482)")
+    ap.add_argument("--sample", type=int, default=None,
+                    help="check only N evenly spaced states with copy and from-zero and "
+                         "extrapolate (our loop checks every state)")
     ap.add_argument("--no-check", action="store_true", help="build only, no fsck")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None,
-                    help="where images live (a reflink-capable filesystem makes copies O(1))")
-    ap.add_argument("--reflink-scratch", action="store_true",
-                    help="make a loop-mounted XFS (reflink=1) scratch filesystem for the images")
+                    help="where the recording and copies live (default: the system's temp)")
     args = ap.parse_args()
-    scratch_mnt = None
-    if args.reflink_scratch:
-        scratch_mnt = Path(tempfile.mkdtemp(prefix="lw-xfs-"))
-        backing = scratch_mnt.with_suffix(".img")
-        with open(backing, "wb") as f:
-            f.truncate(8 << 30)
-        subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(backing)], check=True)
-        subprocess.run(["mount", "-o", "loop", str(backing), str(scratch_mnt)], check=True)
-        args.workdir = scratch_mnt
+    logging.basicConfig(level=logging.WARNING)
+    patterns = [p.strip() for p in args.patterns.split(",")]
+    for p in patterns:
+        if p not in PATTERNS:
+            ap.error(f"unknown pattern {p!r} (known: {', '.join(PATTERNS)})")
     work = Path(tempfile.mkdtemp(prefix="lw-bench-", dir=args.workdir))
-    fs_type = subprocess.run(["stat", "-f", "-c", "%T", str(work)], capture_output=True,
-                             text=True, check=False).stdout.strip()
     try:
         t0 = time.perf_counter()
         if args.log:
             log, base = args.log, args.base
         else:
-            log, base = record_on_host(work, args.files)
+            log, base = record_on_host(work, args.files, args.image_mb, args.write_kb)
         record_s = time.perf_counter() - t0
         logmap = LogMap.read(log)
         states = enumerate_states(logmap, ["prefix"], start=start_index(logmap))
-        checker = FsckChecker("ext4")
+        picked = sample(states, args.sample)
+        payload = sum(e.nr_sectors for e in logmap.entries if e.is_write) * logmap.sectorsize
+        # Copies of the other patterns go where our cursor goes, so the checker (whose journal
+        # replay fsyncs the image) costs the same for both.
+        shm = memory_dir(os.path.getsize(base))
+        images = Path(tempfile.mkdtemp(prefix="lw-bench-img-", dir=shm)) if shm else work
+        fs_type = subprocess.run(["stat", "-f", "-c", "%T", str(images)], capture_output=True,
+                                 text=True, check=False).stdout.strip()
         figures: dict[str, object] = {
             "cores": os.cpu_count(), "python": platform.python_version(),
             "entries": len(logmap.entries), "epochs": len(logmap.epochs),
-            "states": len(states), "record_seconds": round(record_s, 1),
-            "image_filesystem": fs_type}
-
-        def run(pattern: str) -> dict[str, object]:
-            builds: list[float] = []
-            check_s = 0.0
-            applied = 0
-            img, scratch = work / f"{pattern}.img", work / f"{pattern}-check.img"
-            started = time.perf_counter()
-            with LogReader(log) as reader:
-                builder = StateBuilder(reader, logmap, base, work / f"build-{pattern}")
-                for s in states:
-                    b0 = time.perf_counter()
-                    if pattern == "in-place":
-                        # The loop's path: the cursor becomes the state, checked in place
-                        # (e2fsck's journal replay undone), then the state's writes undone.
-                        with builder.view(s, img) as image:
-                            c0 = time.perf_counter()
-                            builds.append(c0 - b0)
-                            if not args.no_check:
-                                verdicts = check_state([checker], image, scratch,
-                                                       expect_fs=True)
-                            check_s += time.perf_counter() - c0
-                    else:
-                        if pattern == "copy":  # the cursor copied per state (the old path)
-                            builder.build_at_cursor(s, img)
-                        else:
-                            applied += build_from_zero(reader, logmap, base, s, img)
-                        c0 = time.perf_counter()
-                        builds.append(c0 - b0)
-                        if not args.no_check:
-                            verdicts = check_state([checker], img, scratch, expect_fs=True,
-                                                   consume=True)
-                        check_s += time.perf_counter() - c0
-                    if not args.no_check:
-                        assert verdicts[0].verdict == "pass", (s.id, verdicts[0].detail)
-                builder.close()
-                if pattern != "from-zero":
-                    applied = builder.entries_applied
-            total = time.perf_counter() - started
-            return {"build_ms_by_decile": [round(x * 1e3, 2) for x in deciles(builds)],
-                    "entries_applied": applied, "build_s": round(sum(builds), 2),
-                    "check_s": round(check_s, 2), "loop_s": round(total, 2),
-                    "checker_share": round(check_s / total, 3),
-                    "states_per_min": round(60 * len(states) / total)}
-
-        patterns = [p.strip() for p in args.patterns.split(",")]
-        for pattern in patterns:
-            figures[pattern] = run(pattern)
-        if "from-zero" in figures and "in-place" in figures:
-            zero, inc = figures["from-zero"], figures["in-place"]
+            "payload_mib": round(payload / (1 << 20), 1), "image_mib": round(
+                os.path.getsize(base) / (1 << 20)),
+            "states": len(states), "sampled_states": len(picked),
+            "record_seconds": round(record_s, 1), "image_filesystem": fs_type,
+            "checker": "none" if args.no_check else "e2fsck journal replay + e2fsck -fn"}
+        try:
+            for pattern in patterns:
+                if pattern.startswith("in-place"):
+                    figures[pattern] = run_ours(log, base, states, work,
+                                                pattern == "in-place", not args.no_check)
+                else:
+                    figures[pattern] = run_theirs(pattern, log, base, logmap, states, picked,
+                                                  work, images, not args.no_check)
+        finally:
+            if images != work:
+                shutil.rmtree(images, ignore_errors=True)
+        ours = next((p for p in ("in-place", "in-place-nodedup") if p in figures), None)
+        if "from-zero" in figures and ours:
+            zero, inc = figures["from-zero"], figures[ours]
             figures["build_ratio"] = round(zero["build_s"] / max(inc["build_s"], 1e-6), 1)  # type: ignore[index]
             figures["loop_ratio"] = round(zero["loop_s"] / inc["loop_s"], 1)  # type: ignore[index]
-        figures["checker"] = "none" if args.no_check else "e2fsck journal replay + e2fsck -fn"
+            if "in-place-nodedup" in figures and ours != "in-place-nodedup":
+                nd = figures["in-place-nodedup"]
+                figures["loop_ratio_nodedup"] = round(zero["loop_s"] / nd["loop_s"], 1)  # type: ignore[index]
+            figures["goal_met"] = bool(figures["loop_ratio"] >= 10 and len(logmap.entries) >= 2000)
         if args.json:
             print(json.dumps(figures))
             return
-        print(f"log: {figures['entries']} entries, {figures['epochs']} epochs, "
-              f"{len(states)} prefix states from the mkfs mark; {os.cpu_count()} cores, "
-              f"one job (recorded in {record_s:.0f} s); images on {fs_type}; checker: "
-              f"{figures['checker']}")
-        print("build ms per state, by decile of the state's position in the log:")
-        for pattern in patterns:
-            f = figures[pattern]
-            print(f"  {pattern:10}", " ".join(f"{x:6.1f}" for x in f["build_ms_by_decile"]))  # type: ignore[index]
-        print(f"{'pattern':10} {'entries':>9} {'build s':>8} {'check s':>8} {'loop s':>8} "
-              f"{'states/min':>10} {'checker share':>13}")
-        for pattern in patterns:
-            f = figures[pattern]
-            print(f"{pattern:10} {f['entries_applied']:9} {f['build_s']:8.2f} "  # type: ignore[index]
-                  f"{f['check_s']:8.2f} {f['loop_s']:8.2f} {f['states_per_min']:10} "  # type: ignore[index]
-                  f"{f['checker_share']:12.0%}")  # type: ignore[index]
-        if "build_ratio" in figures:
-            print(f"from-zero / in-place: building {figures['build_ratio']}x, whole loop "
-                  f"{figures['loop_ratio']}x")
+        report(figures, patterns, ours)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if scratch_mnt is not None:
-            subprocess.run(["umount", str(scratch_mnt)], check=False)
-            scratch_mnt.with_suffix(".img").unlink(missing_ok=True)
-            scratch_mnt.rmdir()
+
+
+def report(figures: dict, patterns: list[str], ours: str | None) -> None:
+    print(f"log: {figures['entries']} entries ({figures['payload_mib']} MiB of payload, "
+          f"{figures['image_mib']} MiB image), {figures['epochs']} epochs, {figures['states']} "
+          f"prefix states from the mkfs mark; {figures['cores']} cores, one job (recorded in "
+          f"{figures['record_seconds']:.0f} s); images on {figures['image_filesystem']}; "
+          f"checker: {figures['checker']}")
+    if figures["sampled_states"] < figures["states"]:
+        print(f"copy/from-zero: {figures['sampled_states']} evenly spaced states checked, "
+              "whole-set figures extrapolated from their mean; ours: every state")
+    print("build ms per state, by decile of the state's position in the log:")
+    for pattern in patterns:
+        f = figures[pattern]
+        print(f"  {pattern:17}", " ".join(f"{x:7.2f}" for x in f["build_ms_by_decile"]))
+    print(f"{'pattern':17} {'entries':>10} {'build s':>9} {'check s':>8} {'loop s':>9} "
+          f"{'states/min':>10} {'checker':>8} {'dedup':>6}")
+    for pattern in patterns:
+        f = figures[pattern]
+        mark = "~" if f["sampled"] else " "
+        print(f"{pattern:17} {mark}{f['entries_applied']:9} {f['build_s']:9.2f} "
+              f"{f['check_s']:8.2f} {f['loop_s']:9.2f} {f['states_per_min']:10} "
+              f"{f['checker_share']:8.0%} {f.get('deduplicated', '-'):>6}")
+        if f["not_pass"]:
+            print(f"  {len(f['not_pass'])} states did not pass: {f['not_pass'][:5]}")
+    if ours and f"{ours}" in figures and "check_ms_per_checked_state" in figures[ours]:
+        print(f"checker: {figures[ours]['check_ms_per_checked_state']} ms per checked state "
+              f"(ours)")
+    if "loop_ratio" in figures:
+        extra = (f" ({figures['loop_ratio_nodedup']}x without verdict reuse)"
+                 if "loop_ratio_nodedup" in figures else "")
+        print(f"from-zero / ours: building {figures['build_ratio']}x, whole loop "
+              f"{figures['loop_ratio']}x{extra}")
+        share = figures[ours]["checker_share"]
+        print(f"verdict: goal (>= 10x over the whole loop, >= 2,000 entries) "
+              f"{'MET' if figures['goal_met'] else 'NOT MET'}: {figures['loop_ratio']}x on "
+              f"{figures['entries']} entries; our loop is {share:.0%} checker, "
+              f"{'checker-limited' if share >= 0.8 else 'not checker-limited'}")
 
 
 if __name__ == "__main__":

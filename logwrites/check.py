@@ -27,13 +27,19 @@ command line by `parse_checker`:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import itertools
 import logging
 import os
 import shlex
 import signal
+import struct
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -144,12 +150,15 @@ class FsckChecker:
     Leaves the image as it found it (the journal replay is undone), so it needs no copy."""
 
     writes_image = False
+    image_only = True  # the verdict depends on the image alone: identical states may share it
 
     def __init__(self, fs: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         if fs is not None and fs not in FILESYSTEMS:
             raise UsageError(f"fsck knows {', '.join(FILESYSTEMS)}, not {fs!r}")
         self.fs, self.timeout_s = fs, timeout_s
         self.name = "fsck"
+        self.undo_in_process = 0  # journal replays rolled back here (apply_undo_file)
+        self.undo_by_e2undo = 0   # ... and by the e2undo program (an undo file we did not trust)
 
     def check(self, image: Path, *, expect_fs: bool,
               env: Mapping[str, str] | None = None) -> Verdict:
@@ -181,7 +190,7 @@ class FsckChecker:
         # Replay the journal (e2fsck: "journal_only: only replay the journal if required"), as
         # the kernel would on mount, saving every block it overwrites in an undo file; check
         # read-only; then put the saved blocks back (e2undo).
-        undo = image.with_name(image.name + ".e2undo")
+        undo = _undo_path(image)
         undo.unlink(missing_ok=True)
         trusted = False
         try:
@@ -196,13 +205,31 @@ class FsckChecker:
             else:
                 result = self._ext4_check(image, out1)
         finally:
-            undone, out3 = _run(["e2undo", str(undo), str(image)], self.timeout_s)
+            undone, out3 = self._undo(undo, image) if trusted else (None, "")
             undo.unlink(missing_ok=True)
         if not trusted or undone != 0:
             why = (f"e2undo exit {undone}: {_last_line(out3)}" if trusted
                    else "the journal replay did not finish cleanly")
             raise _Unrestored(result, why)
         return result
+
+    def _undo(self, undo: Path, image: Path) -> tuple[int | None, str]:
+        """Put back the blocks e2fsck saved in `undo`: in this process when the undo file
+        passes every check e2undo makes (`apply_undo_file`), else with `e2undo` itself."""
+        try:
+            applied = apply_undo_file(undo, image)
+        except OSError as err:  # a write went wrong half-way: the image cannot be trusted
+            return None, f"applying the undo file: {err}"
+        if applied is not None:
+            self.undo_in_process += 1
+            return 0, ""
+        self.undo_by_e2undo += 1
+        status, out = _run(["e2undo", str(undo), str(image)], self.timeout_s)
+        if status == 0 and "run e2fsck" in out:
+            # e2undo replayed a damaged or unfinished undo file, then marked the superblock
+            # not clean: the image is not what it was.
+            status = 1
+        return status, out
 
     def _ext4_check(self, image: Path, out1: str) -> tuple[str, str, str]:
         status, out2 = _run(["e2fsck", "-fn", str(image)], self.timeout_s)
@@ -242,6 +269,146 @@ def _ext4_needs_recovery(image: Path) -> bool:
         f.seek(1024 + 0x60)
         incompat = int.from_bytes(f.read(4), "little")
     return bool(incompat & _EXT4_RECOVER)
+
+
+class UndoFileRefused(Exception):
+    """An e2fsck undo file this module will not apply itself (e2undo gets to judge it)."""
+
+
+_UNDO_HEADER: Final = struct.Struct("<8sQQQIIIIIIII Q 436x I")  # lib/ext2fs/undo_io.c
+_UNDO_KEY_BLOCK: Final = struct.Struct("<IIQ")  # magic, crc, reserved; keys follow
+_UNDO_KEY: Final = struct.Struct("<QII")        # fsblk, blk_crc, size
+_UNDO_MAGIC: Final = b"E2UNDO02"
+_UNDO_KEY_MAGIC: Final = 0xCADECADE
+_UNDO_FINISHED: Final = 0x1
+_UNDO_FS_OFFSET: Final = 0x1  # f_compat: fs_offset is valid
+_UNDO_MAX_EXTENT_BLOCKS: Final = 512
+_UNDO_MAX_BYTES: Final = 256 << 20  # pre-images held in memory; past it, leave it to e2undo
+_SUPERBLOCK_OFFSET: Final = 1024
+_SUPERBLOCK_SIZE: Final = 1024
+_S_MAGIC_AT: Final = 0x38  # u16 in the superblock; the undo file keeps it inverted
+_undo_names = itertools.count()
+
+
+@functools.cache
+def _crc32c() -> Callable[[int, bytes], int] | None:
+    """libext2fs's own crc32c (`ext2fs_crc32c_le`, no final inversion: what undo files
+    carry), or None if the library cannot be loaded or does not give the known answer."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("ext2fs") or "libext2fs.so.2")
+        fn = lib.ext2fs_crc32c_le
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_uint32
+    fn.argtypes = [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t]
+
+    def crc(seed: int, data: bytes) -> int:
+        return int(fn(seed, data, len(data)))
+
+    # CRC-32C check value: 0xE3069283 for "123456789", before its final inversion.
+    return crc if crc(0xFFFFFFFF, b"123456789") == 0x1CF96D7C else None
+
+
+def _undo_path(image: Path) -> Path:
+    """Where e2fsck writes its undo file: a tmpfs when there is one (the undo file lives for
+    one check and undo_io fsyncs it, which costs nothing there), else next to the image."""
+    shm = Path("/dev/shm")
+    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else image.parent
+    return where / f"lw-{os.getpid()}-{threading.get_ident()}-{next(_undo_names)}.e2undo"
+
+
+def apply_undo_file(undo: Path, image: Path) -> int | None:
+    """Write the pre-images saved in e2fsck's undo file `undo` back onto `image`, as e2undo
+    does, with every check e2undo makes first (header and key block checksums, block
+    checksums, no unknown feature, the undo file finished, the image's superblock the one the
+    undo file was written against); nothing is written unless all pass. No fsync: the image is
+    a scratch crash state read back through the same page cache.
+
+    Returns the number of extents written back, or None when the undo file is not one to
+    apply here (an unexpected format, a failed check, no crc32c): the caller runs e2undo.
+    :raise OSError: when reading or writing fails (the image may be half restored).
+    """
+    crc = _crc32c()
+    if crc is None:
+        return None
+    try:
+        extents, fs_offset, fs_block_size = _read_undo_file(undo, image, crc)
+    except UndoFileRefused as err:
+        log.debug("undo file %s left to e2undo: %s", undo, err)
+        return None
+    with open(image, "r+b", buffering=0) as f:
+        for fsblk, data in sorted(extents, key=lambda x: x[0]):
+            at = fs_offset + fsblk * fs_block_size
+            if os.pwrite(f.fileno(), data, at) != len(data):
+                raise OSError(f"short write at byte {at} of {image}")
+    return len(extents)
+
+
+def _read_undo_file(undo: Path, image: Path, crc: Callable[[int, bytes], int]
+                    ) -> tuple[list[tuple[int, bytes]], int, int]:
+    """(extents (fsblk, pre-image), fs_offset, fs_block_size) of a checked undo file."""
+    with open(undo, "rb", buffering=0) as f:
+        fd = f.fileno()
+
+        def read(offset: int, length: int) -> bytes:
+            data = os.pread(fd, length, offset)
+            if len(data) != length:
+                raise UndoFileRefused(f"short read of {length} bytes at {offset}")
+            return data
+
+        head = read(0, _UNDO_HEADER.size)
+        (magic, num_keys, super_blk, key_blk, block_size, fs_block_size, sb_crc, state,
+         f_compat, f_incompat, f_rocompat, _pad, fs_offset, header_crc) = _UNDO_HEADER.unpack(head)
+        if magic != _UNDO_MAGIC:
+            raise UndoFileRefused(f"magic {magic!r}")
+        if crc(0xFFFFFFFF, head[:-4]) != header_crc:
+            raise UndoFileRefused("header checksum")
+        if not 1024 <= block_size <= 1 << 20 or fs_block_size == 0:
+            raise UndoFileRefused(f"block sizes {block_size}, {fs_block_size}")
+        if f_incompat or f_rocompat:
+            raise UndoFileRefused("unknown undo file features")
+        if not state & _UNDO_FINISHED:
+            raise UndoFileRefused("undo file not finished")
+        if not f_compat & _UNDO_FS_OFFSET:
+            fs_offset = 0
+        # The undo file applies to the filesystem exactly as e2fsck left it (e2undo's
+        # check_filesystem): its copy of the superblock, magic inverted, must match.
+        saved = bytearray(read(super_blk * block_size, _SUPERBLOCK_SIZE))
+        magic_le = int.from_bytes(saved[_S_MAGIC_AT:_S_MAGIC_AT + 2], "little")
+        saved[_S_MAGIC_AT:_S_MAGIC_AT + 2] = (~magic_le & 0xFFFF).to_bytes(2, "little")
+        with open(image, "rb", buffering=0) as img:
+            current = os.pread(img.fileno(), _SUPERBLOCK_SIZE, fs_offset + _SUPERBLOCK_OFFSET)
+        if bytes(saved) != current:
+            raise UndoFileRefused("the image's superblock is not the one the undo file expects")
+        if crc(0xFFFFFFFF, bytes(saved)) != sb_crc:
+            raise UndoFileRefused("superblock checksum")
+        keys_per_block = block_size // _UNDO_KEY.size - 1
+        extents: list[tuple[int, bytes]] = []
+        total = 0
+        lblk = key_blk
+        for first in range(0, num_keys, keys_per_block):
+            block = bytearray(read(lblk * block_size, block_size))
+            key_magic, key_crc, _ = _UNDO_KEY_BLOCK.unpack_from(block)
+            if key_magic != _UNDO_KEY_MAGIC:
+                raise UndoFileRefused(f"key block magic at block {lblk}")
+            block[4:8] = bytes(4)
+            if crc(0xFFFFFFFF, bytes(block)) != key_crc:
+                raise UndoFileRefused(f"key block checksum at block {lblk}")
+            lblk += 1
+            for k in range(min(keys_per_block, num_keys - first)):
+                fsblk, blk_crc, size = _UNDO_KEY.unpack_from(
+                    block, _UNDO_KEY_BLOCK.size + k * _UNDO_KEY.size)
+                if size > _UNDO_MAX_EXTENT_BLOCKS * block_size:
+                    raise UndoFileRefused(f"extent of {size} bytes at fs block {fsblk}")
+                total += size
+                if total > _UNDO_MAX_BYTES:
+                    raise UndoFileRefused("more pre-images than this process holds")
+                data = read(lblk * block_size, size)
+                if crc(0xFFFFFFFF, data) != blk_crc:
+                    raise UndoFileRefused(f"checksum of fs block {fsblk}")
+                extents.append((fsblk, data))
+                lblk += -(-size // block_size)
+    return extents, fs_offset, fs_block_size
 
 
 def _first_problem(output: str) -> str:
@@ -385,5 +552,5 @@ def require_tools(fs: str | None) -> None:
 
 
 __all__ = ["Checker", "FsckChecker", "GuestChecker", "GuestRunner", "HostChecker",
-           "ImageNotRestored", "Verdict",
+           "ImageNotRestored", "UndoFileRefused", "Verdict", "apply_undo_file",
            "check_state", "combine", "detect_fs", "parse_checker", "require_tools"]

@@ -17,6 +17,7 @@ are shrunk, rebuilding those rare states in one pass each. Results come back thr
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import re
@@ -41,7 +42,7 @@ from logwrites.crashstates import (
 from logwrites.errors import UsageError
 from logwrites.logfile import LogReader
 from logwrites.shrink import Shrunk, shrink
-from logwrites.statebuild import StateBuilder, build_from_zero
+from logwrites.statebuild import ImageKeys, StateBuilder, build_from_zero
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class LoopOptions:
     shrink: bool = True
     keep_failing: Path | None = None  # directory for the images of failing states
     command: str = "logwrites"        # how repro commands call us
+    dedup: bool = True                # reuse image-only verdicts of provably identical states
 
 
 @dataclass(slots=True)
@@ -98,6 +100,7 @@ class StateResult:
     repro: str
     image: Path | None = None         # kept failing image
     shrunk: Shrunk | None = None
+    same_as: str | None = None        # deduplicated: an earlier state with the same image
 
     @property
     def checker(self) -> str:
@@ -106,7 +109,10 @@ class StateResult:
     @property
     def detail(self) -> str:
         bad = [v for v in self.verdicts if v.verdict != "pass"]
-        return "; ".join(f"{v.checker}: {v.detail}" for v in bad) if bad else ""
+        parts = [f"{v.checker}: {v.detail}" for v in bad]
+        if self.same_as is not None:
+            parts.insert(0, f"deduplicated: same image as {self.same_as}")
+        return "; ".join(parts)
 
 
 @dataclass(slots=True)
@@ -118,6 +124,7 @@ class LoopResult:
     seconds: float
     jobs: int
     entries_applied: int = 0
+    deduplicated: int = 0             # states whose image-only verdicts were reused
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{kind: {verdict: n}} over every state, kinds in enumeration order."""
@@ -151,8 +158,20 @@ def state_filename(state_id: str) -> str:
 
 def recording_marks(logmap: LogMap, state: CrashState) -> list[str]:
     """The marks a state includes: every mark entry up to its end (before a torn write)."""
-    last = state.torn[0] - 1 if state.torn else state.end
-    return [e.mark or "" for e in logmap.entries[:last + 1] if e.is_mark]
+    return _MarkIndex(logmap).upto(state)
+
+
+class _MarkIndex:
+    """The log's marks by entry index, so a state's marks cost O(log n), not a scan of the
+    log per state (which grew with the state's position)."""
+
+    def __init__(self, logmap: LogMap) -> None:
+        marks = [e for e in logmap.entries if e.is_mark]
+        self.indexes, self.names = [e.index for e in marks], [e.mark or "" for e in marks]
+
+    def upto(self, state: CrashState) -> list[str]:
+        last = state.torn[0] - 1 if state.torn else state.end
+        return self.names[:bisect.bisect_right(self.indexes, last)]
 
 
 def state_env(marks: list[str], state: CrashState) -> dict[str, str]:
@@ -161,6 +180,45 @@ def state_env(marks: list[str], state: CrashState) -> dict[str, str]:
 
 
 ProgressCallback = Callable[[int, int, StateResult | None], None]
+
+
+def image_only(checker: Checker) -> bool:
+    """Whether the checker's verdict depends on the image (and expect_fs) alone, not on the
+    state's id or marks: only then may a verdict be reused for an identical image."""
+    return bool(getattr(checker, "image_only", False))
+
+
+class _Dedup:
+    """Which states repeat an earlier state's image (`ImageKeys`), and the verdicts of the
+    earlier ones once known. A repeat waits for its original, which the FIFO pool has already
+    handed to a worker (originals come first in build order)."""
+
+    def __init__(self, logmap: LogMap, states: Sequence[CrashState],
+                 expect_fs: Callable[[CrashState], bool], wait_s: float) -> None:
+        keys, first = ImageKeys(logmap), {}
+        self.same_as: list[int | None] = []
+        for n, state in enumerate(states):
+            key = (keys.key(state), expect_fs(state))
+            self.same_as.append(first.get(key))
+            first.setdefault(key, n)
+        originals = {k for k in self.same_as if k is not None}
+        self._done = {n: threading.Event() for n in originals}
+        self._verdicts: dict[int, list[Verdict] | None] = {}
+        self.wait_s = wait_s
+
+    def is_original(self, n: int) -> bool:
+        return n in self._done
+
+    def publish(self, n: int, verdicts: list[Verdict] | None) -> None:
+        self._verdicts[n] = verdicts
+        self._done[n].set()
+
+    def verdicts_of(self, n: int) -> list[Verdict] | None:
+        if not self._done[n].wait(self.wait_s):
+            log.warning("state #%d took over %.0f s; its repeats are checked again", n,
+                        self.wait_s)
+            return None
+        return self._verdicts.get(n)
 
 
 def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOptions,
@@ -197,6 +255,12 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
         # missing signature is a state from before mkfs and passes (DESIGN.md §5).
         return recording.fs not in (None, "none") and setup is not None and state.entry >= setup
 
+    dedup = None
+    if options.dedup and any(image_only(c) for c in checkers):
+        wait_s = sum(getattr(c, "timeout_s", 300.0) for c in checkers) * 2 + 60
+        dedup = _Dedup(logmap, states, expect_fs, wait_s)
+        repeats = sum(k is not None for k in dedup.same_as)
+        log.info("%d of %d states repeat an earlier state's image", repeats, total)
     results: list[StateResult] = []
     with LogReader(recording.log) as reader:
         builders: list[StateBuilder] = []
@@ -215,9 +279,32 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
             b: StateBuilder = mine.builder
             return b
 
+        marks = _MarkIndex(logmap)
+
         def one(state: CrashState, n: int) -> StateResult:
-            return _check_one(builder(), reader, logmap, state, checkers, workdir, n,
-                              recording, options, expect_fs(state))
+            reuse: dict[int, Verdict] = {}
+            same_as = dedup.same_as[n] if dedup is not None else None
+            if dedup is not None and same_as is not None:
+                earlier = dedup.verdicts_of(same_as)
+                for k, checker in enumerate(checkers):
+                    # An error may be passing trouble (a timeout): only answers are reused.
+                    if (earlier is not None and len(earlier) == len(checkers)
+                            and image_only(checker) and earlier[k].verdict in ("pass", "fail")):
+                        v = earlier[k]
+                        reuse[k] = Verdict(v.verdict, v.checker, 0.0,
+                                           f"reused from {states[same_as].id}: {v.detail}",
+                                           v.output)
+            result = None
+            try:
+                result = _check_one(builder(), reader, logmap, state, checkers, workdir, n,
+                                    recording, options, expect_fs(state), reuse, marks)
+                if reuse:
+                    result.same_as = states[same_as].id  # type: ignore[index]
+                return result
+            finally:
+                if dedup is not None and dedup.is_original(n):
+                    complete = result is not None and len(result.verdicts) == len(checkers)
+                    dedup.publish(n, result.verdicts if complete else None)  # type: ignore[union-attr]
 
         futures: list[Future[StateResult]] = []
         reported = 0
@@ -246,28 +333,40 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
                 b.close()
         applied = sum(b.entries_applied for b in builders)
     return LoopResult(recording, logmap, start, results, time.perf_counter() - started,
-                      options.jobs, applied)
+                      options.jobs, applied,
+                      sum(r.same_as is not None for r in results))
 
 
 def _check_one(builder: StateBuilder, reader: LogReader, logmap: LogMap, state: CrashState,
                checkers: Sequence[Checker], workdir: Path, n: int, recording: Recording,
-               options: LoopOptions, expect_fs: bool) -> StateResult:
+               options: LoopOptions, expect_fs: bool,
+               reuse: dict[int, Verdict] | None = None,
+               marks: _MarkIndex | None = None) -> StateResult:
+    """Build and check one state. `reuse`: verdicts (by checker position) taken from an
+    identical earlier state; only the other checkers run, and none at all builds nothing."""
     t0 = time.perf_counter()
     scratch = workdir / f"check-{n}.img"
     repro = repro_command(recording, state, options.command)
     build_s = 0.0
+    reuse = reuse or {}
     try:
-        env = state_env(recording_marks(logmap, state), state)
+        env = state_env((marks or _MarkIndex(logmap)).upto(state), state)
         changed = False
-        with builder.view(state, workdir / f"state-{n}.img") as image:
-            build_s = time.perf_counter() - t0
-            try:
-                verdicts = check_state(checkers, image, scratch, expect_fs=expect_fs, env=env)
-            except ImageNotRestored as err:
-                # The verdicts stand; the cursor may not be the checkpoint image any more.
-                verdicts, changed = err.verdicts, True
+        to_run = [c for k, c in enumerate(checkers) if k not in reuse]
+        ran: list[Verdict] = []
+        if to_run:
+            with builder.view(state, workdir / f"state-{n}.img") as image:
+                build_s = time.perf_counter() - t0
+                try:
+                    ran = check_state(to_run, image, scratch, expect_fs=expect_fs, env=env)
+                except ImageNotRestored as err:
+                    # The verdicts stand; the cursor may not be the checkpoint image any more.
+                    ran, changed = err.verdicts, True
         if changed:  # after the view has put its pre-images back, which a reset would undo
             builder.reset()
+        fresh = iter(ran)
+        verdicts = [v for v in (reuse[k] if k in reuse else next(fresh, None)
+                                for k in range(len(checkers))) if v is not None]
         verdict = combine(verdicts)
         shrunk = None
         kept = None

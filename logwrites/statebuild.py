@@ -30,6 +30,8 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -74,7 +76,14 @@ def clone_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None
             hole = os.lseek(fdi, data, os.SEEK_HOLE)
             at = data
             while at < hole:
-                copied = os.copy_file_range(fdi, fdo, min(hole - at, _COPY_CHUNK), at, at)
+                try:
+                    copied = os.copy_file_range(fdi, fdo, min(hole - at, _COPY_CHUNK), at, at)
+                except OSError as err:
+                    if err.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    # Across filesystems (a disk to a tmpfs) the kernel may refuse.
+                    chunk = os.pread(fdi, min(hole - at, 8 << 20), at)
+                    copied = os.pwrite(fdo, chunk, at) if chunk else 0
                 if copied == 0:
                     break
                 at += copied
@@ -138,6 +147,59 @@ def state_extents(logmap: LogMap, state: CrashState) -> list[tuple[int, int]]:
     return [(s * sectorsize, (e - s) * sectorsize) for s, e in merged]
 
 
+def memory_dir(image_size: int) -> Path | None:
+    """`/dev/shm` when it is a tmpfs with room for a scratch image of `image_size` bytes
+    (at most a quarter of its free space), else None.
+
+    The cursor is a scratch image: nothing needs it after a crash, yet e2fsck's journal
+    replay fsyncs it a score of times per state (about 23 ms of a 28 ms replay on this disk,
+    against 5 ms on a tmpfs). In memory those fsyncs cost nothing and no byte changes."""
+    shm = Path("/dev/shm")
+    try:
+        with open("/proc/self/mounts") as mounts:
+            if not any(line.split()[1:3] == [str(shm), "tmpfs"] for line in mounts):
+                return None
+        st = os.statvfs(shm)
+    except OSError:
+        return None
+    if not os.access(shm, os.W_OK) or image_size * 4 > st.f_bavail * st.f_frsize:
+        return None
+    return shm
+
+
+class ImageKeys:
+    """Proof that two crash states have the same image, cheaply: `key(state)` names the
+    sequence of data entries (writes, discards) the state applies, in log order, plus its torn
+    part. Entries that change no data (flushes, marks) do not count, so consecutive prefix
+    states with no write between them (a mark right after a flush, two flushes) share a key.
+    Equal keys mean byte-identical images (same base, same entries applied in the same order);
+    different keys prove nothing either way."""
+
+    def __init__(self, logmap: LogMap) -> None:
+        self.logmap = logmap
+        last, self._last_data = -1, []
+        for entry in logmap.entries:
+            if entry.nr_sectors:
+                last = entry.index
+            self._last_data.append(last)  # the last data entry at or before each index
+
+    def key(self, state: CrashState) -> tuple[int, tuple[int, ...], tuple[int, int] | None]:
+        """(last data entry of the longest run applied whole from entry 0, the data entries
+        applied after a gap, the torn write)."""
+        whole = self._last_data[state.checkpoint] if state.checkpoint >= 0 else -1
+        dropped, after_gap = set(state.dropped), []
+        for index in state.local_entries():
+            if not self.logmap.entries[index].nr_sectors:
+                continue
+            if index in dropped:
+                after_gap.append(-1)  # a gap: what follows is no longer a prefix
+            elif after_gap:
+                after_gap.append(index)
+            else:
+                whole = index
+        return whole, tuple(i for i in after_gap if i >= 0), state.torn
+
+
 class StateBuilder:
     """Builds crash-state images from checkpoints left by one forward walk of the log.
 
@@ -151,12 +213,18 @@ class StateBuilder:
     """
 
     def __init__(self, reader: LogReader, logmap: LogMap, base_image: Path, workdir: Path,
-                 *, discard_zeroes: bool = True) -> None:
+                 *, discard_zeroes: bool = True, in_memory: bool | None = None) -> None:
+        """`in_memory`: keep the cursor in a tmpfs (`memory_dir`); None: when one has room."""
         self.reader, self.logmap, self.workdir = reader, logmap, workdir
         self.discard_zeroes = discard_zeroes
         workdir.mkdir(parents=True, exist_ok=True)
         self.base_image = base_image
-        self.cursor = workdir / "cursor.img"
+        shm = memory_dir(os.path.getsize(base_image)) if in_memory is not False else None
+        if in_memory and shm is None:
+            raise OSError(errno.ENOSPC, "no tmpfs with room for the cursor image")
+        self._cursor_dir = Path(tempfile.mkdtemp(prefix="logwrites-cursor-", dir=shm)) \
+            if shm is not None else None
+        self.cursor = (self._cursor_dir or workdir) / "cursor.img"
         clone_file(base_image, self.cursor)
         self.resets = 0  # times the cursor was rebuilt because a checker left it changed
         self.copies = 0  # states too large to undo, built on a copy
@@ -278,6 +346,8 @@ class StateBuilder:
             path.unlink(missing_ok=True)
         self._checkpoints.clear()
         self.cursor.unlink(missing_ok=True)
+        if self._cursor_dir is not None:
+            shutil.rmtree(self._cursor_dir, ignore_errors=True)
 
 
 def build_from_zero(reader: LogReader, logmap: LogMap, base_image: Path, state: CrashState,
@@ -315,5 +385,5 @@ def build_state(log_path: str | os.PathLike[str], target: str | os.PathLike[str]
     return state
 
 
-__all__ = ["UNDO_LIMIT", "StateBuilder", "apply_state_local", "build_from_zero", "build_state",
-           "clone_file", "state_extents"]
+__all__ = ["UNDO_LIMIT", "ImageKeys", "StateBuilder", "apply_state_local", "build_from_zero",
+           "build_state", "clone_file", "memory_dir", "state_extents"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from logwrites.check import (
     HostChecker,
     ImageNotRestored,
     Verdict,
+    apply_undo_file,
     check_state,
     combine,
     detect_fs,
@@ -133,3 +135,58 @@ def test_a_checker_that_cannot_undo_says_so(tmp_path: Path) -> None:
     with pytest.raises(ImageNotRestored) as err:
         check_state([Sloppy(), HostChecker("true")], image, tmp_path / "copy", expect_fs=False)
     assert [v.verdict for v in err.value.verdicts] == ["pass"]  # the second never ran
+
+
+def _replayed_with_undo(image: Path, undo: Path) -> bytes:
+    """Ask for journal recovery, keep the image's bytes, replay with an undo file."""
+    debugfs = require_tool("debugfs", "e2fsprogs")
+    subprocess.run([debugfs, "-w", "-R", "feature needs_recovery", str(image)], check=True,
+                   capture_output=True)
+    before = image.read_bytes()
+    subprocess.run(["e2fsck", "-E", "journal_only", "-y", "-z", str(undo), str(image)],
+                   capture_output=True, check=False)
+    assert image.read_bytes() != before  # the replay wrote something to undo
+    return before
+
+
+def test_undo_file_applied_in_process_as_e2undo_would(ext4_image: Path,
+                                                      tmp_path: Path) -> None:
+    undo = tmp_path / "u.e2undo"
+    before = _replayed_with_undo(ext4_image, undo)
+    twin = tmp_path / "twin.img"
+    twin.write_bytes(ext4_image.read_bytes())
+    assert apply_undo_file(undo, ext4_image)
+    subprocess.run([require_tool("e2undo", "e2fsprogs"), str(undo), str(twin)], check=True,
+                   capture_output=True)
+    assert ext4_image.read_bytes() == twin.read_bytes() == before
+    # Applied once, the image's superblock no longer is the one the undo file expects.
+    assert apply_undo_file(undo, ext4_image) is None
+    assert ext4_image.read_bytes() == before
+
+
+def test_a_damaged_undo_file_is_left_to_e2undo(ext4_image: Path, tmp_path: Path) -> None:
+    undo = tmp_path / "u.e2undo"
+    _replayed_with_undo(ext4_image, undo)
+    replayed = ext4_image.read_bytes()
+    raw = bytearray(undo.read_bytes())
+    raw[-1] ^= 0xFF  # the last saved block: its checksum no longer matches
+    undo.write_bytes(bytes(raw))
+    assert apply_undo_file(undo, ext4_image) is None
+    assert ext4_image.read_bytes() == replayed  # nothing written
+    raw[-1] ^= 0xFF
+    raw[40] ^= 0x01  # a header field (sb_crc): the header checksum no longer matches
+    undo.write_bytes(bytes(raw))
+    assert apply_undo_file(undo, ext4_image) is None
+    assert ext4_image.read_bytes() == replayed
+
+
+def test_fsck_undoes_its_replay_in_process(ext4_image: Path, tmp_path: Path) -> None:
+    debugfs = require_tool("debugfs", "e2fsprogs")
+    subprocess.run([debugfs, "-w", "-R", "feature needs_recovery", str(ext4_image)],
+                   check=True, capture_output=True)
+    before = ext4_image.read_bytes()
+    checker = FsckChecker("ext4")
+    checker.check(ext4_image, expect_fs=True)
+    assert (checker.undo_in_process, checker.undo_by_e2undo) == (1, 0)
+    assert ext4_image.read_bytes() == before
+    assert not list(Path("/dev/shm").glob(f"lw-{os.getpid()}-*.e2undo"))

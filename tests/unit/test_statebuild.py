@@ -10,7 +10,14 @@ import pytest
 from logwrites.crashstates import CrashState, LogMap, enumerate_states
 from logwrites.errors import UsageError
 from logwrites.logfile import LogReader
-from logwrites.statebuild import StateBuilder, build_from_zero, build_state, clone_file
+from logwrites.statebuild import (
+    ImageKeys,
+    StateBuilder,
+    build_from_zero,
+    build_state,
+    clone_file,
+    memory_dir,
+)
 
 SECTORS = 64
 OPS = [("w", 0, 4, 0xA0), ("d", 0, SECTORS), ("f",), ("m", "mkfs"),
@@ -164,3 +171,40 @@ def test_view_is_each_state_and_leaves_the_cursor_at_its_checkpoint(
                 assert image.read_bytes() == model(logmap, OPS, last, sectorsize)
         finally:
             builder.close()
+
+
+def test_equal_image_keys_mean_equal_images(setup, tmp_path: Path) -> None:
+    log_path, _base, sectorsize = setup
+    logmap = LogMap.read(log_path)
+    states = enumerate_states(logmap, ["prefix", "reorder", "torn"], start=-1)
+    keys = ImageKeys(logmap)
+    by_key: dict[object, list[CrashState]] = {}
+    for state in states:
+        by_key.setdefault(keys.key(state), []).append(state)
+    repeats = [group for group in by_key.values() if len(group) > 1]
+    # The flush at 2 and the mark at 3 (nothing written between) share an image; so do 7 and 8.
+    assert any({"p:2", "p:3"} <= {s.id for s in group} for group in repeats)
+    assert any({"p:7", "p:8"} <= {s.id for s in group} for group in repeats)
+    for group in repeats:
+        images = {model(logmap, OPS, s, sectorsize) for s in group}
+        assert len(images) == 1, [s.id for s in group]
+    # Writes between two states: different keys.
+    assert keys.key(next(s for s in states if s.id == "p:7")) != keys.key(
+        next(s for s in states if s.id == "p:3"))
+
+
+def test_cursor_lives_in_memory_when_there_is_room(setup, tmp_path: Path) -> None:
+    log_path, base, _ = setup
+    logmap = LogMap.read(log_path)
+    with LogReader(log_path) as reader:
+        auto = StateBuilder(reader, logmap, base, tmp_path / "a")
+        on_disk = StateBuilder(reader, logmap, base, tmp_path / "b", in_memory=False)
+        try:
+            assert memory_dir(base.stat().st_size) is not None  # /dev/shm on our machines
+            assert auto.cursor.parent.parent == Path("/dev/shm")
+            assert on_disk.cursor.parent == tmp_path / "b"
+            assert auto.cursor.read_bytes() == on_disk.cursor.read_bytes() == base.read_bytes()
+        finally:
+            auto.close()
+            on_disk.close()
+        assert not auto.cursor.parent.exists()

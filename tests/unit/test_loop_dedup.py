@@ -1,0 +1,58 @@
+"""The loop reuses verdicts only where it can prove two crash states have the same image."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+
+from logwrites.check import Verdict
+from logwrites.loop import LoopOptions, existing_recording, run_loop
+from tests.unit.test_statebuild import OPS, SECTORS
+
+
+class Recorder:
+    """A checker that remembers the bytes of every image it saw, by state."""
+
+    writes_image = False
+
+    def __init__(self, image_only: bool) -> None:
+        self.image_only, self.name = image_only, f"rec-{image_only}"
+        self.seen: dict[str, str] = {}
+
+    def check(self, image: Path, *, expect_fs: bool,
+              env: Mapping[str, str] | None = None) -> Verdict:
+        assert env is not None
+        self.seen[env["LW_STATE"]] = hashlib.sha256(image.read_bytes()).hexdigest()
+        return Verdict("pass", self.name, 0.0, "looked")
+
+
+def test_repeats_reuse_image_only_verdicts_and_say_so(make_log, tmp_path: Path) -> None:
+    log = make_log(OPS)
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\xee" * SECTORS * 512)
+    rec = existing_recording(log, base, None)(tmp_path)
+    fsck_like, marks_reader = Recorder(True), Recorder(False)
+    options = LoopOptions(kinds=("prefix", "reorder", "torn"), jobs=2, from_start=True)
+    result = run_loop(rec, [fsck_like, marks_reader], options, tmp_path / "work")
+    by_id = {r.state.id: r for r in result.results}
+    repeats = [r for r in result.results if r.same_as is not None]
+    assert repeats and result.deduplicated == len(repeats)
+    assert by_id["p:3"].same_as == "p:2" and by_id["p:8"].same_as == "p:7"
+    for r in repeats:
+        # The image-only checker ran once for the image, and its answer is the original's.
+        assert r.state.id not in fsck_like.seen
+        assert r.verdicts[0].verdict == by_id[r.same_as].verdicts[0].verdict
+        assert "deduplicated: same image as " + r.same_as in r.detail
+        assert r.verdicts[0].detail.startswith(f"reused from {r.same_as}")
+        # The checker that reads the state's marks ran on every state, and the image it saw
+        # is the original's: the reuse was sound.
+        assert marks_reader.seen[r.state.id] == marks_reader.seen[r.same_as]
+    assert len(fsck_like.seen) == len(result.results) - len(repeats)
+    assert len(marks_reader.seen) == len(result.results)
+    assert all(r.verdict == "pass" for r in result.results)
+
+    plain = run_loop(rec, [Recorder(True)], LoopOptions(
+        kinds=("prefix", "reorder", "torn"), jobs=1, from_start=True, dedup=False),
+        tmp_path / "work2")
+    assert plain.deduplicated == 0 and len(plain.results) == len(result.results)
