@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -43,6 +44,7 @@ class _Subprocess:
         self.socket = socket
         self.control = control
         self.proc: asyncio.subprocess.Process | None = None
+        self.env: dict[str, str] = {}       # added to our environment at each start
         self._log: Any = None
 
     def argv(self) -> list[str]:
@@ -61,7 +63,8 @@ class _Subprocess:
         self._log = (self.run_dir / f"{self.name}.log").open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=self._log, start_new_session=True)
+            stderr=self._log, start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None)
         try:
             await asyncio.wait_for(self._wait_started(), READY_TIMEOUT_S)
         except (TimeoutError, BackendError) as err:

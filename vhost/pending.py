@@ -44,6 +44,10 @@ when a queue starts with nothing in flight. That restart is when the queue's *ep
 journal header) moves on, and an identity matches only within its own epoch. Nothing in flight
 at a restart also means nothing done is unpublished, so no match is lost by it.
 
+Tests reach those windows on purpose: `LOGWRITES_PENDING_FAILPOINT=published:N` kills the
+backend (SIGKILL, itself) right after the N-th batch's `published` write, `flushed:N` right
+after the N-th FLUSH's log commit, before the journal's reset.
+
 What stays: a FLUSH request itself is not journaled; resubmitted, it runs again and may log a
 second (empty) FLUSH entry, which changes no crash state's data. Without in-flight tracking
 (a front-end that resubmits on its own, like our test front-end) the window above still logs a
@@ -55,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +91,7 @@ RECORD: Final = struct.Struct("<QQQQQIIIHH")
 LISTED: Final = 0           # on the unflushed list, no payload (discard, write-zeroes)
 LISTED_DATA: Final = 1      # on the unflushed list, its payload follows
 DONE: Final = 2             # only an identity: in the log at entry `logged_at`
+FAILPOINT_ENV: Final = "LOGWRITES_PENDING_FAILPOINT"
 NO_HEAD: Final = 0xFFFF
 NOT_LOGGED: Final = (1 << 64) - 1
 ALWAYS: Final = (1 << 64) - 2   # logged_at of a DONE record carried over a reset: done
@@ -162,6 +168,17 @@ def _list_logged(entries: Iterable[Entry], base: int) -> bool:
         (entry.is_flush and not entry.nr_sectors) or not entry.is_fua) for entry in entries)
 
 
+def _failpoint() -> list[Any] | None:
+    """[where, countdown] from LOGWRITES_PENDING_FAILPOINT ("published:N" or "flushed:N")."""
+    spec = os.environ.get(FAILPOINT_ENV, "")
+    where, _, count = spec.partition(":")
+    if where not in ("published", "flushed") or not count.isdigit():
+        if spec:
+            log.warning("%s=%r: not published:N or flushed:N, ignored", FAILPOINT_ENV, spec)
+        return None
+    return [where, int(count)]
+
+
 class JournaledSink:
     """A `logwrites`-mode sink whose unflushed list is also in the pending journal."""
 
@@ -182,6 +199,7 @@ class JournaledSink:
         self._tracked = 0                   # bit per queue with in-flight tracking
         self.restored = 0
         self.duplicates_expected = 0
+        self._failpoint = _failpoint()
         self._reset()
 
     # -- the connection: identities and resubmissions ------------------------------------------
@@ -293,6 +311,7 @@ class JournaledSink:
         if self._end != self._published:
             os.pwrite(self._fd, PUBLISHED.pack(self._end), PUBLISHED_AT)
             self._published = self._end
+            self._fail("published")
         self._batch.clear()
 
     def flush_taken(self) -> object:
@@ -300,6 +319,7 @@ class JournaledSink:
 
     def flush_durable(self, ticket: object) -> int:
         index = self.inner.flush_durable(ticket)
+        self._fail("flushed")
         self._reset()
         return index
 
@@ -329,6 +349,14 @@ class JournaledSink:
             self._end += os.pwrite(self._fd, blob, self._end)
         self._published = self._end
         os.pwrite(self._fd, PUBLISHED.pack(self._end), PUBLISHED_AT)
+
+    def _fail(self, where: str) -> None:
+        failpoint = self._failpoint
+        if failpoint is not None and failpoint[0] == where:
+            failpoint[1] -= 1
+            if failpoint[1] <= 0:
+                log.warning("failpoint %s reached: killing the backend", where)
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def _head(self, published: int) -> bytes:
         inner = self.inner

@@ -5,6 +5,11 @@ published. The guest runs fio with crc32c verification on its raw disk while the
 the backend with SIGKILL 10 times; fio must see no I/O error and verify, and the log must
 hold every write fio made exactly once and replay to the image.
 
+A third of the kills come at random moments; the others are failpoints of the backend (see
+vhost/pending.py) that kill it inside the windows where a request is done but unpublished —
+right after a batch's journal records count, and right after a FLUSH's log commit — so that
+QEMU resubmits requests the backend already recorded, which must not be logged again.
+
 Each fio run writes its own 4 MiB region once (random order, no block twice: fio's random
 map), and the guest block layer does not merge requests (`nomerges`), so the log must hold
 exactly one 4 KiB write entry per block of the regions fio finished, nothing else.
@@ -26,9 +31,10 @@ from pathlib import Path
 import pytest
 
 from logwrites.logfile import LogReader
-from qmp.backend import ControlClient, ServeBackend
+from qmp.backend import BackendError, ControlClient, ServeBackend
 from qmp.machine import Machine
 from tests.conftest import require_tool
+from vhost.pending import FAILPOINT_ENV
 
 MiB = 1 << 20
 DISK = 512 * MiB
@@ -75,18 +81,24 @@ def same_files(a: Path, b: Path) -> bool:
                 return True
 
 
-async def serving(backend: ServeBackend, at_least: int, timeout_s: float = 60.0) -> int:
-    """Wait until the (re)started backend has a front-end and served `at_least` writes."""
-    assert backend.control is not None
+async def serving(backend: ServeBackend, at_least: int, timeout_s: float = 60.0) -> bool:
+    """Wait until the (re)started backend has a front-end and served `at_least` writes; False
+    if it died first (its failpoint)."""
+    assert backend.control is not None and backend.proc is not None
     deadline = time.monotonic() + timeout_s
-    async with ControlClient(backend.control, timeout_s=10) as control:
-        while True:
-            status = await control.status()
-            out = int(status["requests"]["out"])
-            if status["connected"] and out >= at_least:
-                return out
-            assert time.monotonic() < deadline, f"backend idle after restart: {status}"
-            await asyncio.sleep(0.1)
+    try:
+        async with ControlClient(backend.control, timeout_s=10) as control:
+            while True:
+                status = await control.status()
+                if status["connected"] and int(status["requests"]["out"]) >= at_least:
+                    return True
+                assert time.monotonic() < deadline, f"backend idle after restart: {status}"
+                await asyncio.sleep(0.1)
+    except (ConnectionError, BackendError):
+        await asyncio.sleep(0.5)
+        if backend.proc.returncode is not None:
+            return False
+        raise
 
 
 @pytest.mark.slow
@@ -98,6 +110,10 @@ def test_ten_backend_kills_under_fio_verify(default_guest, tmp_path: Path) -> No
     with image.open("wb") as f:
         f.truncate(DISK)
     kills: list[int | None] = []
+    # How each backend dies: its own failpoint (published:N, flushed:N) or the test's SIGKILL.
+    plans: list[str | None] = [
+        (f"published:{rng.randint(2, 40)}", f"flushed:{rng.randint(1, 6)}", None)[k % 3]
+        for k in range(KILLS)]
     ready_lines: list[str] = []
     outage_s: list[float] = []
     runs = 0
@@ -107,23 +123,30 @@ def test_ten_backend_kills_under_fio_verify(default_guest, tmp_path: Path) -> No
         nonlocal runs
         backend = ServeBackend(image, log, tmp_path / "b", verbose=True,
                                extra_args=["--pending-journal"])
+        backend.env = {FAILPOINT_ENV: plans[0]} if plans[0] else {}
         async with backend:
             assert backend.control is not None
             async with Machine(default_guest, tmp_path / "m", disk_socket=backend.socket,
                                control_socket=backend.control, cpus=1) as m:
                 await m.run(FIO, timeout_s=WORKLOAD_S + 240, wait=False)
-                for _ in range(KILLS):
-                    # Kill while fio runs: after the backend served some writes, at a random
-                    # moment (mid-batch, between journal and publication, mid-FLUSH, ...).
-                    await serving(backend, rng.randint(1, 200))
-                    await asyncio.sleep(rng.uniform(0.0, 1.5))
+                for k, plan in enumerate(plans):
+                    assert backend.proc is not None
+                    if plan is None:
+                        # Kill while fio runs, after the backend served some writes, at a
+                        # random moment.
+                        await serving(backend, rng.randint(1, 200))
+                        await asyncio.sleep(rng.uniform(0.0, 1.5))
+                    else:
+                        await asyncio.wait_for(backend.proc.wait(), 120)
                     kills.append(await backend.kill())
+                    following = plans[k + 1] if k + 1 < KILLS else None
+                    backend.env = {FAILPOINT_ENV: following} if following else {}
                     down = time.monotonic()
                     await asyncio.sleep(rng.uniform(0.0, 0.5))
                     await backend.restart()
                     ready_lines.append(backend.ready_line)
-                    await serving(backend, 1)
-                    outage_s.append(time.monotonic() - down)
+                    if await serving(backend, 1):
+                        outage_s.append(time.monotonic() - down)
                 result = await m.result()
                 assert result.ok, f"seed {seed}: {result.stderr}"
                 runs = int(result.reports["runs"])
@@ -164,9 +187,13 @@ def test_ten_backend_kills_under_fio_verify(default_guest, tmp_path: Path) -> No
     text = (tmp_path / "b" / "serve.log").read_text(errors="replace")
     resubmitted = sum(int(n) for n in re.findall(r"(\d+) requests resubmitted", text))
     already = sum(int(n) for n in re.findall(r"(\d+) of them already done", text))
+    # The failpoints left done, unpublished requests: QEMU resubmitted them, none was logged
+    # twice (checked above), so they were completed without being served again.
+    assert already > 0, f"seed {seed}: no resubmission was already done ({resubmitted})"
     restored = sum(int(n) for n in re.findall(r"restored=(\d+)", " ".join(ready_lines)))
     print(f"\nseed {seed}: reconnects survived with nothing lost and nothing doubled: "
-          f"{len(kills)}/{KILLS}; {runs} fio runs verified ({blocks} writes, each logged "
+          f"{len(kills)}/{KILLS} ({', '.join(p or 'random' for p in plans)}); "
+          f"{runs} fio runs verified ({blocks} writes, each logged "
           f"once; {flushes} FLUSH entries); {resubmitted} requests resubmitted by QEMU's "
           f"in-flight region, {already} of them already done (completed without logging), "
           f"{restored} records restored from the pending journal; outage per restart "
