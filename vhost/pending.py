@@ -116,9 +116,6 @@ class Journal:
     done: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
     epochs: list[int] = field(default_factory=lambda: [0] * MAX_QUEUES)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
 
 def load(path: Path, log_path: Path) -> Journal:
     """What a resumed backend must still log and may see resubmitted (module docstring)."""

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             if args.pending_journal or journal.records or journal.done:
                 sink = pending.JournaledSink(sink, journal_file)
                 sink.restore(journal)
-                restored = len(journal)
+                restored = len(journal.records)
         device = BlkDevice(fd, size, sink, sectorsize=args.sector_size,
                            readonly=args.readonly, writethrough=args.writethrough,
                            num_queues=args.num_queues, serial=args.serial,
