@@ -190,3 +190,36 @@ def test_fsck_undoes_its_replay_in_process(ext4_image: Path, tmp_path: Path) -> 
     assert (checker.undo_in_process, checker.undo_by_e2undo) == (1, 0)
     assert ext4_image.read_bytes() == before
     assert not list(Path("/dev/shm").glob(f"lw-{os.getpid()}-*.e2undo"))
+
+
+def test_xfs_dirty_log_goes_to_the_guest_on_a_copy(tmp_path: Path, monkeypatch) -> None:
+    import logwrites.check as check
+
+    image = tmp_path / "state.img"
+    image.write_bytes(b"XFSB" + bytes(8188))
+    dirty = ("ALERT: The filesystem has valuable metadata changes in a log which is being\n"
+             "ignored because the -n option was used.")  # xfs_repair 6.1, wrapped as it is
+    host = {"status": 1, "out": dirty}
+    monkeypatch.setattr(check, "_run", lambda argv, timeout_s, env=None: (
+        host["status"], host["out"]))
+    calls: list[tuple[Path, str]] = []
+    answer = {"status": 0, "out": "[script] xfs_repair -n /dev/vda\nPhase 7 done"}
+
+    def runner(copy: Path, script: Path, timeout_s: float, env) -> tuple[int, str]:
+        calls.append((copy, script.read_text()))
+        assert copy != image and copy.read_bytes() == image.read_bytes()
+        return answer["status"], answer["out"]
+
+    checker = FsckChecker("xfs", guest_runner=runner)
+    ok = checker.check(image, expect_fs=True)
+    assert (ok.verdict, ok.checker) == ("pass", "fsck:xfs") and "log recovery" in ok.detail
+    assert len(calls) == 1 and "xfs_repair -n" in calls[0][1] and "umount" in calls[0][1]
+    assert not calls[0][0].exists() and checker.guest_recoveries == 1
+    answer.update(status=32, out="[setup] mount: /mnt/test: cannot mount")
+    assert checker.check(image, expect_fs=True).verdict == "fail"
+    answer.update(status=1, out="[script] xfs_repair -n /dev/vda\nagi unlinked bucket 3 bad")
+    bad = checker.check(image, expect_fs=True)
+    assert bad.verdict == "fail" and "agi unlinked bucket" in bad.detail
+    # A clean log stays on the host: no guest.
+    host.update(status=0, out="Phase 7 - verify link counts...\nNo modify flag set")
+    assert checker.check(image, expect_fs=True).verdict == "pass" and len(calls) == 3
