@@ -435,6 +435,18 @@ void lw_fill(LwDev *d, int qidx, LwReq *req, uint8_t status, uint32_t used_len,
     req->elem = NULL;
 }
 
+/* Notify the guest about queue `qidx`. A queue may be kicked before its call eventfd arrives
+ * (a front-end sends SET_VRING_KICK, then SET_VRING_CALL; after a reconnect libvhost-user kicks
+ * itself to resubmit, and that kick may be served first): libvhost-user would panic writing
+ * to fd -1. Nothing is lost by skipping: it signals the call eventfd as soon as it gets it. */
+static void lw_notify(LwDev *d, int qidx)
+{
+    VuVirtq *vq = &d->dev.vq[qidx];
+    if (vq->call_fd >= 0) {
+        vu_queue_notify(&d->dev, vq);
+    }
+}
+
 /* Publish the batch's filled entries and notify the guest once (if it wants to be):
  * `count` entries filled at once (batched path), or every pending entry pushed one at a
  * time (in-flight tracking: libvhost-user's own bookkeeping stays exact at every instant). */
@@ -450,10 +462,10 @@ void lw_publish(LwDev *d, int qidx, unsigned int count)
             vu_queue_push(dev, vq, &one, d->pending[i].len);
         }
         d->npending = 0;
-        vu_queue_notify(dev, vq);
+        lw_notify(d, qidx);
     } else if (count && !lw_tracking(d, qidx)) {
         vu_queue_flush(dev, vq, count);
-        vu_queue_notify(dev, vq);
+        lw_notify(d, qidx);
     }
 }
 

@@ -38,12 +38,14 @@ class Daemon:
     def __init__(self, argv: list[str], socket_path: Path, stderr_path: Path) -> None:
         self.argv, self.socket_path, self.stderr_path = argv, socket_path, stderr_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}       # added to our environment (e.g. a failpoint)
 
     def start(self) -> Daemon:
         log.debug("starting %s: %s", self.name, shlex.join(self.argv))
         self._stderr = self.stderr_path.open("ab")
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=self._stderr)
+                                     stdout=subprocess.PIPE, stderr=self._stderr,
+                                     env={**os.environ, **self.env} if self.env else None)
         try:
             self._wait_ready(time.monotonic() + START_TIMEOUT_S)
         except BaseException:
@@ -141,8 +143,10 @@ class LogwritesServe(Daemon):
     name = "logwrites serve"
 
     def __init__(self, image: Path, socket_path: Path, log_path: Path, workdir: Path,
-                 extra_args: list[str] | None = None) -> None:
-        argv = [logwrites_path(), "serve", str(image), "--socket", str(socket_path),
+                 extra_args: list[str] | None = None, verbose: bool = False) -> None:
+        # -v (INFO: resubmissions, ...) is the CLI's option, before the subcommand.
+        argv = [logwrites_path(), *(["-v"] if verbose else []), "serve", str(image),
+                "--socket", str(socket_path),
                 "--log", str(log_path), *(extra_args or [])]
         super().__init__(argv, socket_path, workdir / "logwrites-serve.stderr")
         self.log_path = log_path

@@ -26,6 +26,7 @@ from typing import Final
 
 from vhost.testing.protocol import (
     CONFIG_HEADER,
+    INFLIGHT,
     MEMORY_HEADER,
     MEMORY_REGION,
     U64,
@@ -288,8 +289,15 @@ class BlkFrontend:
                  num_queues: int = 1, memory_size: int = 64 << 20, gpa_base: int = 0,
                  features: int = WANTED_FEATURES,
                  protocol_features: int = WANTED_PROTOCOL_FEATURES,
-                 timeout_s: float = 10.0, connect_timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, connect_timeout_s: float = 10.0,
+                 inflight: bool = False) -> None:
         self.timeout_s = timeout_s
+        if inflight:
+            # QEMU's vhost-user-blk: the backend's in-flight region, kept across reconnects.
+            protocol_features |= bit(ProtocolFeature.INFLIGHT_SHMFD)
+        self._want = (features, protocol_features, queue_size, num_queues)
+        self._inflight_fd = -1
+        self._inflight_region = (0, 0)            # mmap_size, mmap_offset
         self.memory = GuestMemory(memory_size, gpa_base)
         self.queues: list[SplitQueue] = []
         self._kick_fds: list[int] = []
@@ -310,7 +318,7 @@ class BlkFrontend:
 
     # Handshake ---------------------------------------------------------------------------
     def _handshake(self, want_features: int, want_protocol: int, queue_size: int,
-                   num_queues: int) -> None:
+                   num_queues: int, reconnect: bool = False) -> None:
         ch = self.channel
         self.offered_features = ch.call_u64(Request.GET_FEATURES)
         if not self.offered_features & bit(VIRTIO_F_VERSION_1):
@@ -333,8 +341,10 @@ class BlkFrontend:
         self.features = self.offered_features & want_features
         ch.set(Request.SET_FEATURES, U64.pack(self.features))
         self._set_mem_table()
+        if self.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
+            self._set_inflight(num_queues, queue_size)
         for index in range(num_queues):
-            self._start_queue(index, queue_size)
+            self._start_queue(index, queue_size, reconnect)
         if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             for index in range(num_queues):
                 ch.set(Request.SET_VRING_ENABLE, VRING_STATE.pack(index, 1))
@@ -359,17 +369,61 @@ class BlkFrontend:
     def _qva(self, gpa: int) -> int:
         return gpa - self.memory.gpa_base + QVA_BASE
 
-    def _start_queue(self, index: int, queue_size: int) -> None:
+    def _set_inflight(self, num_queues: int, queue_size: int) -> None:
+        """GET_INFLIGHT_FD once (the backend allocates the region), then SET_INFLIGHT_FD with
+        it at every (re)connection, as QEMU's vhost-user-blk does."""
         ch = self.channel
-        queue = SplitQueue(self.memory, index, queue_size)
+        if self._inflight_fd < 0:
+            ch.send(Request.GET_INFLIGHT_FD, INFLIGHT.pack(0, 0, num_queues, queue_size))
+            reply, fds = ch.recv_reply(Request.GET_INFLIGHT_FD)
+            if len(reply) != INFLIGHT.size or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise FrontendError(f"GET_INFLIGHT_FD reply: {len(reply)} bytes, "
+                                    f"{len(fds)} fds")
+            mmap_size, mmap_offset, _, _ = INFLIGHT.unpack(reply)
+            self._inflight_fd, self._inflight_region = fds[0], (mmap_size, mmap_offset)
+        mmap_size, mmap_offset = self._inflight_region
+        ch.set(Request.SET_INFLIGHT_FD,
+               INFLIGHT.pack(mmap_size, mmap_offset, num_queues, queue_size),
+               [self._inflight_fd])
+
+    def reconnect(self, socket_path: str | os.PathLike[str] | None = None,
+                  connect_timeout_s: float = 10.0) -> None:
+        """A new connection after the backend went away (a restarted backend), with the same
+        guest memory, rings and in-flight region — QEMU's reconnecting chardev. Requests still
+        in flight stay pending: a backend with INFLIGHT_SHMFD resubmits them; without it the
+        rings restart at the used index, so it takes them from the avail ring again.
+
+        :raise BackendGone: when the backend refuses or drops the connection.
+        """
+        path = self.channel.socket_path if socket_path is None else socket_path
+        self.channel.close()
+        for fd in self._kick_fds + self._call_fds:
+            os.close(fd)
+        self._kick_fds, self._call_fds = [], []
+        self.channel = Channel(path, self.timeout_s, connect_timeout_s)
+        features, protocol_features, queue_size, num_queues = self._want
+        self._handshake(features, protocol_features, queue_size, num_queues, reconnect=True)
+
+    def _start_queue(self, index: int, queue_size: int, reconnect: bool = False) -> None:
+        ch = self.channel
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.queues.append(queue)
         self._kick_fds.append(kick)
         self._call_fds.append(call)
-        self._inflight.append({})
+        if reconnect:
+            # QEMU after a disconnect: the backend's last avail index is lost, so it restarts
+            # from the used index (virtio_queue_restore_last_avail_idx).
+            queue = self.queues[index]
+            base = queue.used_idx()
+        else:
+            queue = SplitQueue(self.memory, index, queue_size)
+            self.queues.append(queue)
+            self._inflight.append({})
+            base = 0
         ch.set(Request.SET_VRING_NUM, VRING_STATE.pack(index, queue_size))
-        ch.set(Request.SET_VRING_BASE, VRING_STATE.pack(index, 0))
+        ch.set(Request.SET_VRING_BASE, VRING_STATE.pack(index, base))
         ch.set(Request.SET_VRING_ADDR, VRING_ADDR.pack(
             index, 0, self._qva(queue.desc_gpa), self._qva(queue.used_gpa),
             self._qva(queue.avail_gpa), 0))
@@ -419,6 +473,10 @@ class BlkFrontend:
         self.channel.close()
         for fd in self._kick_fds + self._call_fds:
             os.close(fd)
+        self._kick_fds, self._call_fds = [], []
+        if self._inflight_fd >= 0:
+            os.close(self._inflight_fd)
+            self._inflight_fd = -1
         self.memory.close()
         return bases
 

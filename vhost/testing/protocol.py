@@ -32,6 +32,7 @@ MEMORY_HEADER: Final = struct.Struct("<II")    # nregions, padding
 # guest_phys_addr, memory_size, userspace_addr, mmap_offset
 MEMORY_REGION: Final = struct.Struct("<QQQQ")
 CONFIG_HEADER: Final = struct.Struct("<III")   # offset, size, flags
+INFLIGHT: Final = struct.Struct("<QQHH4x")     # mmap_size, mmap_offset, num_queues, queue_size
 
 VERSION: Final = 0x1
 REPLY_FLAG: Final = 0x4
