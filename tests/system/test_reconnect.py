@@ -48,6 +48,14 @@ def serve(tmp_path: Path, image: Path, log: Path, *extra: str,
     return d.start()
 
 
+def fresh(tmp_path: Path) -> tuple[int, random.Random, Path, Path]:
+    """A seed (printed on failure), its generator, a zeroed image and where its log goes."""
+    seed = random.randrange(1 << 32)
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(IMAGE_BYTES))
+    return seed, random.Random(seed), image, tmp_path / "log"
+
+
 def payload(seq: int, nbytes: int) -> bytes:
     return b"".join(struct.pack("<II", seq, i) * 64 for i in range(nbytes // 512))
 
@@ -79,10 +87,7 @@ def test_resume_restores_completed_unflushed_writes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ten_kills_and_resumes_lose_no_completed_write(tmp_path: Path) -> None:
-    seed = random.randrange(1 << 32)
-    rng = random.Random(seed)
-    image, log = tmp_path / "disk.img", tmp_path / "log"
-    image.write_bytes(bytes(IMAGE_BYTES))
+    seed, rng, image, log = fresh(tmp_path)
     d = serve(tmp_path, image, log)
     seen_complete: list[int] = []            # write sequence numbers the front-end saw done
     resubmitted = 0
@@ -153,10 +158,7 @@ def test_ten_kills_and_resumes_lose_no_completed_write(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_inflight_reconnects_log_every_write_exactly_once(tmp_path: Path) -> None:
-    seed = random.randrange(1 << 32)
-    rng = random.Random(seed)
-    image, log = tmp_path / "disk.img", tmp_path / "log"
-    image.write_bytes(bytes(IMAGE_BYTES))
+    seed, rng, image, log = fresh(tmp_path)
     # How each backend dies: its failpoint inside a done-but-unpublished window, or a timer.
     plans: list[str | None] = [
         (f"published:{rng.randint(2, 30)}", f"flushed:{rng.randint(1, 5)}", None)[k % 3]
