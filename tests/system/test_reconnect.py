@@ -157,18 +157,20 @@ def test_ten_kills_and_resumes_lose_no_completed_write(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_inflight_reconnects_log_every_write_exactly_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("queues", [1, 2])
+def test_inflight_reconnects_log_every_write_exactly_once(tmp_path: Path, queues: int) -> None:
     seed, rng, image, log = fresh(tmp_path)
     # How each backend dies: its failpoint inside a done-but-unpublished window, or a timer.
     plans: list[str | None] = [
         (f"published:{rng.randint(2, 30)}", f"flushed:{rng.randint(1, 5)}", None)[k % 3]
         for k in range(KILLS)]
-    d = serve(tmp_path, image, log, failpoint=plans[0], verbose=True)
+    qargs = ("--num-queues", str(queues))
+    d = serve(tmp_path, image, log, *qargs, failpoint=plans[0], verbose=True)
     writes: dict[int, BlkRequest] = {}       # sequence number -> its request
     requests: list[BlkRequest] = []
     timer: threading.Timer | None = None
     kills = rounds_after = seq = 0
-    fe = BlkFrontend(d.socket_path, timeout_s=20, inflight=True)
+    fe = BlkFrontend(d.socket_path, timeout_s=20, inflight=True, num_queues=queues)
     assert fe.has_protocol(ProtocolFeature.INFLIGHT_SHMFD)
     batch: list[BlkRequest] = []
     while kills < KILLS or rounds_after < 5:
@@ -179,17 +181,20 @@ def test_inflight_reconnects_log_every_write_exactly_once(tmp_path: Path) -> Non
             timer.start()
         try:
             if not batch:
+                # With two queues a round has requests in flight on both at once.
                 for _ in range(rng.randint(1, 6)):
                     seq += 1
                     offset = rng.randrange(IMAGE_BYTES // BLOCK - 2) * BLOCK
-                    r = fe.prepare(write_parts(offset // 512, payload(seq, 2 * BLOCK)))
+                    r = fe.prepare(write_parts(offset // 512, payload(seq, 2 * BLOCK)),
+                                   queue=rng.randrange(queues))
                     writes[seq] = r
                     batch.append(r)
                 if rng.random() < 0.6:
-                    batch.append(fe.prepare(flush_parts()))
+                    batch.append(fe.prepare(flush_parts(), queue=rng.randrange(queues)))
                 requests += batch
                 fe.publish(batch)
-                fe.kick()
+                for queue in {r.queue for r in batch}:
+                    fe.kick(queue)
             fe.wait(batch)
             batch = []
             rounds_after += kills == KILLS
@@ -205,7 +210,8 @@ def test_inflight_reconnects_log_every_write_exactly_once(tmp_path: Path) -> Non
             assert d.returncode == -signal.SIGKILL, d.stderr_tail()
             kills += 1
             following = plans[kills] if kills < KILLS else None
-            d = serve(tmp_path, image, log, "--resume", failpoint=following, verbose=True)
+            d = serve(tmp_path, image, log, "--resume", *qargs, failpoint=following,
+                      verbose=True)
             fe.reconnect(d.socket_path)
     fe.close()
     assert d.stop() == 0, d.stderr_tail()
@@ -223,6 +229,7 @@ def test_inflight_reconnects_log_every_write_exactly_once(tmp_path: Path) -> Non
     resubmitted = sum(int(n) for n in re.findall(r"(\d+) requests resubmitted", text))
     done = sum(int(n) for n in re.findall(r"(\d+) of them already done", text))
     assert done > 0, f"seed {seed}: no resubmission was already done ({resubmitted})"
-    print(f"\nseed {seed}: in-flight reconnects survived, every write logged once: "
+    print(f"\nseed {seed}, {queues} queue(s): in-flight reconnects survived, every write "
+          f"logged once: "
           f"{kills}/{KILLS} ({len(writes)} writes; {resubmitted} requests resubmitted by the "
           f"backend, {done} already done and completed without logging)")
