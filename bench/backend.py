@@ -1,27 +1,41 @@
-"""Backend speed: the same guest and fio jobs against four disks, in one run.
+"""Backend speed: the same guest and fio jobs against five disks, in one run.
 
-Contenders: `logwrites serve --mode passthrough`, `logwrites serve` (logwrites mode),
-qemu-storage-daemon's vhost-user-blk export of the same image, and QEMU's own virtio-blk over
-the blklogwrites driver. Every guest first sets its cache to write back (qemu-storage-daemon
-starts with wce=0), then runs each fio job on the raw disk (O_DIRECT, libaio): 4 KiB random
-write at depth 1 and 32, 4 KiB random read at depth 32, 1 MiB sequential write at depth 4,
-4 KiB random write with an fsync after each. Prints IOPS per job, ratios to
-qemu-storage-daemon and to blklogwrites, the backend process's CPU time per request
-(utime+stime from /proc, over fio's request count; blklogwrites runs inside QEMU, so it has
-none of its own), its wake-ups per request (voluntary + involuntary context switches from
-/proc/PID/status) and its peak memory. Under TCG the guest is often the bottleneck: CPU per
-request is the figure that shows the backend's own cost. Contenders run back to back in each
-of `--rounds` rounds; each figure is the best of the rounds (the machine's cores are shared,
-so the worst round measures the neighbours). Ends with one verdict line per goal of issue 7.
-No asserts.
+Contenders: `logwrites serve --mode passthrough`, `logwrites serve` (logwrites mode), the same
+with four queues (`logwrites-4q`), qemu-storage-daemon's vhost-user-blk export of the same
+image, and QEMU's own virtio-blk over the blklogwrites driver. Every guest first sets its cache
+to write back (qemu-storage-daemon starts with wce=0), then runs each fio job on the raw disk
+(O_DIRECT, libaio): 4 KiB random write at depth 1 and 32, 4 KiB random read at depth 32, 1 MiB
+sequential write at depth 4, 4 KiB random write with an fsync after each (`--job` picks some).
+Prints IOPS per job, ratios to qemu-storage-daemon and to blklogwrites, the backend process's
+CPU time per request (utime+stime from /proc, over fio's request count; blklogwrites runs inside
+QEMU, so it has none of its own), its wake-ups per request (voluntary + involuntary context
+switches from /proc/PID/status) and its peak memory. Under TCG the guest is often the
+bottleneck: CPU per request is the figure that shows the backend's own cost. Contenders run back
+to back in each of `--rounds` rounds; each figure is the best of the rounds (the machine's cores
+are shared, so the worst round measures the neighbours). Ends with one verdict line per goal of
+issue 7. No asserts.
 
-    .venv/bin/python bench/backend.py [--runtime 5] [--size-mib 256] [--rounds 2] [--json]
+Two goals need runs of their own. Memory: job `write-10x-ram` writes ten times the guest's RAM
+(1 MiB sequential writes looping over the fio area, an fsync every 64 writes) through the
+passthrough, logwrites and qemu-storage-daemon backends while the backend's VmRSS, RssAnon and
+RssShmem are sampled from /proc; the goal is about RssAnon (what the backend allocates), since
+the guest RAM it maps (RssShmem) is the guest's. The bench guest gets `--guest-mib` of RAM
+(384 MiB: the default guest's initramfs is unpacked into RAM, and 256 MiB panics at boot), so
+10x is 3840 MiB. Multiqueue: contender `logwrites-4q` is logwrites mode with `--num-queues 4`
+(QEMU `num-queues=4`) on the same single-job fio runs, compared with the one-queue `logwrites`
+of the same round. With one guest CPU the guest's virtio-blk starts one of the four queues (one
+per CPU), so this measures what offering four costs a single-queue workload; `--cpus 2` gives
+every contender's guest two CPUs, and then the guest starts two queues, one per CPU.
+
+    .venv/bin/python bench/backend.py [--runtime 5] [--size-mib 256] [--rounds 2]
+        [--guest-mib 384] [--cpus 1] [--only CONTENDER]... [--job JOB]... [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -29,19 +43,32 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Final
 
 from guests.build import default_guest
-from qmp.backend import ServeBackend, StorageDaemon
+from qmp.backend import BackendError, ControlClient, ServeBackend, StorageDaemon
 from qmp.machine import Machine, PlainDisk
 
-JOBS = {  # name: fio options
+JOBS: Final = {  # name: fio options of the timed single-job runs
     "randwrite-4k-qd1": "--rw=randwrite --bs=4k --iodepth=1",
     "randwrite-4k-qd32": "--rw=randwrite --bs=4k --iodepth=32",
     "randread-4k-qd32": "--rw=randread --bs=4k --iodepth=32",
     "seqwrite-1m-qd4": "--rw=write --bs=1m --iodepth=4",
     "randwrite-4k-fsync": "--rw=randwrite --bs=4k --iodepth=1 --fsync=1",
 }
-CONTENDERS = ("passthrough", "logwrites", "qemu-storage-daemon", "blklogwrites")
+# Ten times the guest's RAM written, flushed along the way: the memory goal's workload.
+MEMORY_JOB: Final = "write-10x-ram"
+MEMORY_JOB_OPTIONS: Final = "--rw=write --bs=1m --iodepth=4 --fsync=64"
+ALL_JOBS: Final = (*JOBS, MEMORY_JOB)
+MQ_QUEUES: Final = 4
+CONTENDERS: Final = ("passthrough", "logwrites", "logwrites-4q", "qemu-storage-daemon",
+                     "blklogwrites")
+# Contenders with a backend process whose memory the memory job samples; logwrites-4q is left
+# out to keep the run short (it shares logwrites mode's sink).
+MEMORY_CONTENDERS: Final = ("passthrough", "logwrites", "qemu-storage-daemon")
+SAMPLE_INTERVAL_S: Final = 0.1
+MEMORY_LIMIT_MIB: Final = 100
+MQ_IOPS_FLOOR, MQ_CPU_CEILING = 0.9, 1.1  # "within noise" for the multiqueue goal
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -64,31 +91,94 @@ def wakeups(pid: int | None) -> int:
     return total
 
 
+def status_kib(pid: int | None, keys: tuple[str, ...]) -> dict[str, int]:
+    """The `keys` fields (KiB) of /proc/PID/status."""
+    if pid is None:
+        return {}
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key = line.split(":", 1)[0]
+        if key in keys:
+            out[key] = int(line.split()[1])
+    return out
+
+
 def memory_kib(pid: int | None) -> dict[str, int]:
     """Peak resident set (VmHWM) and private anonymous memory (RssAnon) of `pid`, in KiB.
 
     A vhost-user backend maps the guest's RAM (a shared memfd): pages it touches count in its
     VmRSS/VmHWM although they are the guest's memory. RssAnon is what the backend allocates.
     """
-    if pid is None:
-        return {}
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key = line.split(":", 1)[0]
-        if key in ("VmHWM", "RssAnon", "RssShmem"):
-            out[key] = int(line.split()[1])
-    return out
+    return status_kib(pid, ("VmHWM", "RssAnon", "RssShmem"))
 
 
-def fio_script(options: str, runtime: int, size_mib: int) -> str:
-    # --end_fsync: each job ends with a FLUSH, so a job that sends none (the O_DIRECT write
-    # jobs) pays for logging its own parked writes instead of handing them to the next job.
+class RssSampler:
+    """Samples a process's VmRSS, RssAnon and RssShmem every SAMPLE_INTERVAL_S while a job
+    runs: the peaks, and RssAnon at the first and last sample (flat or growing)."""
+
+    KEYS: Final = ("VmRSS", "RssAnon", "RssShmem")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kib = dict.fromkeys(self.KEYS, 0)
+        self.first_anon_kib: int | None = None
+        self.last_anon_kib = 0
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        try:
+            now = status_kib(self.pid, self.KEYS)
+        except OSError:  # the backend is gone: the job will say why
+            return
+        for key, value in now.items():
+            self.peak_kib[key] = max(self.peak_kib[key], value)
+        anon = now.get("RssAnon", 0)
+        if self.first_anon_kib is None:
+            self.first_anon_kib = anon
+        self.last_anon_kib = anon
+        self.samples += 1
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+
+    async def __aenter__(self) -> RssSampler:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sample()
+
+    def figures(self) -> dict:
+        return {"rss_peak_kib": self.peak_kib, "rss_anon_first_kib": self.first_anon_kib or 0,
+                "rss_anon_last_kib": self.last_anon_kib, "rss_samples": self.samples}
+
+
+def fio_script(options: str) -> str:
     return (f"echo 'write back' > /sys/block/vda/cache_type\n"
             f"fio --name=j --filename=$LW_DEV --direct=1 --ioengine=libaio {options} "
-            f"--size={size_mib}M --runtime={runtime} --time_based --ramp_time=1 --end_fsync=1 "
             f"--output-format=json > /tmp/fio.json 2>/tmp/fio.err "
             f"|| {{ cat /tmp/fio.err >&2; exit 1; }}\n"
             f"lw-report fio \"$(cat /tmp/fio.json)\"\n")
+
+
+def timed_job(options: str, runtime: int, size_mib: int) -> str:
+    # --end_fsync: each job ends with a FLUSH, so a job that sends none (the O_DIRECT write
+    # jobs) pays for logging its own parked writes instead of handing them to the next job.
+    return fio_script(f"{options} --size={size_mib}M --runtime={runtime} --time_based "
+                      f"--ramp_time=1 --end_fsync=1")
+
+
+def memory_job(size_mib: int, write_mib: int) -> str:
+    # --io_size beyond --size: fio loops over the area until write_mib are written.
+    return fio_script(f"{MEMORY_JOB_OPTIONS} --size={size_mib}M --io_size={write_mib}M "
+                      f"--end_fsync=1")
 
 
 def fio_figures(report: str) -> tuple[float, int, int]:
@@ -100,15 +190,23 @@ def fio_figures(report: str) -> tuple[float, int, int]:
     return iops, requests, job["write"]["io_bytes"]
 
 
-async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int) -> dict:
+def queue_counts(status: dict) -> dict[str, int]:
+    return {"queues": int(status.get("queues", 0)),
+            "queues_started": int(status.get("queues_started", 0))}
+
+
+async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int,
+                  jobs: tuple[str, ...], guest_mib: int, cpus: int) -> dict:
     run_dir = work / contender
     run_dir.mkdir()
     image = run_dir / "disk.img"
     with image.open("wb") as f:
         f.truncate((size_mib + 64) << 20)
+    queues = MQ_QUEUES if contender == "logwrites-4q" else 1
     backend: ServeBackend | StorageDaemon | None = None
-    if contender in ("passthrough", "logwrites"):
-        backend = ServeBackend(image, run_dir / "log", run_dir, mode=contender)
+    if contender in ("passthrough", "logwrites", "logwrites-4q"):
+        mode = "logwrites" if contender == "logwrites-4q" else contender
+        backend = ServeBackend(image, run_dir / "log", run_dir, mode=mode, num_queues=queues)
     elif contender == "qemu-storage-daemon":
         backend = StorageDaemon(image, run_dir)
     disks = ()
@@ -119,16 +217,27 @@ async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int
         disks = (PlainDisk(Path(f"{image},log.driver=file,log.filename={log},"
                                 f"log-sector-size=512"), format="blklogwrites"),)
     results: dict = {}
+    extra: dict = {}
     if backend is not None:
         await backend.start()
     try:
         async with Machine(guest, run_dir / "m", disk_socket=backend.socket if backend else None,
-                           disks=disks) as m:
+                           disks=disks, num_queues=queues, memory_mb=guest_mib,
+                           cpus=cpus) as m:
             pid = backend.proc.pid if backend and backend.proc else None
-            for name, options in JOBS.items():
+            for name in jobs:
+                if name == MEMORY_JOB:
+                    if contender not in MEMORY_CONTENDERS or pid is None:
+                        continue
+                    write_mib = 10 * m.memory_mb
+                    script, timeout_s = memory_job(size_mib, write_mib), write_mib // 5 + 300
+                else:
+                    script = timed_job(JOBS[name], runtime, size_mib)
+                    timeout_s = runtime * 10 + 120
+                sampler = RssSampler(pid) if name == MEMORY_JOB and pid else None
                 before, woke = cpu_seconds(pid), wakeups(pid)
-                result = await m.run(fio_script(options, runtime, size_mib),
-                                     timeout_s=runtime * 10 + 120)
+                async with sampler or contextlib.nullcontext():
+                    result = await m.run(script, timeout_s=timeout_s)
                 used, woke = cpu_seconds(pid) - before, wakeups(pid) - woke
                 if result is None or not result.ok:
                     results[name] = {"error": (result.stderr if result else "no result")[-300:]}
@@ -138,14 +247,23 @@ async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int
                 results[name] = {"iops": iops, "requests": requests, "bytes_written": written,
                                  "cpu_us_per_request": used / requests * 1e6 if ok else None,
                                  "wakeups_per_request": woke / requests if ok else None}
+                if sampler is not None:
+                    results[name] |= sampler.figures()
+            if isinstance(backend, ServeBackend) and backend.control is not None:
+                # How many of the offered queues the guest started (one per guest CPU).
+                try:
+                    async with ControlClient(backend.control, timeout_s=30) as control:
+                        extra = queue_counts(await control.status())
+                except (BackendError, OSError, TimeoutError, ValueError) as err:
+                    extra = {"status_error": str(err)}
             accel, memory_mb = m.accel, m.memory_mb
             memory = memory_kib(pid)
             await m.quit()
     finally:
         if backend is not None:
             await backend.stop()
-    return {"accel": accel, "guest_memory_mib": memory_mb, "memory_kib": memory,
-            "jobs": results}
+    return {"accel": accel, "guest_memory_mib": memory_mb, "guest_cpus": cpus,
+            "memory_kib": memory, **extra, "jobs": results}
 
 
 def best_of(rounds: list[dict]) -> dict:
@@ -155,10 +273,11 @@ def best_of(rounds: list[dict]) -> dict:
     merged["memory_kib"] = {key: max(r["memory_kib"].get(key, 0) for r in rounds)
                             for key in rounds[0]["memory_kib"]}
     merged["jobs"] = {}
-    for job in JOBS:
+    for job in ALL_JOBS:
         ok = [r["jobs"][job] for r in rounds if "error" not in r["jobs"].get(job, {"error": 1})]
         if not ok:
-            merged["jobs"][job] = rounds[-1]["jobs"].get(job, {"error": "not run"})
+            if any(job in r["jobs"] for r in rounds):
+                merged["jobs"][job] = rounds[-1]["jobs"].get(job, {"error": "failed"})
             continue
         figures = {"iops": max(g["iops"] for g in ok),
                    "requests": sum(g["requests"] for g in ok),
@@ -166,21 +285,63 @@ def best_of(rounds: list[dict]) -> dict:
         for key in ("cpu_us_per_request", "wakeups_per_request"):
             values = [g[key] for g in ok if g[key] is not None]
             figures[key] = min(values) if values else None
+        if "rss_peak_kib" in ok[0]:
+            # Memory is a ceiling: the worst round is the figure, with its first/last RssAnon.
+            worst = max(ok, key=lambda g: g["rss_peak_kib"]["RssAnon"])
+            figures |= {k: worst[k] for k in ("rss_peak_kib", "rss_anon_first_kib",
+                                              "rss_anon_last_kib", "rss_samples")}
+            figures["bytes_written_per_round"] = min(g["bytes_written"] for g in ok)
         merged["jobs"][job] = figures
     return merged
 
 
-def worst_ratio(ours: dict, ref: dict, key: str, higher_is_better: bool
-                ) -> tuple[float, str] | None:
-    """The worst ratio ours/ref of `key` over the jobs both ran, and that job's name."""
+def worst_ratio(ours: dict, ref: dict, key: str, higher_is_better: bool,
+                jobs: tuple[str, ...] = ALL_JOBS) -> tuple[float, str] | None:
+    """The worst ratio ours/ref of `key` over the `jobs` both ran, and that job's name."""
     ratios = []
-    for job in JOBS:
+    for job in jobs:
         a, b = ours.get(job, {}).get(key), ref.get(job, {}).get(key)
         if a is not None and b:
             ratios.append((a / b, job))
     if not ratios:
         return None
     return min(ratios) if higher_is_better else max(ratios)
+
+
+def memory_verdict(figures: dict) -> str:
+    name = f"memory < {MEMORY_LIMIT_MIB} MiB through 10x guest RAM written"
+    ours = figures.get("logwrites", {})
+    got = ours.get("jobs", {}).get(MEMORY_JOB)
+    if not got or "error" in got:
+        why = got["error"].strip().splitlines()[-1:] if got else f"run job {MEMORY_JOB}"
+        return f"{name}: not measured on logwrites ({why})"
+    ram = ours["guest_memory_mib"]
+    written = got["bytes_written_per_round"] / (1 << 20)
+    peak = got["rss_peak_kib"]
+    anon, rss, shmem = (peak[k] / 1024 for k in ("RssAnon", "VmRSS", "RssShmem"))
+    enough = written >= 10 * ram
+    state = "met" if anon < MEMORY_LIMIT_MIB and enough else "NOT met"
+    why = "" if enough else f"; wrote {written:.0f} MiB, not 10x RAM"
+    return (f"{name}: {state} (peak RssAnon {anon:.0f} MiB, from "
+            f"{got['rss_anon_first_kib'] / 1024:.0f} to {got['rss_anon_last_kib'] / 1024:.0f} "
+            f"MiB over the job; peak VmRSS {rss:.0f} MiB of which guest RAM mapped {shmem:.0f} "
+            f"MiB; {written:.0f} MiB written, guest RAM {ram} MiB{why})")
+
+
+def multiqueue_verdict(figures: dict) -> str:
+    name = f"multiqueue ({MQ_QUEUES} queues) costs single-queue nothing"
+    one = figures.get("logwrites", {}).get("jobs", {})
+    mq = figures.get("logwrites-4q", {})
+    iops = worst_ratio(mq.get("jobs", {}), one, "iops", True, tuple(JOBS))
+    cpu = worst_ratio(mq.get("jobs", {}), one, "cpu_us_per_request", False, tuple(JOBS))
+    if iops is None or cpu is None:
+        return f"{name}: not measured (needs logwrites and logwrites-4q on the same jobs)"
+    ok = iops[0] >= MQ_IOPS_FLOOR and cpu[0] <= MQ_CPU_CEILING
+    started = mq.get("queues_started", "?")
+    return (f"{name}: {'met' if ok else 'NOT met'} (worst IOPS x{iops[0]:.2f} 1q on {iops[1]}, "
+            f"worst CPU/request x{cpu[0]:.2f} 1q on {cpu[1]}; goal >= {MQ_IOPS_FLOOR}, "
+            f"<= {MQ_CPU_CEILING}; {mq.get('guest_cpus', '?')} guest CPU, "
+            f"{started} of {MQ_QUEUES} queues started)")
 
 
 def verdicts(figures: dict) -> list[str]:
@@ -199,25 +360,11 @@ def verdicts(figures: dict) -> list[str]:
         return (f"{name}: {'met' if ok else 'NOT met'} (worst x{ratio:.2f} qsd on {job}, "
                 f"goal {sign} {limit})")
 
-    lines = [bound("CPU/request logwrites <= 1.0x qsd", lw, "cpu_us_per_request", 1.0, False),
-             bound("CPU/request passthrough <= 0.8x qsd", pt, "cpu_us_per_request", 0.8, False),
-             bound("IOPS logwrites >= 0.9x qsd", lw, "iops", 0.9, True),
-             bound("wake-ups/request logwrites <= qsd", lw, "wakeups_per_request", 1.0, False)]
-    ours = figures.get("logwrites")
-    if ours:
-        memory = ours["memory_kib"]
-        peak, shared = memory.get("VmHWM", 0) / 1024, memory.get("RssShmem", 0) / 1024
-        written = sum(g.get("bytes_written", 0) for g in ours["jobs"].values()) / (1 << 20)
-        ram = ours["guest_memory_mib"]
-        enough = written >= 10 * ram
-        state = "met" if peak < 100 and enough else "NOT met"
-        why = "" if enough else f"; the workload wrote {written:.0f} MiB, not 10x RAM"
-        lines.append(f"memory < 100 MiB through 10x guest RAM written: {state} (peak RSS "
-                     f"{peak:.0f} MiB, of which guest RAM mapped at the end {shared:.0f} MiB; "
-                     f"guest RAM {ram} MiB{why})")
-    lines.append("multiqueue costs single-queue nothing: not measured by this bench "
-                 "(one queue, one vCPU)")
-    return lines
+    return [bound("CPU/request logwrites <= 1.0x qsd", lw, "cpu_us_per_request", 1.0, False),
+            bound("CPU/request passthrough <= 0.8x qsd", pt, "cpu_us_per_request", 0.8, False),
+            bound("IOPS logwrites >= 0.9x qsd", lw, "iops", 0.9, True),
+            bound("wake-ups/request logwrites <= qsd", lw, "wakeups_per_request", 1.0, False),
+            memory_verdict(figures), multiqueue_verdict(figures)]
 
 
 def qemu_version() -> str:
@@ -225,14 +372,65 @@ def qemu_version() -> str:
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
 
 
+def job_line(contender: str, got: dict, ref: dict, blw: dict, one_queue: dict) -> str:
+    """One contender's figures on one job, with its ratios to the peers of the same run."""
+    if "error" in got:
+        return f"  {contender:20s} failed: {got['error'].strip().splitlines()[-1:]}"
+    line = f"  {contender:20s} {got['iops']:9.0f} IOPS"
+    base = ref.get("iops")
+    if base:
+        line += f"  x{got['iops'] / base:.2f} qsd"
+    other = blw.get("iops")
+    if other and contender != "blklogwrites":
+        line += f"  x{got['iops'] / other:.2f} blklogwrites"
+    if contender == "logwrites-4q" and one_queue.get("iops"):
+        line += f"  x{got['iops'] / one_queue['iops']:.2f} 1q"
+    cpu = got.get("cpu_us_per_request")
+    if cpu is not None:
+        line += f"  backend CPU {cpu:.1f} us/request"
+        if contender == "logwrites-4q" and one_queue.get("cpu_us_per_request"):
+            line += f" (x{cpu / one_queue['cpu_us_per_request']:.2f} 1q)"
+    if got.get("wakeups_per_request") is not None:
+        line += f"  {got['wakeups_per_request']:.2f} wake-ups/request"
+    return line
+
+
+def print_memory_job(figures: dict) -> None:
+    rows = {c: d["jobs"][MEMORY_JOB] for c, d in figures.items()
+            if "rss_peak_kib" in d["jobs"].get(MEMORY_JOB, {})}
+    if not rows:
+        return
+    ram = next(iter(figures.values()))["guest_memory_mib"]
+    print(f"{MEMORY_JOB} ({10 * ram} MiB of 1 MiB writes, fsync every 64, guest RAM {ram} MiB;"
+          f" backend memory sampled every {SAMPLE_INTERVAL_S} s, MiB):")
+    ref = rows.get("qemu-storage-daemon", {}).get("rss_peak_kib", {}).get("RssAnon")
+    for contender, got in rows.items():
+        peak = got["rss_peak_kib"]
+        line = (f"  {contender:20s} peak RssAnon {peak['RssAnon'] / 1024:6.1f} (first "
+                f"{got['rss_anon_first_kib'] / 1024:.1f}, last "
+                f"{got['rss_anon_last_kib'] / 1024:.1f})  peak VmRSS {peak['VmRSS'] / 1024:6.1f}"
+                f"  peak RssShmem {peak['RssShmem'] / 1024:6.1f}  {got['rss_samples']} samples")
+        if ref:
+            line += f"  RssAnon x{peak['RssAnon'] / ref:.2f} qsd"
+        print(line)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per timed fio job")
     parser.add_argument("--size-mib", type=int, default=256, help="disk area fio uses")
     parser.add_argument("--rounds", type=int, default=2, help="contenders back to back, N times")
-    parser.add_argument("--only", choices=CONTENDERS, action="append")
+    parser.add_argument("--guest-mib", type=int, default=384,
+                        help="guest RAM; the memory job writes 10x this (default 384: the "
+                             "default guest does not boot in 256)")
+    parser.add_argument("--cpus", type=int, default=1, help="guest CPUs, every contender")
+    parser.add_argument("--only", choices=CONTENDERS, action="append",
+                        help="run this contender (repeatable; default all)")
+    parser.add_argument("--job", choices=ALL_JOBS, action="append",
+                        help="run this job (repeatable; default all)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    jobs = tuple(args.job) if args.job else ALL_JOBS
     guest = default_guest()
     runs: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
@@ -240,41 +438,39 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp:
                 runs.setdefault(contender, []).append(
                     asyncio.run(measure(contender, guest, Path(tmp), args.runtime,
-                                        args.size_mib)))
+                                        args.size_mib, jobs, args.guest_mib, args.cpus)))
     figures = {contender: best_of(rounds) for contender, rounds in runs.items()}
+    first = next(iter(figures.values()))
     env = {"qemu": qemu_version(), "cores": os.cpu_count(), "python": platform.python_version(),
-           "accel": next(iter(figures.values()))["accel"]}
+           "accel": first["accel"], "guest_memory_mib": first["guest_memory_mib"],
+           "guest_cpus": args.cpus}
     if args.json:
         print(json.dumps({"environment": env, "figures": figures, "verdicts": verdicts(figures)}))
         return 0
-    print(f"{env['qemu']}, accel {env['accel']}, {env['cores']} cores, "
-          f"runtime {args.runtime} s per job, best of {args.rounds} rounds")
+    print(f"{env['qemu']}, accel {env['accel']}, {env['cores']} cores, guest "
+          f"{env['guest_memory_mib']} MiB and {args.cpus} CPU, runtime {args.runtime} s per "
+          f"timed job, best of {args.rounds} rounds")
     ref = figures.get("qemu-storage-daemon", {}).get("jobs", {})
     blw = figures.get("blklogwrites", {}).get("jobs", {})
-    for job in JOBS:
+    one_queue = figures.get("logwrites", {}).get("jobs", {})
+    for job in jobs:
+        ran = {c: d["jobs"][job] for c, d in figures.items() if job in d["jobs"]}
+        if not ran:
+            continue
         print(f"{job}:")
-        for contender, data in figures.items():
-            got = data["jobs"].get(job, {})
-            if "error" in got:
-                print(f"  {contender:20s} failed: {got['error'].strip().splitlines()[-1:]}")
-                continue
-            line = f"  {contender:20s} {got['iops']:9.0f} IOPS"
-            base = ref.get(job, {}).get("iops")
-            if base:
-                line += f"  x{got['iops'] / base:.2f} qsd"
-            other = blw.get(job, {}).get("iops")
-            if other and contender != "blklogwrites":
-                line += f"  x{got['iops'] / other:.2f} blklogwrites"
-            if got.get("cpu_us_per_request") is not None:
-                line += f"  backend CPU {got['cpu_us_per_request']:.1f} us/request"
-            if got.get("wakeups_per_request") is not None:
-                line += f"  {got['wakeups_per_request']:.2f} wake-ups/request"
-            print(line)
-    print("memory (KiB):")
+        for contender, got in ran.items():
+            print(job_line(contender, got, ref.get(job, {}), blw.get(job, {}),
+                           one_queue.get(job, {})))
+    print_memory_job(figures)
+    print("memory over the whole run (KiB):")
     for contender, data in figures.items():
         if data["memory_kib"]:
             print(f"  {contender:20s} " + "  ".join(f"{k} {v}" for k, v in
                                                     data["memory_kib"].items()))
+    queues = {c: d for c, d in figures.items() if "queues" in d}
+    if queues:
+        print("queues (offered / started by the guest): " + ", ".join(
+            f"{c} {d['queues']}/{d['queues_started']}" for c, d in queues.items()))
     print("verdicts (issue 7):")
     for line in verdicts(figures):
         print(f"  {line}")
