@@ -27,12 +27,13 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Final
 
 import pytest
 
 from logwrites.logfile import LogReader
 from qmp.backend import BackendError, ControlClient, ServeBackend
-from qmp.machine import Machine
+from qmp.machine import Machine, PlainDisk
 from tests.conftest import require_tool
 from vhost.pending import FAILPOINT_ENV
 
@@ -41,15 +42,19 @@ DISK = 512 * MiB
 REGION = 4 * MiB            # one fio run: 1024 writes of 4 KiB, each block once
 BLOCK = 4096
 KILLS = 10
-WORKLOAD_S = 75             # how long the guest keeps starting fio runs
+WORKLOAD_MAX_S = 300        # the guest stops starting fio runs then, at the latest
+STOP: Final = b"STOP"       # ... or once the test writes this at the start of its flag disk
 
 # Run i writes region i (sparse image: untouched regions cost nothing), verifies it at the end
-# (crc32c in every block, fatal on the first mismatch), FLUSHes every 32 writes.
+# (crc32c in every block, fatal on the first mismatch), FLUSHes every 32 writes. Between runs
+# the guest reads its second disk (vdb, served by QEMU itself, not by the backend under test):
+# the test writes STOP there once it is done killing.
 FIO = f"""
 echo 2 > /sys/block/vda/queue/nomerges
-end=$(( $(cut -d. -f1 /proc/uptime) + {WORKLOAD_S} ))
+end=$(( $(cut -d. -f1 /proc/uptime) + {WORKLOAD_MAX_S} ))
+stopped() {{ dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q {STOP.decode()}; }}
 i=0
-while [ $(cut -d. -f1 /proc/uptime) -lt $end ] && [ $i -lt {DISK // REGION} ]; do
+while ! stopped && [ $(cut -d. -f1 /proc/uptime) -lt $end ] && [ $i -lt {DISK // REGION} ]; do
     fio --name=run$i --filename=$LW_DEV --rw=randwrite --bs={BLOCK} --size={REGION} \\
         --offset=$(( i * {REGION} )) --direct=1 --ioengine=libaio --iodepth=8 \\
         --fsync=32 --verify=crc32c --verify_fatal=1 --randseed=$(( i + 1 )) \\
@@ -109,6 +114,8 @@ def test_ten_backend_kills_under_fio_verify(default_guest, tmp_path: Path) -> No
     image, log = tmp_path / "disk.img", tmp_path / "log"
     with image.open("wb") as f:
         f.truncate(DISK)
+    flag = tmp_path / "flag.img"
+    flag.write_bytes(bytes(1 << 20))
     kills: list[int | None] = []
     # How each backend dies: its own failpoint (published:N, flushed:N) or the test's SIGKILL.
     plans: list[str | None] = [
@@ -127,8 +134,9 @@ def test_ten_backend_kills_under_fio_verify(default_guest, tmp_path: Path) -> No
         async with backend:
             assert backend.control is not None
             async with Machine(default_guest, tmp_path / "m", disk_socket=backend.socket,
-                               control_socket=backend.control, cpus=1) as m:
-                await m.run(FIO, timeout_s=WORKLOAD_S + 240, wait=False)
+                               control_socket=backend.control, cpus=1,
+                               disks=[PlainDisk(flag)]) as m:
+                await m.run(FIO, timeout_s=WORKLOAD_MAX_S + 240, wait=False)
                 for k, plan in enumerate(plans):
                     assert backend.proc is not None
                     if plan is None:
@@ -147,6 +155,9 @@ def test_ten_backend_kills_under_fio_verify(default_guest, tmp_path: Path) -> No
                     ready_lines.append(backend.ready_line)
                     if await serving(backend, 1):
                         outage_s.append(time.monotonic() - down)
+                await serving(backend, 1)
+                with flag.open("r+b") as f:          # the guest finishes its current run
+                    f.write(STOP)
                 result = await m.result()
                 assert result.ok, f"seed {seed}: {result.stderr}"
                 runs = int(result.reports["runs"])
