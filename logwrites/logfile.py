@@ -11,9 +11,10 @@ breaks.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -52,6 +53,24 @@ IOV_MAX: Final = 1024
 Record = tuple[int, int, int, "Buffer | None"]
 
 
+# Entries of at least this many bytes are written with O_DIRECT, straight from the caller's
+# buffers (guest memory, for the backend) to the device, around the page cache. Measured on
+# this host's ext4 (bench/backend.py, and a pwritev loop): copying a payload into the page cache
+# is most of the CPU a logged 1 MiB write costs (~0.5 ms per MiB with its writeback, against
+# ~0.15 ms direct), while small direct writes wait on the device (~0.15-0.5 ms for 4 KiB against
+# ~20 us buffered). Both kinds of write land in the same file; the kernel keeps the page cache
+# coherent around direct writes, and every commit syncs the file whichever way its entries went.
+DIRECT_MIN: Final = 64 << 10
+
+
+def _open_direct(path: Path) -> int:
+    """A second, O_DIRECT descriptor on the log; -1 where the filesystem has no O_DIRECT."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
 class LogFullError(LogwritesError):
     """The log cannot take another entry (its filesystem is full, or its size limit is reached)."""
 
@@ -83,6 +102,8 @@ class LogWriter:
     __slots__ = (
         "_allocated",
         "_count_unsynced",
+        "_direct_fd",
+        "_direct_header",
         "_fd",
         "_grow",
         "_preallocate",
@@ -109,6 +130,8 @@ class LogWriter:
         self._grow = preallocate > 0 and stat.S_ISREG(st.st_mode)
         self._allocated = st.st_size       # bytes the file already holds (ours or zeros)
         self._count_unsynced = False       # the super block was rewritten but not synced yet
+        self._direct_fd = _open_direct(path)
+        self._direct_header = mmap.mmap(-1, mmap.PAGESIZE) if self._direct_fd >= 0 else None
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], sectorsize: int,
@@ -181,11 +204,35 @@ class LogWriter:
                 raise LogFullError(self.path, os.strerror(err.errno)) from err
             raise
 
+    def _write_direct(self, header: bytes, payload: Sequence[Buffer], at: int,
+                      nbytes: int) -> bool:
+        """Write one big entry around the page cache; False if this one cannot go direct (a
+        buffer the device cannot take as it is), and nothing was written."""
+        room = self._direct_header
+        assert room is not None
+        room[: len(header)] = header        # page-aligned, as O_DIRECT wants its buffers
+        buffers = [memoryview(room)[: len(header)], *payload]
+        if len(buffers) > IOV_MAX:
+            return False
+        try:
+            written = os.pwritev(self._direct_fd, buffers, at)
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                return False
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise LogFullError(self.path, os.strerror(err.errno)) from err
+            raise
+        if written != nbytes:
+            raise LogFullError(self.path, f"short write ({written} of {nbytes} bytes)")
+        return True
+
     def _append(self, header: bytes, payload: Sequence[Buffer], payload_blocks: int) -> int:
         at = self.next_block * self.sectorsize
         nbytes = self.sectorsize * (1 + payload_blocks)
         self._reserve(at + nbytes)
-        self._write([header, *payload], at, nbytes)
+        if not (nbytes >= DIRECT_MIN and self._direct_fd >= 0
+                and self._write_direct(header, payload, at, nbytes)):
+            self._write([header, *payload], at, nbytes)
         index = self.next_index
         self.next_index += 1
         self.next_block += 1 + payload_blocks
@@ -278,9 +325,19 @@ class LogWriter:
         self.next_block += 1 + payload_blocks
         return index
 
-    def commit(self, sync_count: bool = True, count: int | None = None) -> None:
+    def retract(self, index: int, block: int) -> None:
+        """Forget the uncounted entries from `index` (whose header is at `block`) on; their
+        room is reused by the next append (a request that failed after it was logged)."""
+        if not self.nr_entries <= index <= self.next_index or block > self.next_block:
+            raise ValueError(f"entry {index}: only uncounted entries can be retracted")
+        self.next_index, self.next_block = index, block
+
+    def commit(self, sync_count: bool = True, count: int | None = None,
+               before_count: Callable[[], object] | None = None) -> None:
         """Make every appended entry durable, then count it in the super block (`count`: only
-        the first `count` entries, leaving later ones appended but uncounted).
+        the first `count` entries, leaving later ones appended but uncounted). `before_count`
+        runs between the two (what else must be durable first); if it raises, nothing more is
+        counted.
 
         The entries are synced before the count moves. With `sync_count` the count is synced
         too before we return; without it, the count's own sync rides on the next commit's
@@ -304,8 +361,12 @@ class LogWriter:
             if sync_count and self._count_unsynced:
                 os.fdatasync(self._fd)
                 self._count_unsynced = False
+            if before_count is not None:
+                before_count()
             return
         os.fdatasync(self._fd)
+        if before_count is not None:
+            before_count()
         os.pwrite(self._fd, encode_super(count, self.sectorsize), 0)
         self.nr_entries = count
         if sync_count:
@@ -326,6 +387,9 @@ class LogWriter:
         finally:
             os.close(self._fd)
             self._fd = -1
+            if self._direct_fd >= 0:
+                os.close(self._direct_fd)
+                self._direct_fd = -1
 
     def __enter__(self) -> LogWriter:
         return self

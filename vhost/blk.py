@@ -6,8 +6,10 @@ batch is validated before anything is touched (header, sizes, direction, alignme
 `sectorsize`, range; else IOERR or UNSUPP, and nothing is logged), its data goes between guest
 memory and the image through `preadv`/`pwritev` on buffers over the guest's pages (no copies in
 Python), and its used entry is filled; at the end of the batch FUA entries are committed and the
-used entries are published with one notification. A FLUSH makes the image durable, then the log
-(the filter counts the records it carries and a FLUSH entry), before it completes.
+used entries are published with one notification. A FLUSH makes the image and the log durable
+(the filter counts the records it carries and a FLUSH entry once both are), before it
+completes. For a FLUSH and for big writes the image's side runs on one worker thread while the
+log's side runs here: the two syncs (or the two copies of a MiB) overlap instead of adding up.
 
 Every record reaches the log file when its request completes (in `logwrites` mode uncounted
 until a FLUSH carries it), so when the log cannot take an entry (LogFullError: its filesystem
@@ -42,6 +44,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Final
 
 from logwrites.errors import LogwritesError
@@ -58,6 +61,9 @@ SEG_MAX: Final = 126                    # data segments per request (queue size 
 SIZE_MAX: Final = 1 << 20               # bytes per segment
 MAX_DISCARD_SEG: Final = 32
 MAX_RANGE_SECTORS: Final = 1 << 22      # per discard/write-zeroes segment, 512-byte units (2 GiB)
+# Writes of at least this many bytes are logged while the worker writes the image (below it,
+# handing over to the worker costs more than the write).
+PARALLEL_MIN: Final = 64 << 10
 BATCH: Final = 64                       # publish at least this often (libvhost-user panics
                                         # if more than the ring's size are popped unpublished)
 _ZEROS: Final = bytes(1 << 20)
@@ -72,6 +78,10 @@ _UNSUPP: Final = (V.S_UNSUPP, 1)
 _OK: Final = (V.S_OK, 1)
 
 
+class _ImageNotDurable(Exception):
+    """The image sync of a FLUSH failed (its OSError is the cause)."""
+
+
 def _bit(n: int) -> int:
     return 1 << n
 
@@ -84,7 +94,8 @@ class BlkDevice:
     """
 
     __slots__ = (
-        "_fd", "_fua", "_id", "_req", "_wrote_through", "bytes_read", "bytes_written", "conn",
+        "_fd", "_fua", "_id", "_io", "_req", "_wrote_through", "bytes_read", "bytes_written",
+        "conn",
         "counts", "held", "log_full", "log_full_events", "num_queues", "on_log_full",
         "pause_until_resumed", "readonly", "sectorsize", "sink", "size", "started", "unlogged",
         "wce",
@@ -99,6 +110,9 @@ class BlkDevice:
         if len(raw_id) > V.ID_BYTES:
             raise ValueError(f"serial {serial!r} is longer than {V.ID_BYTES} bytes")
         self._fd = image_fd
+        # One worker for the image's side of big writes and flushes, so the log's side runs
+        # meanwhile (both calls release the GIL); created on first need.
+        self._io: ThreadPoolExecutor | None = None
         self.size = size - size % sectorsize
         self.sink = sink
         self.sectorsize = sectorsize
@@ -291,6 +305,8 @@ class BlkDevice:
         if not nbytes:
             return _OK                  # nothing written, nothing to log
         buffers = self._buffers(req)
+        if nbytes >= PARALLEL_MIN and not self._fua:
+            return self._write_big(buffers, offset, nbytes)
         try:
             written = os.pwritev(self._fd, buffers, offset)
         except OSError as err:
@@ -307,6 +323,37 @@ class BlkDevice:
             self._wrote_through = True
         return _OK
 
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._io is None:
+            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-image")
+        return self._io
+
+    def _write_big(self, buffers: list, offset: int, nbytes: int) -> tuple[int, int]:
+        """A big write: the image is written by the worker while the record is logged (for a
+        MiB, each side is a copy or a device write of about a millisecond); a request whose
+        image write failed is taken back out of the log."""
+        ss = self.sectorsize
+        image_write = self._worker().submit(os.pwritev, self._fd, buffers, offset)
+        logged = False
+        try:
+            logged = self._record(offset // ss, nbytes // ss, 0, buffers)
+        finally:
+            try:
+                written = image_write.result()
+            except OSError as err:
+                log.warning("write of %d bytes at %d: %s", nbytes, offset, err)
+                written = -1
+        if written != nbytes:
+            if logged:
+                self.sink.retract()
+            self.counts[C_ERROR] += 1
+            return _IOERR
+        if not logged:
+            self.counts[C_ERROR] += 1
+            return _IOERR
+        self.bytes_written += nbytes
+        return _OK
+
     def _flush(self) -> tuple[int, int]:
         self.counts[C_FLUSH] += 1
         if self.readonly:
@@ -316,25 +363,36 @@ class BlkDevice:
             return _IOERR
         sink = self.sink
         ticket = sink.flush_taken()
+        # The image is synced by the worker while the sink syncs the log; the sink counts
+        # the flush's entries only once image_durable() returned.
+        image_sync = self._worker().submit(os.fdatasync, self._fd)
+
+        def image_durable() -> None:
+            try:
+                image_sync.result()
+            except OSError as err:
+                raise _ImageNotDurable(err) from err
+
         try:
-            os.fdatasync(self._fd)
-        except OSError as err:
+            while True:
+                try:
+                    sink.flush_durable(ticket, image_durable)
+                    return _OK
+                except LogFullError as err:
+                    if self._held_for_room(err, "FLUSH"):
+                        continue        # the user made room: the same FLUSH again
+                    self._full(err, sink.unflushed)
+                    self.counts[C_ERROR] += 1
+                    return _IOERR
+        except _ImageNotDurable as err:
             # Not durable on the image: the records it carried must not be counted as
             # flushed; they wait for a FLUSH that succeeds.
-            log.warning("image sync for a FLUSH: %s (%d records not flushed)", err,
+            log.warning("image sync for a FLUSH: %s (%d records not flushed)", err.__cause__,
                         sink.unflushed)
             self.counts[C_ERROR] += 1
             return _IOERR
-        while True:
-            try:
-                sink.flush_durable(ticket)
-                return _OK
-            except LogFullError as err:
-                if self._held_for_room(err, "FLUSH"):
-                    continue        # the user made room: the same FLUSH again
-                self._full(err, sink.unflushed)
-                self.counts[C_ERROR] += 1
-                return _IOERR
+        finally:
+            wait([image_sync])      # never two syncs of the image at once
 
     def _record(self, sector: int, nr_sectors: int, flags: int,
                 data: list | None) -> bool:

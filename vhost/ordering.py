@@ -27,7 +27,7 @@ touched the same sectors).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from logwrites.format import (
@@ -64,7 +64,12 @@ class CompletionSink(Protocol):
 
     `completed(sector, nr_sectors, flags, data)`: `flags` is 0 for a write (data = its payload,
     exactly `nr_sectors` blocks), DISCARD for a discard (data None), 0 with data None for a
-    write-zeroes; FUA added when the guest's write cache is off (logged at once).
+    write-zeroes; FUA added when the guest's write cache is off (logged at once). `retract()`
+    takes back the last `completed` record without FUA, before anything else is logged: the
+    device logs a big write while the image write runs, and that one may fail.
+    `flush_durable(ticket, image_durable)`: `image_durable()` returns once the image is
+    durable (the device syncs it while the sink syncs the log) and raises if it is not; the
+    flush's entries are counted only after it returned.
     """
 
     mode: str
@@ -76,7 +81,10 @@ class CompletionSink(Protocol):
 
     def flush_taken(self) -> object: ...
 
-    def flush_durable(self, ticket: object) -> int: ...
+    def flush_durable(self, ticket: object,
+                      image_durable: Callable[[], object] | None = None) -> int: ...
+
+    def retract(self) -> None: ...
 
     def mark(self, name: str) -> int: ...
 
@@ -141,18 +149,19 @@ class _LoggingSink:
             self.observer.entry(index, flags)
         return index
 
-    def _append_flush(self, records: list[tuple[int, int, int, bytes | None]] | None = None
-                      ) -> int:
-        """Append `records` and one FLUSH entry (one pwritev for all), commit; the count's own
+    def _append_flush(self, image_durable: Callable[[], object] | None) -> int:
+        """Append one FLUSH entry and commit once the image is durable too; the count's own
         sync is deferred to the next commit (see LogWriter.commit: still DESIGN §3.7)."""
-        records = records or []
-        first = self.writer.append_batch(records, flush=True)
-        index = first + len(records)
+        writer = self.writer
+        block = writer.next_block
+        index = writer.append_flush()
+        try:
+            writer.commit(sync_count=False, before_count=image_durable)
+        except BaseException:
+            writer.retract(index, block)        # the image was not made durable: no FLUSH
+            raise
         if self.observer is not None:
-            for n, record in enumerate(records):
-                self.observer.entry(first + n, record[2])
             self.observer.entry(index, FLUSH)
-        self.writer.commit(sync_count=False)
         self._dirty = False
         self._flushes += 1
         if self.observer is not None:
@@ -260,6 +269,15 @@ class LogWritesSink(_LoggingSink):
         self._staged_blocks += blocks
         self._taken += 1
 
+    def retract(self) -> None:
+        """The last record's request failed on the image after all: out of the list, and its
+        room in the file is reused."""
+        _flags, blocks = self._staged.pop()
+        self._staged_blocks -= blocks
+        self._taken -= 1
+        writer = self.writer
+        writer.retract(writer.next_index - 1, writer.next_block - blocks)
+
     def batch_end(self) -> None:
         """Commit FUA entries of the batch (not the staged records behind them) before its
         completions are published."""
@@ -281,8 +299,10 @@ class LogWritesSink(_LoggingSink):
             for n, (flags, _) in enumerate(carried):
                 self.observer.entry(first + n, flags)
 
-    def flush_durable(self, ticket: object) -> int:
-        """The image is durable: the flush's records, then its FLUSH entry, are counted.
+    def flush_durable(self, ticket: object,
+                      image_durable: Callable[[], object] | None = None) -> int:
+        """The flush's records, then its FLUSH entry, are counted once they and the image are
+        durable (the log is synced while the device syncs the image).
 
         Returns the FLUSH entry's index; the device completes the FLUSH request after this.
         """
@@ -291,14 +311,23 @@ class LogWritesSink(_LoggingSink):
         carried = min(max(ticket - self._done, 0), len(self._staged))
         first, block = self._first_staged()
         if carried == len(self._staged):
+            flush_block = writer.next_block
             index = writer.append_flush()
+            try:
+                writer.commit(sync_count=False, count=index + 1, before_count=image_durable)
+            except BaseException:
+                writer.retract(index, flush_block)  # no FLUSH entry for a failed flush
+                raise
         else:
             # Records that completed after the flush was taken wait for the next one (seed
-            # example): the FLUSH entry goes between them and the ones it carries.
+            # example): the FLUSH entry goes between them and the ones it carries, once the
+            # image is durable (an inserted entry cannot be taken back).
+            if image_durable is not None:
+                image_durable()
             block += sum(blocks for _, blocks in self._staged[:carried])
             header = encode_entry_header(0, 0, FLUSH, writer.sectorsize)
             index = writer.insert(first + carried, block, header, (), 0)
-        writer.commit(sync_count=False, count=index + 1)
+            writer.commit(sync_count=False, count=index + 1)
         self._dirty = False
         self._log_staged(carried, first)
         self._flushes += 1
@@ -334,17 +363,26 @@ class ImmediateSink(_LoggingSink):
 
     mode = "immediate"
 
+    def __init__(self, writer: LogWriter) -> None:
+        super().__init__(writer)
+        self._last = (0, 0)         # (index, block) of the last record, for retract()
+
     def completed(self, sector: int, nr_sectors: int, flags: int,
                   data: Sequence[Buffer] | None) -> None:
+        self._last = (self.writer.next_index, self.writer.next_block)
         self._append(sector, nr_sectors, flags, data)
         if flags & FUA:
             self._dirty = True
 
+    def retract(self) -> None:
+        self.writer.retract(*self._last)
+
     def flush_taken(self) -> object:
         return None
 
-    def flush_durable(self, ticket: object) -> int:
-        return self._append_flush()
+    def flush_durable(self, ticket: object,
+                      image_durable: Callable[[], object] | None = None) -> int:
+        return self._append_flush(image_durable)
 
 
 class PassthroughSink:
@@ -373,9 +411,15 @@ class PassthroughSink:
     def flush_taken(self) -> object:
         return None
 
-    def flush_durable(self, ticket: object) -> int:
+    def flush_durable(self, ticket: object,
+                      image_durable: Callable[[], object] | None = None) -> int:
+        if image_durable is not None:
+            image_durable()
         self._flushes += 1
         return -1
+
+    def retract(self) -> None:
+        pass
 
     def mark(self, name: str) -> int:
         raise NoLogError("passthrough mode keeps no log: marks need --mode logwrites or "

@@ -61,7 +61,7 @@ import logging
 import os
 import signal
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -191,6 +191,7 @@ class JournaledSink:
         # Done requests a front-end may resubmit: (qidx, head) -> (counter, epoch).
         self._done: dict[tuple[int, int], tuple[int, int]] = {}
         self._batch: list[Ident] = []      # identities recorded since the last batch_end
+        self._retractable = (0, 0)           # (journal end, batch length) before the last record
         self._conn: Connection | None = None
         self._dev: Any = None
         self._tracked = 0                   # bit per queue with in-flight tracking
@@ -264,7 +265,15 @@ class JournaledSink:
                                        self._end)
             return
         self.inner.completed(sector, nr_sectors, flags, data)
+        self._retractable = (self._end, len(self._batch))
         self._journal(sector, nr_sectors, flags, data, self._ident())
+
+    def retract(self) -> None:
+        """The last record's image write failed: out of the log and of the journal (its room
+        is reused; the published offset has not passed it yet)."""
+        self.inner.retract()
+        self._end, batched = self._retractable
+        del self._batch[batched:]
 
     def _journal(self, sector: int, nr_sectors: int, flags: int,
                  data: Sequence[Buffer] | None, ident: Ident | None) -> None:
@@ -314,8 +323,9 @@ class JournaledSink:
     def flush_taken(self) -> object:
         return self.inner.flush_taken()
 
-    def flush_durable(self, ticket: object) -> int:
-        index = self.inner.flush_durable(ticket)
+    def flush_durable(self, ticket: object,
+                      image_durable: Callable[[], object] | None = None) -> int:
+        index = self.inner.flush_durable(ticket, image_durable)
         self._fail("flushed")
         self._reset()
         return index

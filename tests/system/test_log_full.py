@@ -216,9 +216,14 @@ def test_image_write_error_is_ioerr_and_not_logged(tmp_path: Path, small_fs) -> 
         with BlkFrontend(d.socket_path, timeout_s=10) as fe:
             assert fe.write(0, fill(0)).status == Status.OK          # allocated: fine
             assert fe.write(1024, fill(1)).status == Status.IOERR    # ENOSPC on the image
+            # A big write is logged while the image is written: the failed one is taken back.
+            big = bytes([7]) * (256 << 10)
+            assert fe.write(2048, big).status == Status.IOERR
+            assert fe.write(0, fill(2)).status == Status.OK          # allocated: fine
             assert fe.flush().status == Status.OK
             status = Control(d.control)("status")
-            assert status["requests"]["failed"] == 1 and status["log_full"] is None
+            assert status["requests"]["failed"] == 2 and status["log_full"] is None
     finally:
         assert d.stop() == 0
-    assert kinds(log) == [("write", 0, 8, fill(0)[0]), ("flush",), ("mark", "dm-log-writes-end")]
+    assert kinds(log) == [("write", 0, 8, fill(0)[0]), ("write", 0, 8, fill(2)[0]), ("flush",),
+                          ("mark", "dm-log-writes-end")]

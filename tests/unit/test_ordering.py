@@ -165,6 +165,34 @@ def test_a_mark_that_does_not_fit_moves_nothing(log_path: Path) -> None:
     assert summary(log_path) == [("w", 4, 2, 4), ("flush",)]
 
 
+def image_sync_failed() -> None:
+    raise OSError(5, "Input/output error")
+
+
+@pytest.mark.parametrize("mode", ["logwrites", "immediate"])
+def test_a_flush_whose_image_sync_failed_counts_nothing(log_path: Path, mode: str) -> None:
+    sink = make_sink(mode, LogWriter.create(log_path, SECTORSIZE))
+    sink.completed(1, 1, 0, [payload(1)])
+    with pytest.raises(OSError):
+        sink.flush_durable(sink.flush_taken(), image_sync_failed)
+    assert counted(log_path) == 0 and sink.flushes == 0
+    sink.completed(2, 1, 0, [payload(2)])
+    assert sink.flush_durable(sink.flush_taken(), lambda: None) == 2
+    assert summary(log_path) == [("w", 1, 1, 1), ("w", 2, 1, 2), ("flush",)]
+
+
+@pytest.mark.parametrize("mode", ["logwrites", "immediate"])
+def test_retract_takes_the_last_record_back(log_path: Path, mode: str) -> None:
+    sink = make_sink(mode, LogWriter.create(log_path, SECTORSIZE))
+    sink.completed(1, 1, 0, [payload(1)])
+    sink.completed(2, 4, 0, [payload(2, 4)])         # its image write failed after all
+    sink.retract()
+    sink.completed(3, 1, 0, [payload(3)])            # takes the room of the retracted one
+    sink.flush_durable(sink.flush_taken())
+    assert summary(log_path) == [("w", 1, 1, 1), ("w", 3, 1, 3), ("flush",)]
+    assert sink.log_bytes == 512 + 2 * 1024 + 512
+
+
 def test_only_uncounted_entries_move(log_path: Path) -> None:
     writer = LogWriter.create(log_path, SECTORSIZE)
     writer.append_flush()
