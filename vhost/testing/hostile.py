@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from vhost.testing.virtqueue import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+    GuestMemory,
     RawDesc,
 )
 
@@ -281,7 +283,20 @@ def _split(data: bytes, cuts: tuple[int, ...]) -> list[bytes]:
 
 # Raw descriptor-level cases ---------------------------------------------------------------
 # Each builds a write of one block at sector 0 whose chain is broken in one way, so that a
-# backend that follows the broken chain anyway would write the image (and be caught).
+# backend that follows the broken chain anyway would write the image (and be caught). The
+# oracle allows no image change for them, so each must really be broken: a "wild" buffer
+# reaches outside guest memory (`_wild`), else the case would be a valid write in disguise.
+
+WILD_STATUS_LEN: Final = 16     # a 1-byte status at `end - 8` would fit: a valid request
+
+
+def _wild(mem: GuestMemory, desc: RawDesc) -> RawDesc:
+    """`desc`, once checked to reach outside guest memory."""
+    if mem.contains(desc.addr, desc.length):
+        raise ValueError(f"raw case: wild buffer {desc.addr:#x}+{desc.length} lies inside "
+                         f"guest memory, so its request would be valid")
+    return desc
+
 
 def _raw_write(fe: BlkFrontend, kind: str, arg: int) -> BlkRequest:
     mem, q = fe.memory, fe.queues[0]
@@ -308,15 +323,16 @@ def _raw_write(fe: BlkFrontend, kind: str, arg: int) -> BlkRequest:
     elif kind == "next-out-of-table":
         table[b] = RawDesc(data, SECTOR_SIZE, VRING_DESC_F_NEXT, q.num + arg % 1000)
     elif kind == "wild-data":
-        table[b] = RawDesc(wild, SECTOR_SIZE, VRING_DESC_F_NEXT, c)
+        table[b] = _wild(mem, RawDesc(wild, SECTOR_SIZE, VRING_DESC_F_NEXT, c))
     elif kind == "wild-header":
-        table[a] = RawDesc(wild, OUTHDR.size, VRING_DESC_F_NEXT, b)
+        table[a] = _wild(mem, RawDesc(wild, OUTHDR.size, VRING_DESC_F_NEXT, b))
     elif kind == "wild-status":
-        table[c] = RawDesc(wild, 1, VRING_DESC_F_WRITE)
+        # Longer than the 1 byte a status needs, so that at `end - 8` it straddles the end.
+        table[c] = _wild(mem, RawDesc(wild, WILD_STATUS_LEN, VRING_DESC_F_WRITE))
     elif kind == "data-crosses-end":
-        table[b] = RawDesc(end - 256, SECTOR_SIZE, VRING_DESC_F_NEXT, c)
+        table[b] = _wild(mem, RawDesc(end - 256, SECTOR_SIZE, VRING_DESC_F_NEXT, c))
     elif kind == "huge-length":
-        table[b] = RawDesc(data, 0xFFFFFFFF, VRING_DESC_F_NEXT, c)
+        table[b] = _wild(mem, RawDesc(data, 0xFFFFFFFF, VRING_DESC_F_NEXT, c))
     elif kind == "zero-length-data":
         table[b] = RawDesc(data, 0, VRING_DESC_F_NEXT, c)
     elif kind == "zero-length-status":
@@ -340,6 +356,8 @@ def _raw_write(fe: BlkFrontend, kind: str, arg: int) -> BlkRequest:
         fe.write_table(itable, chain)
         address = wild if kind == "indirect-wild" else itable
         table = {a: RawDesc(address, length, VRING_DESC_F_INDIRECT)}
+        if kind == "indirect-wild":
+            _wild(mem, table[a])
     elif kind == "head-out-of-table":
         table = {}
         head = q.num + arg % 1000
@@ -376,6 +394,8 @@ class Tally:
     # write-zeroes, (byte offset, bytes) per discard segment, in completion order.
     ok_writes: list[tuple[int, int, str]] = field(default_factory=list)
     ok_discards: list[tuple[int, int]] = field(default_factory=list)
+    slowest_s: float = 0.0           # the longest a backend took to complete a case
+    slowest_case: str = ""
 
 
 class HostileSession:
@@ -383,18 +403,26 @@ class HostileSession:
 
     `image_path` is the backend's data image; `model` what it must hold (bytes), `known`
     which 512-byte sectors the model vouches for (a discard makes them unknown).
-    `alive` says whether the backend process still runs.
+    `alive` says whether the backend process still runs. A case that may be dropped is judged
+    dropped after `timeout_s` without completion (qemu-storage-daemon drops some silently, so
+    this stays short); one the backend must answer gets `answer_timeout_s`, so that a slow
+    answer on a loaded machine is not mistaken for none. After the first failure the image
+    and the model may have parted, so every later verdict would blame an innocent case: the
+    session re-raises that first failure instead (hypothesis replays cases on it).
     """
 
     def __init__(self, socket_path: Path, image_path: Path, alive: Callable[[], bool],
-                 timeout_s: float = 0.4, describe: Callable[[], str] = lambda: "") -> None:
+                 timeout_s: float = 0.4, describe: Callable[[], str] = lambda: "",
+                 answer_timeout_s: float = 30.0) -> None:
         self.socket_path, self.image_path, self.alive = socket_path, image_path, alive
         self.timeout_s, self.describe = timeout_s, describe
+        self.answer_timeout_s = answer_timeout_s
         self.model = bytearray(image_path.read_bytes())
         self.known = bytearray(b"\1" * (len(self.model) // SECTOR_SIZE))
         self.tally = Tally()
         self.fe: BlkFrontend | None = None
         self.last_case: Case | None = None
+        self.failure: HostileFailure | None = None
 
     def connect(self) -> BlkFrontend:
         if self.fe is None:
@@ -409,23 +437,33 @@ class HostileSession:
             self.fe = None
 
     def fail(self, case: Case, problem: str) -> HostileFailure:
-        return HostileFailure(f"{case!r}: {problem} (previous case: {self.last_case!r}) "
-                              f"{self.describe()}")
+        failure = HostileFailure(f"{case!r}: {problem} (previous case: {self.last_case!r}) "
+                                 f"{self.describe()}")
+        if self.failure is None:
+            self.failure = failure
+        return failure
 
     def run(self, case: Case) -> str:
         """Send one case, judge it; returns the outcome. :raise HostileFailure:"""
+        if self.failure is not None:
+            raise self.failure
         try:
             fe = self.connect()
         except (BackendGone, LogwritesError) as err:
             raise self.fail(case, f"backend refused a new connection: {err}") from err
         self.tally.requests += 1
+        started = time.monotonic()
         if case.raw:
             req = _raw_write(fe, case.raw, case.raw_arg)
         else:
             req = fe.prepare(case.parts, indirect=case.indirect)
             fe.publish([req])
             fe.kick()
-        outcome = self._outcome(fe, req)
+        outcome = self._outcome(fe, req, self.timeout_s if DROPPED in case.allowed
+                                else self.answer_timeout_s)
+        elapsed = time.monotonic() - started
+        if req.done and elapsed > self.tally.slowest_s:
+            self.tally.slowest_s, self.tally.slowest_case = elapsed, case.name
         self.tally.outcomes[f"{case.name}: {outcome}"] = (
             self.tally.outcomes.get(f"{case.name}: {outcome}", 0) + 1)
         try:
@@ -444,9 +482,9 @@ class HostileSession:
             self.last_case = case
         return outcome
 
-    def _outcome(self, fe: BlkFrontend, req: BlkRequest) -> str:
+    def _outcome(self, fe: BlkFrontend, req: BlkRequest, timeout_s: float) -> str:
         try:
-            fe.wait([req], self.timeout_s)
+            fe.wait([req], timeout_s)
         except BackendGone:
             return HANGUP if not req.done else self._status_outcome(req)
         except CompletionTimeout:
