@@ -44,7 +44,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Final
 
 from logwrites.errors import LogwritesError
@@ -305,7 +305,7 @@ class BlkDevice:
         if not nbytes:
             return _OK                  # nothing written, nothing to log
         buffers = self._buffers(req)
-        if nbytes >= PARALLEL_MIN and not self._fua:
+        if nbytes >= PARALLEL_MIN and not self._fua and self.sink.keeps_log:
             return self._write_big(buffers, offset, nbytes)
         try:
             written = os.pwritev(self._fd, buffers, offset)
@@ -364,8 +364,16 @@ class BlkDevice:
         sink = self.sink
         ticket = sink.flush_taken()
         # The image is synced by the worker while the sink syncs the log; the sink counts
-        # the flush's entries only once image_durable() returned.
-        image_sync = self._worker().submit(os.fdatasync, self._fd)
+        # the flush's entries only once image_durable() returned. Without a log there is
+        # nothing to overlap, and the hand-over would only cost wake-ups.
+        image_sync: Future[None] = Future()
+        if sink.keeps_log:
+            image_sync = self._worker().submit(os.fdatasync, self._fd)
+        else:
+            try:
+                image_sync.set_result(os.fdatasync(self._fd))
+            except OSError as err:
+                image_sync.set_exception(err)
 
         def image_durable() -> None:
             try:

@@ -73,6 +73,7 @@ class CompletionSink(Protocol):
     """
 
     mode: str
+    keeps_log: bool             # False: nothing to overlap with the image's I/O
 
     def completed(self, sector: int, nr_sectors: int, flags: int,
                   data: Sequence[Buffer] | None) -> None: ...
@@ -113,6 +114,7 @@ class _LoggingSink:
     """What the two logging modes share: the writer, marks, observers, commits, the end."""
 
     mode = "logwrites"
+    keeps_log = True
 
     def __init__(self, writer: LogWriter) -> None:
         self.writer = writer
@@ -389,6 +391,7 @@ class PassthroughSink:
     """No log at all: the baseline against which the logging modes' cost is measured."""
 
     mode = "passthrough"
+    keeps_log = False
     observer: LogObserver | None = None
     unflushed = 0
     entries = 0

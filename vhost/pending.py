@@ -386,6 +386,10 @@ class JournaledSink:
         self.inner.observer = value     # type: ignore[attr-defined]
 
     @property
+    def keeps_log(self) -> bool:
+        return self.inner.keeps_log
+
+    @property
     def unflushed(self) -> int:
         return self.inner.unflushed
 
