@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include "libvhost-user.h"
 #include "standard-headers/linux/virtio_blk.h"
@@ -121,12 +122,71 @@ static uint64_t lw_get_protocol_features(VuDev *dev)
     return LW_OF(dev)->protocol_features;
 }
 
+/* libvhost-user trusts the in-flight region's sizes: more queues than it has would be written
+ * past its queue array, a region smaller than the sizes claim read past the mapping (SIGBUS),
+ * a ring larger than the region's descriptor array, or a last batch head outside it, written
+ * past it. Checked here, before it acts on them; a front-end that gets them wrong is dropped
+ * like any other protocol error. */
+static const char *lw_inflight_fd_problem(VuDev *dev, VhostUserMsg *vmsg)
+{
+    if (vmsg->fd_num != 1 || vmsg->size != sizeof(vmsg->payload.inflight)) {
+        return NULL;            /* libvhost-user refuses these itself */
+    }
+    uint16_t num_queues = vmsg->payload.inflight.num_queues;
+    uint16_t queue_size = vmsg->payload.inflight.queue_size;
+    uint64_t need = vu_inflight_queue_size(queue_size) * num_queues;
+    struct stat st;
+    if (!num_queues || num_queues > dev->max_queues) {
+        return "SET_INFLIGHT_FD: queue count out of range";
+    }
+    if (!queue_size || queue_size > VIRTQUEUE_MAX_SIZE) {
+        return "SET_INFLIGHT_FD: queue size out of range";
+    }
+    if (vmsg->payload.inflight.mmap_size < need) {
+        return "SET_INFLIGHT_FD: region smaller than its queues";
+    }
+    if (fstat(vmsg->fds[0], &st) || (S_ISREG(st.st_mode)
+            && (uint64_t)st.st_size < vmsg->payload.inflight.mmap_offset + need)) {
+        return "SET_INFLIGHT_FD: file smaller than the region";
+    }
+    return NULL;
+}
+
+static const char *lw_vring_kick_problem(VuDev *dev, VhostUserMsg *vmsg)
+{
+    unsigned int index = vmsg->payload.u64 & VHOST_USER_VRING_IDX_MASK;
+    if (index >= dev->max_queues || !dev->vq[index].inflight
+            || !vu_has_protocol_feature(dev, VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)) {
+        return NULL;
+    }
+    VuVirtqInflight *inflight = dev->vq[index].inflight;
+    if (inflight->desc_num != dev->vq[index].vring.num) {
+        return "in-flight region: its queue size is not the ring's";
+    }
+    if (inflight->version && inflight->last_batch_head >= inflight->desc_num) {
+        return "in-flight region: last batch head outside the ring";
+    }
+    return NULL;
+}
+
 /* libvhost-user turns end-of-file into request 0 (VHOST_USER_NONE) and would exit(0). */
 static int lw_process_msg(VuDev *dev, VhostUserMsg *vmsg, int *do_reply)
 {
+    const char *problem = NULL;
     if (vmsg->request == VHOST_USER_NONE) {
         LW_OF(dev)->disconnected = true;
         *do_reply = 0;
+        return 1;
+    }
+    if (vmsg->request == VHOST_USER_SET_INFLIGHT_FD) {
+        problem = lw_inflight_fd_problem(dev, vmsg);
+    } else if (vmsg->request == VHOST_USER_SET_VRING_KICK) {
+        problem = lw_vring_kick_problem(dev, vmsg);
+    }
+    if (problem) {
+        vmsg_close_fds(vmsg);
+        *do_reply = 0;
+        vu_panic(dev, "%s", problem);
         return 1;
     }
     return 0;

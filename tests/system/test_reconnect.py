@@ -11,6 +11,7 @@ backend's failpoints (vhost/pending.py) leave done but unpublished.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -32,7 +33,16 @@ from vhost.testing.frontend import (
     write_parts,
 )
 from vhost.testing.logcheck import log_records, replay
-from vhost.testing.protocol import BackendGone, FrontendError, ProtocolFeature
+from vhost.testing.protocol import (
+    INFLIGHT,
+    U64,
+    BackendGone,
+    Channel,
+    FrontendError,
+    ProtocolFeature,
+    Request,
+    bit,
+)
 
 IMAGE_BYTES = 4 << 20
 BLOCK = 4096
@@ -233,3 +243,36 @@ def test_inflight_reconnects_log_every_write_exactly_once(tmp_path: Path, queues
           f"logged once: "
           f"{kills}/{KILLS} ({len(writes)} writes; {resubmitted} requests resubmitted by the "
           f"backend, {done} already done and completed without logging)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("queues,queue_size,file_bytes", [
+    (1, 128, 1024),         # a region file smaller than the queue's descriptor states
+    (5, 128, 1 << 20),      # more queues than the backend has (1)
+    (1, 4096, 1 << 20),     # a queue larger than virtio allows
+])
+def test_bad_inflight_region_drops_the_front_end_not_the_backend(
+        tmp_path: Path, queues: int, queue_size: int, file_bytes: int) -> None:
+    image, log = tmp_path / "disk.img", tmp_path / "log"
+    image.write_bytes(bytes(IMAGE_BYTES))
+    d = serve(tmp_path, image, log)
+    try:
+        ch = Channel(str(d.socket_path), 5.0, 5.0)
+        ch.call_u64(Request.GET_FEATURES)
+        ch.call_u64(Request.GET_PROTOCOL_FEATURES)
+        ch.set(Request.SET_PROTOCOL_FEATURES, U64.pack(bit(ProtocolFeature.INFLIGHT_SHMFD)))
+        ch.set(Request.SET_OWNER)
+        region = os.memfd_create("inflight", os.MFD_CLOEXEC)
+        os.ftruncate(region, file_bytes)
+        ch.set(Request.SET_INFLIGHT_FD, INFLIGHT.pack(1 << 20, 0, queues, queue_size),
+               [region])
+        os.close(region)
+        assert ch.hung_up(wait_s=5.0)
+        ch.close()
+        # The backend lives on and serves the next front-end.
+        with BlkFrontend(d.socket_path, inflight=True) as fe:
+            assert fe.write(0, payload(1, BLOCK)).status == Status.OK
+        assert d.alive()
+    finally:
+        assert d.stop() == 0, d.stderr_tail()
+    assert "SET_INFLIGHT_FD" in d.stderr_tail()
