@@ -33,16 +33,8 @@ from vhost.testing.frontend import (
     write_parts,
 )
 from vhost.testing.logcheck import log_records, replay
-from vhost.testing.protocol import (
-    INFLIGHT,
-    U64,
-    BackendGone,
-    Channel,
-    FrontendError,
-    ProtocolFeature,
-    Request,
-    bit,
-)
+from vhost.testing import protocol as vu
+from vhost.testing.protocol import BackendGone, FrontendError, ProtocolFeature
 
 IMAGE_BYTES = 4 << 20
 BLOCK = 4096
@@ -257,15 +249,16 @@ def test_bad_inflight_region_drops_the_front_end_not_the_backend(
     image.write_bytes(bytes(IMAGE_BYTES))
     d = serve(tmp_path, image, log)
     try:
-        ch = Channel(str(d.socket_path), 5.0, 5.0)
-        ch.call_u64(Request.GET_FEATURES)
-        ch.call_u64(Request.GET_PROTOCOL_FEATURES)
-        ch.set(Request.SET_PROTOCOL_FEATURES, U64.pack(bit(ProtocolFeature.INFLIGHT_SHMFD)))
-        ch.set(Request.SET_OWNER)
+        ch = vu.Channel(str(d.socket_path), 5.0, 5.0)
+        ch.call_u64(vu.Request.GET_FEATURES)
+        ch.call_u64(vu.Request.GET_PROTOCOL_FEATURES)
+        ch.set(vu.Request.SET_PROTOCOL_FEATURES,
+               vu.U64.pack(vu.bit(ProtocolFeature.INFLIGHT_SHMFD)))
+        ch.set(vu.Request.SET_OWNER)
         region = os.memfd_create("inflight", os.MFD_CLOEXEC)
         os.ftruncate(region, file_bytes)
-        ch.set(Request.SET_INFLIGHT_FD, INFLIGHT.pack(1 << 20, 0, queues, queue_size),
-               [region])
+        ch.set(vu.Request.SET_INFLIGHT_FD,
+               vu.INFLIGHT.pack(1 << 20, 0, queues, queue_size), [region])
         os.close(region)
         assert ch.hung_up(wait_s=5.0)
         ch.close()
