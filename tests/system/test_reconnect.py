@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from vhost.pending import FAILPOINT_ENV
+from vhost.testing import protocol as vu
 from vhost.testing.daemons import LogwritesServe
 from vhost.testing.frontend import (
     BlkFrontend,
@@ -33,7 +34,6 @@ from vhost.testing.frontend import (
     write_parts,
 )
 from vhost.testing.logcheck import log_records, replay
-from vhost.testing import protocol as vu
 from vhost.testing.protocol import BackendGone, FrontendError, ProtocolFeature
 
 IMAGE_BYTES = 4 << 20
