@@ -1,7 +1,9 @@
 """The control socket: JSON lines from the host (CLI, QEMU layer) and from the guest's agent.
 
 Requests, one JSON object per line, each answered by one line:
-- `{"cmd": "mark", "name": N}` → `{"ok": true, "entry": I}` once the mark is durable.
+- `{"cmd": "mark", "name": N}` → `{"ok": true, "entry": I}` once the mark is durable. While the
+  device is stopped at a stop point the mark waits (a mark logged then would land past the crash
+  point): it is logged and answered at `resume`, or never, if the run ends there.
 - `{"cmd": "status"}` → the kernel target's line `"<#logged entries> <highest allocated
   sector>"` and the detail (queues, requests by kind, bytes, unflushed records, log bytes, mode).
 - `{"cmd": "subscribe"}` → `{"ok": true}`, then events on this connection:
@@ -27,7 +29,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from logwrites.format import flag_names
+from logwrites.format import flag_names, validate_mark_name
 from logwrites.logfile import LogFullError
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ MAX_BACKLOG: Final = 8 << 20        # a subscriber this far behind is dropped
 
 
 class _Client:
-    __slots__ = ("inbuf", "later", "outbuf", "sock", "subscribed")
+    __slots__ = ("held_mark", "inbuf", "later", "outbuf", "sock", "subscribed")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -48,6 +50,9 @@ class _Client:
         self.outbuf = bytearray()
         self.subscribed = False
         self.later: list[dict[str, Any]] = []     # events due right after the reply
+        # A mark asked for while the device is held at a stop point: logged (and answered) at
+        # `resume`; the client's later requests wait behind it, so replies keep their order.
+        self.held_mark: str | None = None
 
 
 class StopPoint:
@@ -84,7 +89,10 @@ class ControlServer:
         loop.watch(self._listener.fileno(), self._accept)
 
     def close(self) -> None:
-        for fd in list(self.clients):
+        for fd, client in list(self.clients.items()):
+            if client.held_mark is not None:
+                self._send(client, {"ok": False, "error": "the backend stopped at a stop "
+                                    "point: the mark was never logged"})
             self._drop(fd)
         self.loop.unwatch(self._listener.fileno())
         self._listener.close()
@@ -123,7 +131,12 @@ class ControlServer:
             self._drop(fd)
             return
         client.inbuf += data
-        while fd in self.clients:
+        self._serve_lines(fd)
+
+    def _serve_lines(self, fd: int) -> None:
+        """Answer the complete request lines a client sent, in order."""
+        client = self.clients.get(fd)
+        while client is not None and fd in self.clients and client.held_mark is None:
             line, sep, rest = client.inbuf.partition(b"\n")
             if not sep:
                 if len(client.inbuf) > MAX_LINE:
@@ -132,7 +145,10 @@ class ControlServer:
                 break
             client.inbuf = bytearray(rest)
             if line.strip():
-                self._send(client, self._request(client, bytes(line)))
+                reply = self._request(client, bytes(line))
+                if reply is None:
+                    break               # a held mark: answered at resume
+                self._send(client, reply)
                 while client.later and fd in self.clients:
                     self._send(client, client.later.pop(0))
 
@@ -157,7 +173,7 @@ class ControlServer:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def _request(self, client: _Client, line: bytes) -> dict[str, Any]:
+    def _request(self, client: _Client, line: bytes) -> dict[str, Any] | None:
         try:
             request = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -167,7 +183,14 @@ class ControlServer:
         cmd = request["cmd"]
         try:
             if cmd == "mark":
-                return self._mark(request.get("name"))
+                name = request.get("name")
+                if self.stopped is not None and isinstance(name, str):
+                    # The guest is stopped at a crash point: a mark logged now would land
+                    # past it. Checked now, logged at resume, or never if the run ends here.
+                    validate_mark_name(name, self.server.device.sectorsize)
+                    client.held_mark = name
+                    return None
+                return self._mark(name)
             if cmd == "status":
                 return self.status()
             if cmd == "subscribe":
@@ -190,6 +213,7 @@ class ControlServer:
                     # the device goes on by itself (releasing here would re-enter it).
                     self.server.resume_log_full()
                     return {"ok": True}
+                self._log_held_marks()
                 self.server.device.release()
                 return {"ok": True}
         except (ValueError, LogFullError) as err:
@@ -206,6 +230,20 @@ class ControlServer:
         entry = self.server.sink.mark(name)    # durable when it returns
         log.info("mark %s logged as entry %d", name, entry)
         return {"ok": True, "entry": entry}
+
+    def _log_held_marks(self) -> None:
+        """`resume`: the marks asked for while stopped are logged now, in arrival order of
+        their clients, and answered; each client's later requests follow."""
+        for fd, client in list(self.clients.items()):
+            name, client.held_mark = client.held_mark, None
+            if name is None:
+                continue
+            try:
+                reply = self._mark(name)
+            except (ValueError, LogFullError) as err:
+                reply = {"ok": False, "error": str(err)}
+            self._send(client, reply)
+            self._serve_lines(fd)
 
     def status(self) -> dict[str, Any]:
         sink, device = self.server.sink, self.server.device

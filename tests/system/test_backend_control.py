@@ -6,6 +6,7 @@ touched."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -161,7 +162,19 @@ def test_stop_at_flush_holds_requests_until_resume(serve) -> None:
         late = Control(d.control)                    # a late subscriber learns it at once
         assert late("subscribe") == {"ok": True}
         assert late.line()["event"] == "stopped"
+        # A mark asked for while stopped (the guest's lw-mark racing the stop) waits: logged
+        # at resume, after the crash point, with the same client's later requests behind it.
+        marker = Control(d.control)
+        marker.sock.sendall(b'{"cmd": "mark", "name": "while-stopped"}\n{"cmd": "status"}\n')
+        assert select.select([marker.sock], [], [], 1.0)[0] == []   # no reply yet
+        assert ctl("status")["entries"] == 2         # the write and the FLUSH, no mark
+        bad = Control(d.control)                     # a bad name is refused at once
+        assert bad("mark", name="two words")["ok"] is False
+        bad.close()
         assert ctl("resume") == {"ok": True}
+        assert marker.line() == {"ok": True, "entry": 2}
+        assert marker.line()["entries"] == 3
+        marker.close()
         fe.wait([held], timeout_s=10)
         assert held.status == Status.OK
         assert not ctl("status")["held"]
