@@ -155,8 +155,10 @@ def test_ten_backend_kills_under_fio_verify(default_guest, tmp_path: Path) -> No
                     ready_lines.append(backend.ready_line)
                     if await serving(backend, 1):
                         outage_s.append(time.monotonic() - down)
-                await serving(backend, 1)
-                with flag.open("r+b") as f:          # the guest finishes its current run
+                # A fio run's worth of writes on the last backend (so at least two runs),
+                # then STOP: the guest finishes the run it is in.
+                await serving(backend, REGION // BLOCK, timeout_s=180)
+                with flag.open("r+b") as f:
                     f.write(STOP)
                 result = await m.result()
                 assert result.ok, f"seed {seed}: {result.stderr}"
