@@ -10,7 +10,11 @@ the next state in build order from a FIFO queue, so its cursor only moves forwar
 walks the log once). A state is the worker's cursor at the state's checkpoint with its epoch's
 local entries applied in place and undone after the check (`StateBuilder.view`): no image copy
 per state. Checkers that leave the image as they found it (the built-in fsck) run on the cursor
-itself; checkers that may write get a disposable copy (`check_state`). Failing reordered states
+itself; checkers that may write get a disposable copy (`check_state`). A state whose image
+provably repeats an earlier state's (`statebuild.ImageKeys`: a mark right after a flush, say)
+reuses that state's verdicts from checkers whose verdict depends on the image alone
+(`image_only`, the built-in fsck); its result names the original (`same_as`, "deduplicated" in
+its detail), and other checkers still run on it. Failing reordered states
 are shrunk, rebuilding those rare states in one pass each. Results come back through a callback
 (the command module draws the progress bar); the library never prints.
 """

@@ -7,7 +7,10 @@ is done with it. So building state i costs one epoch of entries plus reading and
 blocks they touch — no image copy, whatever i and whatever the host filesystem (ext4 has no
 reflink; a sparse copy of a 64 MiB image costs about as much as replaying 2,600 entries).
 A state whose local entries touch more than `UNDO_LIMIT` bytes (a whole-device discard inside
-the window, say) is built on a copy instead, as below.
+the window, say) is built on a copy instead, as below. The cursor lives in a tmpfs when one has
+room (`memory_dir`): it is scratch, and checkers that fsync it (e2fsck's journal replay, a
+score of times per state) then pay nothing for durability nobody needs. `ImageKeys` proves two
+states' images equal (the same data entries applied in the same order) without building them.
 
 The older path, kept for callers that need an image of their own:
 
