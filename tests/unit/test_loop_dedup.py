@@ -56,3 +56,17 @@ def test_repeats_reuse_image_only_verdicts_and_say_so(make_log, tmp_path: Path) 
         kinds=("prefix", "reorder", "torn"), jobs=1, from_start=True, dedup=False),
         tmp_path / "work2")
     assert plain.deduplicated == 0 and len(plain.results) == len(result.results)
+
+
+def test_repeats_with_only_image_only_checkers_are_not_built(make_log, tmp_path: Path) -> None:
+    log = make_log(OPS)
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\xee" * SECTORS * 512)
+    rec = existing_recording(log, base, None)(tmp_path)
+    fsck_like = Recorder(True)
+    result = run_loop(rec, [fsck_like], LoopOptions(kinds=("prefix",), jobs=1,
+                                                    from_start=True), tmp_path / "work")
+    repeats = [r for r in result.results if r.same_as is not None]
+    assert {r.state.id for r in repeats} >= {"p:3", "p:8"}
+    assert all(r.build_seconds == 0.0 and r.verdict == "pass" for r in repeats)
+    assert len(fsck_like.seen) == len(result.results) - len(repeats)
