@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from logwrites.check import parse_checker, require_tools
+from logwrites.check import needs_guest, parse_checker, require_tools
 from logwrites.crashstates import DEFAULT_MAX_STATES
 from logwrites.errors import UsageError
 from logwrites.loop import (
@@ -60,7 +60,7 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     runner = None
     ns = _namespace(fs=fs, kernel=kernel, mkfs_opts=mkfs_opts, image_size=image_size,
                     timeout=timeout_s)
-    if any(s.startswith("guest:") for s in specs):
+    if needs_guest(specs, fs_name):
         from logwrites.guestrecord import guest_check_runner
 
         runner = guest_check_runner(ns)

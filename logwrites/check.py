@@ -540,6 +540,12 @@ class GuestChecker:
         return Verdict("fail", self.name, seconds, f"exit {status}: {_last_line(out)}", out)
 
 
+def needs_guest(specs: list[str], fs: str | None) -> bool:
+    """Whether checkers `specs` on `fs` boot guests: `guest:` ones, and `fsck` on xfs (its
+    dirty-log states are recovered by the kernel under test)."""
+    return any(s.startswith("guest:") for s in specs) or (fs == "xfs" and "fsck" in specs)
+
+
 def parse_checker(spec: str, *, fs: str | None, guest_runner: GuestRunner | None = None,
                   timeout_s: float = DEFAULT_TIMEOUT_S) -> Checker:
     """`fsck`, `host:CMD` or `guest:PATH` as given to `--check`.

@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from logwrites.check import FILESYSTEMS, Checker, parse_checker, require_tools
+from logwrites.check import FILESYSTEMS, Checker, needs_guest, parse_checker, require_tools
 from logwrites.crashstates import DEFAULT_MAX_STATES, KINDS
 from logwrites.errors import UsageError
 from logwrites.loop import LoopOptions, LoopResult, Recorder, existing_recording, run_loop
@@ -121,7 +121,7 @@ def build_checkers(args: argparse.Namespace, workload: Path | None) -> list[Chec
     fs = None if args.fs == "none" else args.fs
     require_tools(fs if "fsck" in specs else None)
     runner = None
-    if any(s.startswith("guest:") for s in specs):
+    if needs_guest(specs, fs):
         from logwrites.guestrecord import guest_check_runner  # boots guests: only when asked
 
         runner = guest_check_runner(args)
