@@ -6,12 +6,15 @@ in the same directory, and prints entries/s and MiB/s beside the raw sequential 
 of that directory measured in the same run (a pwrite loop of 1 MiB blocks plus fsync, the same
 durability a replay ends with), as a ratio. Goals (issue 2): sequential ≥ 0.8 of raw, random
 4 KiB ≥ 50,000 entries/s. With `--replay-log PATH` (xfstests' src/log-writes/replay-log), the
-same logs are replayed by it too, timed the same way, and the images compared.
+same logs are replayed by it too, timed the same way, and the images compared; each round runs
+both tools back to back (alternating who goes first), and the per-round speed ratios and their
+median are printed beside best against best, because this shared machine drifts between rounds.
 
 The log is read back from the page cache (it was just written), as in a crash-replay loop that
 replays the same log over and over; the target's writes go to the filesystem and are synced.
 
-    .venv/bin/python bench/replay.py [--size 256M] [--sectorsize 512] [--replay-log PATH] [--json]
+    .venv/bin/python bench/replay.py [--size 256M] [--sectorsize 512] [--replay-log PATH]
+        [--repeat 3] [--json]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,7 +124,9 @@ def main() -> int:
                         "directory under /tmp, removed afterwards)")
     parser.add_argument("--replay-log", metavar="PATH",
                         help="xfstests' replay-log binary, to compare on the same logs")
-    parser.add_argument("--repeat", type=int, default=2, help="replays per log; best counts")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds per log (each: raw, ours, theirs); best counts, and the "
+                        "median of the per-round ratios")
     parser.add_argument("--json", action="store_true", help="one JSON object, nothing else")
     args = parser.parse_args()
 
@@ -142,37 +148,51 @@ def main() -> int:
             entries = generate(log, args.size, block, args.sectorsize, sequential)
             # The disk is shared and its speed drifts: measure raw, ours and theirs side by
             # side, round after round, and keep each one's best.
-            raw = ours = theirs = 0.0
+            raw = 0.0
+            ours_s: list[float] = []
+            theirs_s: list[float] = []
             ours_digest = theirs_digest = ""
             for round_no in range(args.repeat):
                 raw = max(raw, raw_write_bandwidth(target, args.size))
                 # alternate who goes first, so that neither always follows the raw run
                 for who in (("ours", "theirs") if round_no % 2 == 0 else ("theirs", "ours")):
                     if who == "ours":
-                        seconds = run_ours(log, target)[0]
-                        ours = seconds if not ours else min(ours, seconds)
+                        ours_s.append(run_ours(log, target)[0])
                         ours_digest = ours_digest or digest(target)
                     elif replay_log:
-                        seconds = run_replay_log(replay_log, log, target)
-                        theirs = seconds if not theirs else min(theirs, seconds)
+                        theirs_s.append(run_replay_log(replay_log, log, target))
                         theirs_digest = theirs_digest or digest(target)
+            ours = min(ours_s)
             raws.append(raw)
-            row = {"entries": entries, "log_bytes": log.stat().st_size,
+            row = {"entries": entries, "log_bytes": log.stat().st_size, "rounds_seconds": ours_s,
                    "raw_seq_write_MiBps": raw / MiB, "seconds": ours,
                    "entries_per_s": entries / ours, "MiBps": args.size / MiB / ours,
                    "ratio_to_raw": args.size / ours / raw}
             say(f"{name:14} raw seq write: {raw / MiB:>7.0f} MiB/s (1 MiB pwrite + fsync)")
             say(f"{name:14} logwrites    : {row['entries_per_s']:>9.0f} entries/s "
                 f"{row['MiBps']:>7.0f} MiB/s  ratio to raw {row['ratio_to_raw']:.2f}")
+            say(f"{name:14} logwrites    : seconds per round "
+                f"{' '.join(f'{x:.2f}' for x in ours_s)}")
             if replay_log:
+                theirs = min(theirs_s)
+                # The machine is shared and its speed drifts between rounds: the ratio within
+                # each round (both tools back to back) is steadier than best against best.
+                paired = [t / o for o, t in zip(ours_s, theirs_s, strict=True)]
                 row["replay_log"] = {"seconds": theirs, "entries_per_s": entries / theirs,
                                      "MiBps": args.size / MiB / theirs,
                                      "ratio_to_raw": args.size / theirs / raw,
-                                     "same_image": theirs_digest == ours_digest}
+                                     "same_image": theirs_digest == ours_digest,
+                                     "rounds_seconds": theirs_s,
+                                     "speed_ratio_per_round": paired,
+                                     "speed_ratio_median": statistics.median(paired)}
                 say(f"{name:14} replay-log   : {entries / theirs:>9.0f} entries/s "
                     f"{args.size / MiB / theirs:>7.0f} MiB/s  ratio to raw "
                     f"{args.size / theirs / raw:.2f}  (logwrites is {theirs / ours:.2f}x "
                     f"replay-log's speed; same image: {row['replay_log']['same_image']})")
+                say(f"{name:14} replay-log   : seconds per round "
+                    f"{' '.join(f'{x:.2f}' for x in theirs_s)}; logwrites' speed ratio per "
+                    f"round {' '.join(f'{x:.2f}' for x in paired)}, median "
+                    f"{statistics.median(paired):.2f}x")
             report["workloads"][name] = row
             log.unlink()
         report["raw_seq_write_MiBps"] = max(raws) / MiB
