@@ -22,8 +22,10 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
+from logwrites._replay import ffi as _ffi
+from logwrites._replay import lib as _lib
 from logwrites.errors import CheckFailed, LogwritesError
 from logwrites.format import (
     DISCARD,
@@ -121,6 +123,7 @@ class ReplayResult:
     bytes_written: int = 0   # payload bytes copied onto the target
     bytes_zeroed: int = 0    # bytes discarded (left zero)
     checks: int = 0
+    native_entries: int = 0  # of `entries`, those applied in C (the fast path's plain writes)
     seconds: float = 0.0
 
     @property
@@ -378,11 +381,13 @@ def replay_entries(reader: LogReader, target_fd: int, start_index: int, start_bl
 
 def _replay_fast(reader: LogReader, fd: int, index: int, block: int, count: int,
                  result: ReplayResult, discard_zeroes: bool) -> None:
-    """The hot path (no checks): `LogReader.scan` fused with the replay loop, no Entry objects.
+    """The hot path (no checks), fused with `LogReader.scan`'s walk: no Entry objects.
 
-    Headers come in CHUNK-sized reads; a small write is one pwrite straight out of the chunk, a
-    large one is copied in the kernel. An entry that is not plainly valid goes to
-    `decode_entry_at`, the one validator, which raises the error naming it.
+    `lw_replay_plain` (C, logwrites/_replay_plain.c) applies plain writes and flushes, reading
+    headers in CHUNK-sized reads into the buffer it shares with this loop; it returns at the
+    first entry it leaves to Python — a discard, a mark, anything `decode_entry_at` (the one
+    validator) must look at, a header or payload past the end — which the code below applies
+    or reports exactly as the whole loop did before it moved to C, then hands back.
     """
     sectorsize, size, log_fd = reader.sectorsize, reader.size, reader.fileno()
     nr_entries = reader.nr_entries
@@ -392,17 +397,24 @@ def _replay_fast(reader: LogReader, fd: int, index: int, block: int, count: int,
     unpack, pwrite, preadv, starts = ENTRY_HEADER.unpack_from, os.pwrite, os.preadv, buf.startswith
     zeros = zero_padding(sectorsize)
     padding = len(zeros)
-    buf_start = buf_end = bytes_read = 0
-    at = block * sectorsize
-    big_step = False
-    i, stop = index, index + count
-    writes = discards = flushes = fuas = marks = bytes_written = bytes_zeroed = 0
+    walk = _ffi.new("struct lw_replay *")
+    walk.index, walk.at = index, block * sectorsize
+    plain, c_buf, buf_size = _lib.lw_replay_plain, _ffi.from_buffer(buf), len(buf)
+    stop = index + count
+    # Counts of the entries this loop applies; C keeps its own in `walk`.
+    writes = discards = flushes = fuas = marks = bytes_written = bytes_zeroed = bytes_read = 0
     try:
-        while i < stop:
+        while True:
+            if plain(log_fd, fd, stop, sectorsize, size, c_buf, buf_size, walk) < 0:
+                raise _walk_error(walk)
+            i = walk.index
+            if i >= stop:
+                break
+            at, buf_start, buf_end = walk.at, walk.buf_start, walk.buf_end
             if at + sectorsize > buf_end:
                 if at + sectorsize > size:
                     raise header_past_end(i, size, nr_entries)
-                got = preadv(log_fd, [one_block if big_step else view], at)
+                got = preadv(log_fd, [one_block if walk.big_step else view], at)
                 bytes_read += got
                 buf_start, buf_end = at, at + got
             pos = at - buf_start
@@ -445,15 +457,27 @@ def _replay_fast(reader: LogReader, fd: int, index: int, block: int, count: int,
                     marks += 1
             if flags & FUA:
                 fuas += 1
-            at = next_at
-            i += 1
+            walk.index, walk.at, walk.big_step = i + 1, next_at, big_step
+            walk.buf_start, walk.buf_end = buf_start, buf_end
     finally:
-        reader.bytes_read += bytes_read
-        result.entries = i - index
-        result.next_index, result.next_block = i, at // sectorsize
-        result.writes, result.discards = writes, discards
-        result.flushes, result.fuas, result.marks = flushes, fuas, marks
-        result.bytes_written, result.bytes_zeroed = bytes_written, bytes_zeroed
+        reader.bytes_read += bytes_read + walk.bytes_read
+        result.entries = walk.index - index
+        result.native_entries = walk.c_entries
+        result.next_index, result.next_block = walk.index, walk.at // sectorsize
+        result.writes, result.discards = writes + walk.writes, discards
+        result.flushes, result.fuas = flushes + walk.flushes, fuas + walk.fuas
+        result.marks = marks
+        result.bytes_written, result.bytes_zeroed = bytes_written + walk.bytes_written, bytes_zeroed
+
+
+def _walk_error(walk: Any) -> OSError:
+    """The OSError the Python loop raised for the system call that failed in C."""
+    err, at, failed = walk.err, walk.fail_at, walk.failed
+    if failed == _lib.LW_FAILED_SHORT_WRITE:
+        return OSError(errno.EIO, f"short write at byte {at} of the target")
+    if failed == _lib.LW_FAILED_LOG_ENDED:
+        return OSError(errno.EIO, f"the log ended while reading a payload at byte {at}")
+    return OSError(err, os.strerror(err))
 
 
 def _replay_loop(reader: LogReader, fd: int, index: int, block: int, count: int,

@@ -97,7 +97,8 @@ fetch_libvhost_user() {
 
 build_inputs_hash() {
     cat "$here/pyproject.toml" "$here/setup.py" "$here"/vhost/_lvu_build.py "$here"/vhost/_lvu.cdef \
-        "$here"/vhost/_lvu_glue.c 2>/dev/null | sha256sum | cut -d' ' -f1
+        "$here"/vhost/_lvu_glue.c "$here"/logwrites/_replay_build.py \
+        "$here"/logwrites/_replay_plain.c 2>/dev/null | sha256sum | cut -d' ' -f1
 }
 
 install_venv() {

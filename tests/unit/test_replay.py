@@ -304,3 +304,75 @@ def test_replay_entries_in_steps_on_an_open_target(tmp_path: Path, sectorsize: i
     finally:
         os.close(fd)
     assert index == len(OPS)
+
+
+def test_plain_writes_and_flushes_are_applied_in_c(tmp_path: Path, sectorsize: int,
+                                                    base: bytes) -> None:
+    """The fast path's common case runs in logwrites._replay (no silent Python fallback); the
+    entries it leaves to Python (discards, marks) are the only ones that are not."""
+    log_path = tmp_path / "log"
+    build_log(log_path, sectorsize, OPS)
+    target = fresh_target(tmp_path, base)
+    result = replay(log_path, target)
+    with LogReader(log_path) as reader:
+        entries = list(reader.entries())
+    leftover = [e for e in entries if e.flags & (EntryFlag.DISCARD | EntryFlag.MARK)]
+    assert result.native_entries == len(entries) - len(leftover) > 0
+    assert (result.writes, result.discards, result.flushes, result.fuas, result.marks) == (
+        sum(1 for e in entries if e.nr_sectors and not e.flags & EntryFlag.DISCARD),
+        1, 2, 1, 2)
+    assert result.bytes_written == sum(e.nr_sectors for e in entries
+                                       if not e.flags & EntryFlag.DISCARD) * sectorsize
+    assert target.read_bytes() == model(base, sectorsize, OPS)
+
+
+def test_a_run_of_small_writes_never_leaves_c(tmp_path: Path, base: bytes) -> None:
+    ops: list[tuple] = [("w", (i * 7) % 200, 1 + i % 3, i % 251) for i in range(3000)]
+    ops[1500:1500] = [("f",)]
+    log_path = tmp_path / "log"
+    build_log(log_path, 512, ops)
+    target = fresh_target(tmp_path, base)
+    result = replay(log_path, target)
+    assert result.native_entries == result.entries == len(ops)
+    assert result.writes == len(ops) - 1 and result.flushes == 1
+    assert target.read_bytes() == model(base, 512, ops)
+
+
+def test_c_reports_a_target_error_as_python_would(tmp_path: Path) -> None:
+    from logwrites.replay import replay_entries
+
+    log_path = tmp_path / "log"
+    build_log(log_path, 512, [("f",), ("w", 0, 1, 0x11)])
+    target = tmp_path / "target.img"
+    target.write_bytes(bytes(4096))
+    fd = os.open(target, os.O_RDONLY)  # pwrite fails with EBADF
+    try:
+        with pytest.raises(OSError) as raised:
+            os.pwrite(fd, b"x", 0)
+        with LogReader(log_path) as reader, pytest.raises(OSError) as from_c:
+            replay_entries(reader, fd, 0, 1, 2)
+    finally:
+        os.close(fd)
+    assert str(from_c.value) == str(raised.value)
+    assert from_c.value.errno == raised.value.errno
+
+
+def test_big_payloads_fall_back_to_reads_where_the_kernel_cannot_copy(tmp_path: Path) -> None:
+    """copy_file_range to /dev/null fails (EINVAL): C copies through its buffer instead, which
+    then no longer holds headers; the walk goes on from the right place."""
+    from logwrites.replay import replay_entries
+
+    ops: list[tuple] = [("w", 0, 64, 0x44), ("w", 1, 1, 0x55), ("w", 64, 32, 0x66),
+                        ("f",), ("w", 2, 1, 0x77)]
+    log_path = tmp_path / "log"
+    build_log(log_path, 4096, ops)
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        with LogReader(log_path) as reader:
+            result = replay_entries(reader, fd, 0, 1, len(ops))
+            last = list(reader.entries())[-1]
+    finally:
+        os.close(fd)
+    assert result.native_entries == result.entries == len(ops)
+    assert result.next_block == last.next_block(4096)
+    assert result.bytes_written == (64 + 1 + 32 + 1) * 4096
