@@ -12,7 +12,11 @@ host power cut loses the guest as well); right before a batch's completions are 
 header's `published` offset moves past its records, and only records before it are restored (a
 record journaled after it was never published: its request comes again). The journal is reset
 after every commit that takes the list (a FLUSH, the volatile tail), and names the log's entry
-count at that moment (`base`).
+count at that moment (`base`). A reset (and a restart's first journal) is written whole beside
+the journal (`LOG.pending.new`) and renamed over it: a kill at any instant leaves either the old
+journal, still right about the commit it preceded (see Resuming), or the new one, never an
+empty or half-written one (truncating in place and writing again lost every identity of the
+batch to a kill in between, and with them their exactly-once completion).
 
 Resuming: if the log has, at or after `base`, a FLUSH entry or a write/discard without FUA
 (only the list puts those there: a FLUSH's records or the volatile tail), the list was logged
@@ -183,7 +187,8 @@ class JournaledSink:
         self.inner = inner
         self.mode = inner.mode
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._new = path.with_name(path.name + ".new")
+        self._fd = -1                       # the journal is written first by restore()
         writer = getattr(inner, "writer", None)
         self._sectorsize = writer.sectorsize if writer is not None else 512
         self._end = self._published = 0
@@ -198,7 +203,6 @@ class JournaledSink:
         self.restored = 0
         self.duplicates_expected = 0
         self._failpoint = _failpoint()
-        self._reset()
 
     # -- the connection: identities and resubmissions ------------------------------------------
 
@@ -277,6 +281,15 @@ class JournaledSink:
 
     def _journal(self, sector: int, nr_sectors: int, flags: int,
                  data: Sequence[Buffer] | None, ident: Ident | None) -> None:
+        if ident is not None:
+            self._batch.append(ident)
+        self._end += os.pwritev(self._fd, self._record(sector, nr_sectors, flags, data, ident),
+                                self._end)
+
+    @staticmethod
+    def _record(sector: int, nr_sectors: int, flags: int, data: Sequence[Buffer] | None,
+                ident: Ident | None) -> list[Buffer]:
+        """A list record: its header, then its payload's buffers."""
         buffers = list(data) if data is not None else []
         nbytes = sum(len(b) for b in buffers)
         kind = LISTED if data is None else LISTED_DATA
@@ -287,8 +300,7 @@ class JournaledSink:
             qidx, dhead, counter, epoch = ident
             head = RECORD.pack(sector, nr_sectors, nbytes, NOT_LOGGED, counter, flags, kind,
                                epoch, qidx, dhead)
-            self._batch.append(ident)
-        self._end += os.pwritev(self._fd, [head, *buffers], self._end)
+        return [head, *buffers]
 
     @staticmethod
     def _done_record(ident: Ident, logged_at: int) -> bytes:
@@ -297,16 +309,20 @@ class JournaledSink:
 
     def restore(self, journal: Journal) -> None:
         """Hand a killed backend's completed, unlogged records to this one, in order, and
-        remember which requests were done (a front-end may resubmit them)."""
+        remember which requests were done (a front-end may resubmit them). Writes this
+        backend's first journal (call it with an empty Journal on a fresh start): the killed
+        backend's stays whole until this one replaces it in one rename."""
         self._epochs = list(journal.epochs)
-        os.pwrite(self._fd, self._head(self._end), 0)
         self._done.update(journal.done)
-        self._end += self._write_done()
+        records: list[Buffer] = []
         for (sector, nr_sectors, flags, payload), ident in zip(journal.records, journal.idents,
                                                                 strict=True):
-            data = None if payload is None else [payload]
-            self.inner.completed(sector, nr_sectors, flags, data)
-            self._journal(sector, nr_sectors, flags, data, ident)
+            records += self._record(sector, nr_sectors, flags,
+                                    None if payload is None else [payload], ident)
+        self._replace(records)      # the header names the log before these records
+        for sector, nr_sectors, flags, payload in journal.records:
+            self.inner.completed(sector, nr_sectors, flags,
+                                 None if payload is None else [payload])
         self._batch.clear()
         self.restored = len(journal.records)
         self.batch_end()
@@ -339,23 +355,46 @@ class JournaledSink:
 
     def close(self) -> None:
         self.inner.close()
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
         self._fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for path in (self.path, self._new):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def _reset(self) -> None:
         """The list is in the log: start again, keeping the identities of done requests that
         may not be published yet (this batch's, and restored ones a front-end may resubmit)."""
-        os.ftruncate(self._fd, 0)
-        self._end = os.pwrite(self._fd, self._head(HEAD.size), 0)
-        self._end += self._write_done()
-        if self._batch:
-            # Kept until batch_end: a later reset in the same batch writes them again.
-            blob = b"".join(self._done_record(ident, ALWAYS) for ident in self._batch)
-            self._end += os.pwrite(self._fd, blob, self._end)
-        self._published = self._end
-        os.pwrite(self._fd, PUBLISHED.pack(self._end), PUBLISHED_AT)
+        self._replace([])
+
+    def _replace(self, records: Sequence[Buffer]) -> None:
+        """A new journal: the done identities, then `records` (published), written whole
+        beside the old one and renamed over it, so that a kill at any instant leaves one of
+        the two whole (module docstring). Its header is computed first: the log as it is
+        before any of `records` is handed to the inner sink."""
+        done = [self._done_record((qidx, head, counter, epoch), ALWAYS)
+                for (qidx, head), (counter, epoch) in self._done.items()]
+        # Kept until batch_end: a later reset in the same batch writes them again.
+        done += [self._done_record(ident, ALWAYS) for ident in self._batch]
+        blob = b"".join(done)
+        end = HEAD.size + len(blob) + sum(memoryview(b).nbytes for b in records)
+        fd = os.open(self._new, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            at = 0
+            for part in (self._head(end) + blob, *records):
+                view = memoryview(part).cast("B")
+                while view:
+                    written = os.pwrite(fd, view, at)
+                    at += written
+                    view = view[written:]
+            os.rename(self._new, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
+        self._end = self._published = end
 
     def _fail(self, where: str) -> None:
         failpoint = self._failpoint
@@ -369,13 +408,6 @@ class JournaledSink:
         inner = self.inner
         return HEAD.pack(MAGIC, inner.entries, published,
                          inner.log_bytes // self._sectorsize, *self._epochs)
-
-    def _write_done(self) -> int:
-        if not self._done:
-            return 0
-        blob = b"".join(self._done_record((qidx, head, counter, epoch), ALWAYS)
-                        for (qidx, head), (counter, epoch) in self._done.items())
-        return os.pwrite(self._fd, blob, self._end)
 
     @property
     def observer(self) -> LogObserver | None:

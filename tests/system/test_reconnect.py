@@ -51,8 +51,9 @@ def serve(tmp_path: Path, image: Path, log: Path, *extra: str,
 
 
 def fresh(tmp_path: Path) -> tuple[int, random.Random, Path, Path]:
-    """A seed (printed on failure), its generator, a zeroed image and where its log goes."""
-    seed = random.randrange(1 << 32)
+    """A seed (printed on failure; LOGWRITES_TEST_SEED replays one), its generator, a zeroed
+    image and where its log goes."""
+    seed = int(os.environ.get("LOGWRITES_TEST_SEED") or random.randrange(1 << 32))
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(IMAGE_BYTES))
     return seed, random.Random(seed), image, tmp_path / "log"

@@ -4,8 +4,11 @@ keeps a restarted in-flight counter from naming an older request."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from logwrites.logfile import LogReader, LogWriter
 from vhost import pending
@@ -157,3 +160,38 @@ def test_a_restarted_counter_does_not_match_an_older_request(tmp_path: Path) -> 
     sink4.queue_resumed(0, [(3, 0)])             # a different request than the first
     assert conn4.expected == []
     assert journal.epochs[0] == 2
+
+
+class Killed(BaseException):
+    """A SIGKILL at that instant: nothing after it runs."""
+
+
+@pytest.mark.parametrize("at", ["pwrite", "rename"])
+def test_a_kill_during_the_reset_leaves_a_whole_journal(tmp_path: Path, at: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "log"
+    sink, conn = backend(log)
+    sink.queue_resumed(0, [])
+    write(sink, conn, head=1, counter=0, sector=0, fill=1)
+    sink.batch_end()                             # published
+    write(sink, conn, head=2, counter=1, sector=8, fill=2)
+    write(sink, conn, head=3, counter=2, sector=16, fill=3)
+
+    def kill(*args: object) -> None:
+        raise Killed
+
+    # The FLUSH is in the log; the kill comes at the reset's first `at` (the journal's only:
+    # the log writer's own calls are not the journal's).
+    monkeypatch.setattr(pending, "os", SimpleNamespace(**{**vars(os), at: kill}))
+    with pytest.raises(Killed):
+        sink.flush_durable(sink.flush_taken())
+    monkeypatch.undo()
+    journal = killed(log)
+    assert journal.records == []                 # the list is in the log
+    assert journal.done == {(0, 1): (0, 1), (0, 2): (1, 1), (0, 3): (2, 1)}
+    sink2, conn2 = backend(log, journal)
+    sink2.queue_resumed(0, [(2, 1), (3, 2), (7, 3)])     # heads 2, 3 and the FLUSH (7)
+    assert conn2.expected == [(0, 2, 1), (0, 3, 2)]
+    sink2.close()
+    assert logged_writes(log) == [0, 8, 16]      # each once
+    assert not pending.journal_path(log).exists()
