@@ -98,10 +98,11 @@ def _image_is_history_state(image: bytes, start: bytes, submitted: list[tuple[in
             return m
         if m < len(submitted):
             offset, data = submitted[m]
-            if all(offset <= b < offset + len(data)
-                   and image[b:b + BLOCK] == data[b - offset:b - offset + BLOCK]
-                   for b in differing):
-                return m
+            fully_done = image[offset:offset + len(data)] == data
+            if not fully_done and all(offset <= b < offset + len(data)
+                                      and image[b:b + BLOCK] == data[b - offset:b - offset + BLOCK]
+                                      for b in differing):
+                return m        # the (m+1)-th write partly done; a whole one counts in M
             state[offset:offset + len(data)] = data
     raise AssertionError(f"the image is no state of its history after {completed} completed "
                          f"of {len(submitted)} submitted writes")
