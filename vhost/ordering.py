@@ -138,15 +138,19 @@ class _LoggingSink:
     def unflushed(self) -> int:
         return 0
 
-    def _append(self, sector: int, nr_sectors: int, flags: int,
-                data: Sequence[Buffer] | None) -> int:
+    def _write_record(self, sector: int, nr_sectors: int, flags: int,
+                      data: Sequence[Buffer] | None) -> int:
+        """Append one record (write, discard or write-zeroes) to the file; its index."""
         writer = self.writer
         if flags & DISCARD:
-            index = writer.append_discard(sector, nr_sectors, flags & ~DISCARD)
-        elif data is None:
-            index = writer.append_zeroes(sector, nr_sectors, flags)
-        else:
-            index = writer.append_write(sector, nr_sectors, data, flags)
+            return writer.append_discard(sector, nr_sectors, flags & ~DISCARD)
+        if data is None:
+            return writer.append_zeroes(sector, nr_sectors, flags)
+        return writer.append_write(sector, nr_sectors, data, flags)
+
+    def _append(self, sector: int, nr_sectors: int, flags: int,
+                data: Sequence[Buffer] | None) -> int:
+        index = self._write_record(sector, nr_sectors, flags, data)
         if self.observer is not None:
             self.observer.entry(index, flags)
         return index
@@ -260,12 +264,7 @@ class LogWritesSink(_LoggingSink):
         # Rule 1: in completion order; written now, from the guest's buffers, which the guest
         # may reuse as soon as the request completes. Counted by the flush that carries it.
         before = writer.next_block
-        if flags & DISCARD:
-            writer.append_discard(sector, nr_sectors, flags & ~DISCARD)
-        elif data is None:
-            writer.append_zeroes(sector, nr_sectors, flags)
-        else:
-            writer.append_write(sector, nr_sectors, data, flags)
+        self._write_record(sector, nr_sectors, flags, data)
         blocks = writer.next_block - before
         self._staged.append((flags, blocks))
         self._staged_blocks += blocks
