@@ -6,10 +6,12 @@ batch is validated before anything is touched (header, sizes, direction, alignme
 `sectorsize`, range; else IOERR or UNSUPP, and nothing is logged), its data goes between guest
 memory and the image through `preadv`/`pwritev` on buffers over the guest's pages (no copies in
 Python), and its used entry is filled; at the end of the batch FUA entries are committed and the
-used entries are published with one notification. A FLUSH makes the image and the log durable
-(the filter counts the records it carries and a FLUSH entry once both are), before it
-completes. For a FLUSH and for big writes the image's side runs on one worker thread while the
-log's side runs here: the two syncs (or the two copies of a MiB) overlap instead of adding up.
+used entries are published with one notification. A batch ends early after a request that
+took long (a big transfer, a FLUSH), so the guest is not kept waiting for the rest. A FLUSH
+makes the image and the log durable (the filter counts the records it carries and a FLUSH
+entry once both are), before it completes. For a FLUSH and for big writes the image's side
+runs on one worker thread while the log's side runs here: the two syncs (or the two copies of
+a MiB) overlap instead of adding up.
 
 Every record reaches the log file when its request completes (in `logwrites` mode uncounted
 until a FLUSH carries it), so when the log cannot take an entry (LogFullError: its filesystem
@@ -64,6 +66,11 @@ MAX_RANGE_SECTORS: Final = 1 << 22      # per discard/write-zeroes segment, 512-
 # Writes of at least this many bytes are logged while the worker writes the image (below it,
 # handing over to the worker costs more than the write).
 PARALLEL_MIN: Final = 64 << 10
+# A request that kept the device this long (a big transfer, a FLUSH) is published at once,
+# so that the guest refills its queue while the next one is served: with fio's 1 MiB writes
+# at queue depth 4, holding completions to the end of the batch left the disks idle between
+# batches (logged: 753 -> 1259 IOPS; passthrough 1467 -> 2458).
+PUBLISH_AFTER_BYTES: Final = 64 << 10
 BATCH: Final = 64                       # publish at least this often (libvhost-user panics
                                         # if more than the ring's size are popped unpublished)
 _ZEROS: Final = bytes(1 << 20)
@@ -236,7 +243,8 @@ class BlkDevice:
             status, used_len = handle(req)
             fill(dev, qidx, req, status, used_len, n)
             n += 1
-            if n == BATCH or self.held:
+            if (n == BATCH or self.held or req.len >= PUBLISH_AFTER_BYTES
+                    or req.type == V.T_FLUSH):
                 self._end_batch(dev, qidx, n)
                 n = 0
                 if self.held:
