@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -54,10 +55,11 @@ SAMPLED = ("copy", "from-zero")
 
 
 def record_on_host(workdir: Path, files: int, size_mb: int = 64,
-                   write_kb: int = 4) -> tuple[Path, Path]:
+                   write_kb: int = 4, mkfs_opts: Sequence[str] = ()) -> tuple[Path, Path]:
     """An ext4 log from the host kernel through QEMU blklogwrites; returns (log, base).
     `files` fsync'd writes of `write_kb` KiB over 50 files, each file capped at its share of
-    half the image (appends until then, overwrites in place after)."""
+    half the image (appends until then, overwrites in place after); `mkfs_opts` are added to
+    mkfs.ext4's (e.g. `-b 1024`)."""
     for tool in ("qemu-storage-daemon", "mkfs.ext4", "losetup", "mount"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing: apt-get install qemu-system-x86 e2fsprogs util-linux")
@@ -83,7 +85,7 @@ def record_on_host(workdir: Path, files: int, size_mb: int = 64,
                 break
             time.sleep(0.1)
         subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                        str(fuse)], check=True)
+                        *mkfs_opts, str(fuse)], check=True)
         with open(raw_log, "rb") as f:
             after_mkfs = int.from_bytes(f.read(24)[16:24], "little")
         loop = subprocess.run(["losetup", "-f", "--show", str(fuse)], check=True,

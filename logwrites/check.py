@@ -31,8 +31,6 @@ command line by `parse_checker`:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import itertools
 import logging
@@ -48,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
+from logwrites import jbd2
 from logwrites.errors import LogwritesError, UsageError
 from logwrites.statebuild import clone_file
 
@@ -157,15 +156,19 @@ class FsckChecker:
     image_only = True  # the verdict depends on the image alone: identical states may share it
 
     def __init__(self, fs: str | None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 guest_runner: GuestRunner | None = None) -> None:
+                 guest_runner: GuestRunner | None = None,
+                 in_process_replay: bool = True) -> None:
         """`guest_runner` recovers xfs logs in the guest (the kernel under test); without one,
-        the default guest is booted when an xfs state needs it."""
+        the default guest is booted when an xfs state needs it. `in_process_replay` False
+        always recovers ext4 journals with e2fsck (the in-process replay's reference)."""
         if fs is not None and fs not in FILESYSTEMS:
             raise UsageError(f"fsck knows {', '.join(FILESYSTEMS)}, not {fs!r}")
         self.fs, self.timeout_s, self.guest_runner = fs, timeout_s, guest_runner
         self.name = "fsck"
         self.guest_recoveries = 0  # xfs states whose log was recovered in the guest
-        self.undo_in_process = 0  # journal replays rolled back here (apply_undo_file)
+        self.in_process_replay = in_process_replay
+        self.journal_replays_in_process = 0  # ext4 journals replayed here (logwrites.jbd2)
+        self.undo_in_process = 0  # journal replays rolled back here (jbd2 or apply_undo_file)
         self.undo_by_e2undo = 0   # ... and by the e2undo program (an undo file we did not trust)
 
     def check(self, image: Path, *, expect_fs: bool,
@@ -195,6 +198,10 @@ class FsckChecker:
     def _ext4(self, image: Path) -> tuple[str, str, str]:
         if not _ext4_needs_recovery(image):
             return self._ext4_check(image, "")
+        if self.in_process_replay:
+            result = self._ext4_replay_in_process(image)
+            if result is not None:
+                return result
         # Replay the journal (e2fsck: "journal_only: only replay the journal if required"), as
         # the kernel would on mount, saving every block it overwrites in an undo file; check
         # read-only; then put the saved blocks back (e2undo).
@@ -219,6 +226,37 @@ class FsckChecker:
             why = (f"e2undo exit {undone}: {_last_line(out3)}" if trusted
                    else "the journal replay did not finish cleanly")
             raise _Unrestored(result, why)
+        return result
+
+    def _ext4_replay_in_process(self, image: Path) -> tuple[str, str, str] | None:
+        """Recover the journal here (logwrites.jbd2: what `e2fsck -E journal_only` leaves, one
+        process fewer per state), check read-only, put the replayed blocks back; None when
+        jbd2 does not handle this journal (nothing was changed: e2fsck recovers it)."""
+        fd = os.open(image, os.O_RDWR)
+        try:
+            try:
+                done = jbd2.replay(fd)
+            except jbd2.NotHandled as why:
+                log.debug("%s: journal left to e2fsck: %s", image, why)
+                return None
+            except OSError as err:  # its writes were put back, unless that failed too
+                out = f"in-process journal replay: {err}"
+                raise _Unrestored(("error", out, out), out) from None
+            out1 = (f"in-process journal replay (logwrites.jbd2): {done.transactions} "
+                    f"transactions, {done.blocks} blocks\n")
+            result = ("error", out1, "interrupted")
+            try:
+                result = self._ext4_check(image, out1)
+            finally:
+                try:
+                    done.restore()
+                except OSError as err:
+                    raise _Unrestored(result, f"putting the replayed blocks back: {err}"
+                                      ) from None
+        finally:
+            os.close(fd)
+        self.journal_replays_in_process += 1
+        self.undo_in_process += 1
         return result
 
     def _undo(self, undo: Path, image: Path) -> tuple[int | None, str]:
@@ -349,23 +387,8 @@ _S_MAGIC_AT: Final = 0x38  # u16 in the superblock; the undo file keeps it inver
 _undo_names = itertools.count()
 
 
-@functools.cache
-def _crc32c() -> Callable[[int, bytes], int] | None:
-    """libext2fs's own crc32c (`ext2fs_crc32c_le`, no final inversion: what undo files
-    carry), or None if the library cannot be loaded or does not give the known answer."""
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("ext2fs") or "libext2fs.so.2")
-        fn = lib.ext2fs_crc32c_le
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_uint32
-    fn.argtypes = [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t]
-
-    def crc(seed: int, data: bytes) -> int:
-        return int(fn(seed, data, len(data)))
-
-    # CRC-32C check value: 0xE3069283 for "123456789", before its final inversion.
-    return crc if crc(0xFFFFFFFF, b"123456789") == 0x1CF96D7C else None
+# libext2fs's crc32c, the one undo files carry (no final inversion), or None.
+_crc32c: Final = jbd2.crc32c
 
 
 def _undo_path(image: Path) -> Path:

@@ -1,0 +1,628 @@
+"""Replay an ext4 filesystem's internal journal (jbd2) onto its image in place, as e2fsck's
+journal-only recovery (`e2fsck -E journal_only -y`) leaves it, keeping the pre-image of every
+block it changes so that the caller can put the image back byte for byte (`Replay.restore`).
+
+This saves the crash-state checker one e2fsck process per ext4 state. It does the three
+passes of the kernel's and e2fsck's recovery (find the end of the log, collect revoke records,
+write every descriptor-tagged block that no later revoke covers, escaped blocks un-escaped),
+verifies jbd2 checksums (v2/v3) where e2fsck does, and then leaves what e2fsck's recovery
+leaves: the journal superblock emptied (`s_start` 0) with its sequence advanced past the last
+transaction, and the ext4 superblock without its RECOVER flag, its write time `now`, its
+lifetime-writes counter advanced and its checksum set.
+
+Everything outside that well-trodden path is refused with `NotHandled` before a byte is
+written (or after the replayed bytes are put back), and the caller runs e2fsck instead: an
+external journal, fast commits, v1 (`COMPAT_CHECKSUM`) transaction checksums, unknown features,
+a journal superblock e2fsck would rewrite, any checksum mismatch on a block inside the log (the
+kernel and e2fsck then judge commit times, mark the filesystem with errors or skip blocks),
+and an orphan list after the replay (e2fsck's journal-only run releases orphan inodes too).
+On-disk field names follow the kernel's (fs/jbd2/recovery.c, include/linux/jbd2.h, ext4.h).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import ctypes.util
+import functools
+import logging
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+# ext4 superblock (little-endian), at byte 1024 of the image.
+SUPERBLOCK_OFFSET: Final = 1024
+EXT4_MAGIC: Final = 0xEF53
+S_INODES_COUNT: Final = 0x00
+S_BLOCKS_COUNT_LO: Final = 0x04
+S_FIRST_DATA_BLOCK: Final = 0x14
+S_LOG_BLOCK_SIZE: Final = 0x18
+S_INODES_PER_GROUP: Final = 0x28
+S_WTIME: Final = 0x30
+S_MAGIC: Final = 0x38
+S_REV_LEVEL: Final = 0x4C
+S_INODE_SIZE: Final = 0x58
+S_FEATURE_COMPAT: Final = 0x5C
+S_FEATURE_INCOMPAT: Final = 0x60
+S_FEATURE_RO_COMPAT: Final = 0x64
+S_JOURNAL_UUID: Final = 0xD0
+S_JOURNAL_INUM: Final = 0xE0
+S_JOURNAL_DEV: Final = 0xE4
+S_LAST_ORPHAN: Final = 0xE8
+S_JNL_BACKUP_TYPE: Final = 0xFD
+S_DESC_SIZE: Final = 0xFE
+S_JNL_BLOCKS: Final = 0x10C
+S_BLOCKS_COUNT_HI: Final = 0x150
+S_KBYTES_WRITTEN: Final = 0x178
+S_CHECKSUM: Final = 0x3FC
+
+COMPAT_HAS_JOURNAL: Final = 0x4
+INCOMPAT_RECOVER: Final = 0x4
+INCOMPAT_JOURNAL_DEV: Final = 0x8
+INCOMPAT_META_BG: Final = 0x10
+INCOMPAT_64BIT: Final = 0x80
+INCOMPAT_MMP: Final = 0x100
+RO_COMPAT_METADATA_CSUM: Final = 0x400
+RO_COMPAT_ORPHAN_PRESENT: Final = 0x10000
+EXT3_JNL_BACKUP_BLOCKS: Final = 1
+EXT4_EXTENTS_FL: Final = 0x80000
+EXTENT_MAGIC: Final = 0xF30A
+
+# jbd2 (big-endian), include/linux/jbd2.h.
+JBD2_MAGIC: Final = 0xC03B3998
+JBD2_DESCRIPTOR_BLOCK: Final = 1
+JBD2_COMMIT_BLOCK: Final = 2
+JBD2_SUPERBLOCK_V1: Final = 3
+JBD2_SUPERBLOCK_V2: Final = 4
+JBD2_REVOKE_BLOCK: Final = 5
+JBD2_FEATURE_COMPAT_CHECKSUM: Final = 0x1
+JBD2_FEATURE_INCOMPAT_REVOKE: Final = 0x1
+JBD2_FEATURE_INCOMPAT_64BIT: Final = 0x2
+JBD2_FEATURE_INCOMPAT_ASYNC_COMMIT: Final = 0x4
+JBD2_FEATURE_INCOMPAT_CSUM_V2: Final = 0x8
+JBD2_FEATURE_INCOMPAT_CSUM_V3: Final = 0x10
+JBD2_FEATURE_INCOMPAT_FAST_COMMIT: Final = 0x20
+JBD2_KNOWN_INCOMPAT: Final = 0x3F
+JBD2_CRC32C_CHKSUM: Final = 4
+JBD2_FLAG_ESCAPE: Final = 1
+JBD2_FLAG_SAME_UUID: Final = 2
+JBD2_FLAG_LAST_TAG: Final = 8
+JOURNAL_HEADER: Final = struct.Struct(">III")     # h_magic, h_blocktype, h_sequence
+JSB_FIELDS: Final = struct.Struct(">IIIII I III")  # s_blocksize .. s_feature_ro_compat
+JSB_SIZE: Final = 1024                             # sizeof(journal_superblock_t)
+JSB_SEQUENCE: Final = 0x18
+JSB_START: Final = 0x1C
+JSB_NR_USERS: Final = 0x40
+JSB_CHECKSUM_TYPE: Final = 0x50
+JSB_CHECKSUM: Final = 0xFC
+COMMIT_CHKSUM0: Final = 0x10                       # commit_header.h_chksum[0]
+REVOKE_HEADER: Final = struct.Struct(">IIII")      # header, r_count
+BLOCK_TAIL: Final = 4                              # struct jbd2_journal_block_tail
+_BE32: Final = struct.Struct(">I")
+_BE64: Final = struct.Struct(">Q")
+_LE16: Final = struct.Struct("<H")
+_LE32: Final = struct.Struct("<I")
+_LE64: Final = struct.Struct("<Q")
+_EXTENT_HEADER: Final = struct.Struct("<HHHHI")    # magic, entries, max, depth, generation
+_EXTENT: Final = struct.Struct("<IHHI")            # ee_block, ee_len, ee_start_hi, ee_start_lo
+_EXTENT_INDEX: Final = struct.Struct("<IIHH")      # ei_block, ei_leaf_lo, ei_leaf_hi, unused
+
+
+class NotHandled(Exception):
+    """A journal (or filesystem) this module does not replay: the caller runs e2fsck."""
+
+
+@functools.cache
+def crc32c() -> Callable[[int, bytes], int] | None:
+    """libext2fs's crc32c (`ext2fs_crc32c_le`: no final inversion, as jbd2's, ext4's and
+    e2fsck undo files' checksums use it), or None if it cannot be loaded or gives a wrong
+    answer."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("ext2fs") or "libext2fs.so.2")
+        fn = lib.ext2fs_crc32c_le
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_uint32
+    fn.argtypes = [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t]
+
+    def crc(seed: int, data: bytes) -> int:
+        return int(fn(seed, data, len(data)))
+
+    # CRC-32C check value: 0xE3069283 for "123456789", before its final inversion.
+    return crc if crc(0xFFFFFFFF, b"123456789") == 0x1CF96D7C else None
+
+
+def tid_gt(x: int, y: int) -> bool:
+    """jbd2's wrapping comparison of transaction ids: x after y."""
+    diff = (x - y) & 0xFFFFFFFF
+    return 0 < diff < 0x80000000
+
+
+@dataclass(frozen=True, slots=True)
+class JournalSuper:
+    """What recovery needs from the journal superblock."""
+
+    blocksize: int
+    maxlen: int
+    first: int
+    sequence: int
+    start: int
+    errno: int
+    compat: int
+    incompat: int
+    ro_compat: int
+    version: int
+
+    @property
+    def csum_v2or3(self) -> bool:
+        return bool(self.incompat & (JBD2_FEATURE_INCOMPAT_CSUM_V2 |
+                                     JBD2_FEATURE_INCOMPAT_CSUM_V3))
+
+    @property
+    def tag_bytes(self) -> int:
+        """journal_tag_bytes(): the size of one block tag in a descriptor block."""
+        if self.incompat & JBD2_FEATURE_INCOMPAT_CSUM_V3:
+            return 16
+        size = 12 + (2 if self.incompat & JBD2_FEATURE_INCOMPAT_CSUM_V2 else 0)
+        return size if self.incompat & JBD2_FEATURE_INCOMPAT_64BIT else size - 4
+
+
+def parse_journal_super(block: bytes, fs_blocksize: int, journal_blocks: int,
+                        crc: Callable[[int, bytes], int]) -> JournalSuper:
+    """The journal superblock, checked as e2fsck's journal load checks it; anything e2fsck
+    would fix or refuse raises NotHandled."""
+    magic, blocktype, _ = JOURNAL_HEADER.unpack_from(block)
+    if magic != JBD2_MAGIC:
+        raise NotHandled("no jbd2 magic in the journal superblock")
+    (blocksize, maxlen, first, sequence, start, errno, compat, incompat,
+     ro_compat) = JSB_FIELDS.unpack_from(block, 12)
+    if blocktype == JBD2_SUPERBLOCK_V1:
+        if compat or incompat or ro_compat or _BE32.unpack_from(block, JSB_NR_USERS)[0]:
+            raise NotHandled("v1 journal superblock with v2 fields (e2fsck clears them)")
+    elif blocktype == JBD2_SUPERBLOCK_V2:
+        if _BE32.unpack_from(block, JSB_NR_USERS)[0] > 1:
+            raise NotHandled("journal shared by several filesystems")
+    else:
+        raise NotHandled(f"journal superblock type {blocktype}")
+    jsb = JournalSuper(blocksize, maxlen, first, sequence, start, errno, compat, incompat,
+                       ro_compat, 1 if blocktype == JBD2_SUPERBLOCK_V1 else 2)
+    if incompat & ~JBD2_KNOWN_INCOMPAT or ro_compat:
+        raise NotHandled(f"unknown journal features {incompat:#x}/{ro_compat:#x}")
+    if incompat & JBD2_FEATURE_INCOMPAT_FAST_COMMIT:
+        raise NotHandled("fast commits")
+    if compat & JBD2_FEATURE_COMPAT_CHECKSUM:
+        raise NotHandled("v1 transaction checksums")
+    both = JBD2_FEATURE_INCOMPAT_CSUM_V2 | JBD2_FEATURE_INCOMPAT_CSUM_V3
+    if incompat & both == both:
+        raise NotHandled("journal checksum v2 and v3 both set")
+    if jsb.csum_v2or3:
+        if block[JSB_CHECKSUM_TYPE] != JBD2_CRC32C_CHKSUM:
+            raise NotHandled("journal checksum type")
+        if _checksum_at(block[:JSB_SIZE], JSB_CHECKSUM, 0xFFFFFFFF, crc) != \
+                _BE32.unpack_from(block, JSB_CHECKSUM)[0]:
+            raise NotHandled("journal superblock checksum")
+    if blocksize != fs_blocksize:
+        raise NotHandled(f"journal block size {blocksize}, filesystem {fs_blocksize}")
+    if maxlen > journal_blocks:
+        raise NotHandled("journal too short")
+    if not 0 < first < maxlen or (start and not first <= start < maxlen):
+        raise NotHandled(f"journal bounds: first {first}, start {start}, maxlen {maxlen}")
+    if errno:
+        raise NotHandled(f"journal errno {errno} (e2fsck marks the filesystem with errors)")
+    return jsb
+
+
+def _checksum_at(block: bytes, at: int, seed: int, crc: Callable[[int, bytes], int]) -> int:
+    """crc32c of `block` with its 4-byte checksum field at `at` taken as zero."""
+    return crc(seed, block[:at] + bytes(4) + block[at + 4:])
+
+
+def parse_tags(block: bytes, jsb: JournalSuper) -> list[tuple[int, int, int]]:
+    """A descriptor block's tags: (fs block number, tag flags, tag checksum), in log order;
+    each describes the next journal block after the descriptor (jbd2's count_tags walk)."""
+    tag_bytes = jsb.tag_bytes
+    v3 = jsb.incompat & JBD2_FEATURE_INCOMPAT_CSUM_V3
+    is64 = jsb.incompat & JBD2_FEATURE_INCOMPAT_64BIT
+    end = len(block) - (BLOCK_TAIL if jsb.csum_v2or3 else 0)
+    tags = []
+    at = JOURNAL_HEADER.size
+    while at + tag_bytes <= end:
+        blocknr = _BE32.unpack_from(block, at)[0]
+        flags = int.from_bytes(block[at + 6:at + 8], "big")
+        if is64:
+            blocknr |= _BE32.unpack_from(block, at + 8)[0] << 32
+        if v3:
+            csum = _BE32.unpack_from(block, at + 12)[0]
+        else:
+            csum = int.from_bytes(block[at + 4:at + 6], "big")
+        tags.append((blocknr, flags, csum))
+        at += tag_bytes + (0 if flags & JBD2_FLAG_SAME_UUID else 16)
+        if flags & JBD2_FLAG_LAST_TAG:
+            break
+    return tags
+
+
+def parse_revoke(block: bytes, jsb: JournalSuper) -> list[int]:
+    """A revoke block's fs block numbers (scan_revoke_records)."""
+    rcount = REVOKE_HEADER.unpack_from(block)[3]
+    if rcount > len(block) - (BLOCK_TAIL if jsb.csum_v2or3 else 0):
+        raise NotHandled(f"revoke block r_count {rcount}")
+    if jsb.incompat & JBD2_FEATURE_INCOMPAT_64BIT:
+        return [_BE64.unpack_from(block, at)[0] for at in range(16, rcount - 7, 8)]
+    return [_BE32.unpack_from(block, at)[0] for at in range(16, rcount - 3, 4)]
+
+
+def extent_map(read: Callable[[int, int], bytes], i_block: bytes, blocksize: int
+               ) -> list[tuple[int, int, int]]:
+    """(logical block, physical block, length) runs of an extent-mapped inode, sorted."""
+    runs: list[tuple[int, int, int]] = []
+
+    def walk(node: bytes, depth_left: int) -> None:
+        magic, entries, _, depth, _ = _EXTENT_HEADER.unpack_from(node)
+        if magic != EXTENT_MAGIC or depth > depth_left or 12 + 12 * entries > len(node):
+            raise NotHandled("journal inode: damaged extent tree")
+        for k in range(entries):
+            if depth == 0:
+                lblk, length, hi, lo = _EXTENT.unpack_from(node, 12 + 12 * k)
+                if length > 32768:  # an unwritten extent: its length is biased
+                    length -= 32768
+                runs.append((lblk, (hi << 32) | lo, length))
+            else:
+                _, lo, hi, _ = _EXTENT_INDEX.unpack_from(node, 12 + 12 * k)
+                walk(read(((hi << 32) | lo) * blocksize, blocksize), depth - 1)
+
+    walk(i_block, 5)
+    return sorted(runs)
+
+
+def block_map(read: Callable[[int, int], bytes], i_block: bytes, blocksize: int,
+              nblocks: int) -> list[tuple[int, int, int]]:
+    """(logical, physical, 1) runs of a block-mapped (ext2/3 style) inode, merged."""
+    per = blocksize // 4
+    physical: list[int] = []
+
+    def walk(block: int, level: int) -> None:
+        if len(physical) >= nblocks:
+            return
+        if block == 0:
+            raise NotHandled("journal inode: a hole in its block map")
+        if level == 0:
+            physical.append(block)
+            return
+        table = struct.unpack(f"<{per}I", read(block * blocksize, blocksize))
+        for child in table:
+            walk(child, level - 1)
+            if len(physical) >= nblocks:
+                return
+
+    direct = struct.unpack("<15I", i_block)
+    for k in range(12):
+        walk(direct[k], 0)
+    for level, k in ((1, 12), (2, 13), (3, 14)):
+        walk(direct[k], level)
+    runs: list[tuple[int, int, int]] = []
+    for lblk, pblk in enumerate(physical):
+        if runs and runs[-1][1] + runs[-1][2] == pblk:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((lblk, pblk, 1))
+    return runs
+
+
+@dataclass(slots=True)
+class Replay:
+    """What a replay wrote: `pre_images` (byte offset, the bytes that were there), in write
+    order; `restore` puts them back. `transactions` replayed, `blocks` written."""
+
+    fd: int
+    pre_images: list[tuple[int, bytes]] = field(default_factory=list)
+    transactions: int = 0
+    blocks: int = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.pre_images.append((offset, _pread(self.fd, len(data), offset)))
+        _pwrite(self.fd, data, offset)
+
+    def restore(self) -> None:
+        """Put every pre-image back, last write first. :raise OSError: on a failed write."""
+        for offset, data in reversed(self.pre_images):
+            _pwrite(self.fd, data, offset)
+        self.pre_images.clear()
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise NotHandled(f"short read of {length} bytes at byte {offset}")
+    return data
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    if os.pwrite(fd, data, offset) != len(data):
+        raise OSError(f"short write of {len(data)} bytes at byte {offset}")
+
+
+class _Filesystem:
+    """The ext4 facts recovery needs, read from the image's superblock."""
+
+    def __init__(self, sb: bytes) -> None:
+        if _LE16.unpack_from(sb, S_MAGIC)[0] != EXT4_MAGIC:
+            raise NotHandled("no ext4 superblock")
+        self.compat = _LE32.unpack_from(sb, S_FEATURE_COMPAT)[0]
+        self.incompat = _LE32.unpack_from(sb, S_FEATURE_INCOMPAT)[0]
+        self.ro_compat = _LE32.unpack_from(sb, S_FEATURE_RO_COMPAT)[0]
+        log_bs = _LE32.unpack_from(sb, S_LOG_BLOCK_SIZE)[0]
+        if log_bs > 6:
+            raise NotHandled(f"s_log_block_size {log_bs}")
+        self.blocksize = 1024 << log_bs
+        self.blocks_count = _LE32.unpack_from(sb, S_BLOCKS_COUNT_LO)[0]
+        self.is64 = bool(self.incompat & INCOMPAT_64BIT)
+        if self.is64:
+            self.blocks_count |= _LE32.unpack_from(sb, S_BLOCKS_COUNT_HI)[0] << 32
+        self.first_data_block = _LE32.unpack_from(sb, S_FIRST_DATA_BLOCK)[0]
+        self.inodes_per_group = _LE32.unpack_from(sb, S_INODES_PER_GROUP)[0]
+        rev = _LE32.unpack_from(sb, S_REV_LEVEL)[0]
+        self.inode_size = _LE16.unpack_from(sb, S_INODE_SIZE)[0] if rev else 128
+        desc_size = _LE16.unpack_from(sb, S_DESC_SIZE)[0]
+        self.desc_size = desc_size if self.is64 and desc_size else 32
+        self.journal_inum = _LE32.unpack_from(sb, S_JOURNAL_INUM)[0]
+        if not self.compat & COMPAT_HAS_JOURNAL:
+            raise NotHandled("needs_recovery without has_journal")
+        if (self.incompat & (INCOMPAT_JOURNAL_DEV | INCOMPAT_MMP) or self.journal_inum == 0
+                or _LE32.unpack_from(sb, S_JOURNAL_DEV)[0]
+                or any(sb[S_JOURNAL_UUID:S_JOURNAL_UUID + 16])):
+            raise NotHandled("external journal, journal device or MMP")
+        if self.inodes_per_group == 0 or self.inode_size < 128:
+            raise NotHandled("inode geometry")
+
+
+def _journal_runs(fd: int, fs: _Filesystem, sb: bytes) -> tuple[list[tuple[int, int, int]],
+                                                                 int]:
+    """The journal inode's block runs and its length in blocks."""
+    bs = fs.blocksize
+    group, index = divmod(fs.journal_inum - 1, fs.inodes_per_group)
+    per_block = bs // fs.desc_size
+    if fs.incompat & INCOMPAT_META_BG and group // per_block:
+        raise NotHandled("journal inode's group descriptor in a meta_bg")
+    gd = _pread(fd, fs.desc_size, (fs.first_data_block + 1) * bs + group * fs.desc_size)
+    table = _LE32.unpack_from(gd, 8)[0]
+    if fs.desc_size >= 64:
+        table |= _LE32.unpack_from(gd, 0x28)[0] << 32
+    inode = _pread(fd, 128, table * bs + index * fs.inode_size)
+    i_block = inode[0x28:0x28 + 60]
+    if sb[S_JNL_BACKUP_TYPE] == EXT3_JNL_BACKUP_BLOCKS and \
+            i_block != sb[S_JNL_BLOCKS:S_JNL_BLOCKS + 60]:
+        raise NotHandled("journal inode differs from its superblock backup")
+    size = _LE32.unpack_from(inode, 0x4)[0] | (_LE32.unpack_from(inode, 0x6C)[0] << 32)
+    nblocks = size // bs
+
+    def read(offset: int, length: int) -> bytes:
+        return _pread(fd, length, offset)
+
+    if _LE32.unpack_from(inode, 0x20)[0] & EXT4_EXTENTS_FL:
+        runs = extent_map(read, i_block, bs)
+    else:
+        runs = block_map(read, i_block, bs, nblocks)
+    return runs, nblocks
+
+
+class _Journal:
+    """Journal block number -> image byte offset, reading through a read-only mmap."""
+
+    def __init__(self, view: mmap.mmap, runs: list[tuple[int, int, int]], blocksize: int,
+                 fs_blocks: int) -> None:
+        self.view, self.runs, self.bs = view, runs, blocksize
+        self.starts = [r[0] for r in runs]
+        for _, pblk, length in runs:
+            if pblk + length > fs_blocks or (pblk + length) * blocksize > len(view):
+                raise NotHandled("journal block beyond the filesystem")
+
+    def offset(self, jblock: int) -> int:
+        k = bisect.bisect_right(self.starts, jblock) - 1
+        if k < 0:
+            raise NotHandled(f"journal block {jblock} not mapped")
+        lblk, pblk, length = self.runs[k]
+        if jblock >= lblk + length:
+            raise NotHandled(f"journal block {jblock} not mapped")
+        return (pblk + jblock - lblk) * self.bs
+
+    def block(self, jblock: int) -> bytes:
+        at = self.offset(jblock)
+        return self.view[at:at + self.bs]
+
+    def physical_blocks(self) -> list[tuple[int, int]]:
+        return [(pblk, pblk + length) for _, pblk, length in self.runs]
+
+
+def _open_journal(fd: int) -> tuple[_Filesystem, list[tuple[int, int, int]], int, int]:
+    """(filesystem, journal runs, journal length in blocks, image size in bytes)."""
+    sb = _pread(fd, 1024, SUPERBLOCK_OFFSET)
+    fs = _Filesystem(sb)
+    size = os.fstat(fd).st_size
+    if size < (fs.first_data_block + 2) * fs.blocksize:
+        raise NotHandled("image shorter than its superblock says")
+    runs, nblocks = _journal_runs(fd, fs, sb)
+    return fs, runs, nblocks, size
+
+
+def journal_super_of(fd: int) -> JournalSuper:
+    """The journal superblock of the ext4 image open on `fd` (for tools and tests).
+    :raise NotHandled: no internal journal this module reads."""
+    crc = crc32c()
+    if crc is None:
+        raise NotHandled("no crc32c (libext2fs)")
+    fs, runs, nblocks, _ = _open_journal(fd)
+    with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as view:
+        journal = _Journal(view, runs, fs.blocksize, fs.blocks_count)
+        return parse_journal_super(journal.block(0), fs.blocksize, nblocks, crc)
+
+
+def replay(fd: int, now: int | None = None) -> Replay:
+    """Recover the journal of the ext4 image open (read-write) on `fd`, as `e2fsck -E
+    journal_only -y` does, and return what was written so the caller can `restore()` it.
+
+    `now` is the write time stamped in the superblock (default: the clock).
+    :raise NotHandled: nothing was left changed; run e2fsck instead.
+    :raise OSError: reading or writing failed; what had been written was put back first, but
+      if that failed too the image is not what it was (the caller rebuilds it).
+    """
+    crc = crc32c()
+    if crc is None:
+        raise NotHandled("no crc32c (libext2fs)")
+    fs, runs, nblocks, size = _open_journal(fd)
+    if not fs.incompat & INCOMPAT_RECOVER:
+        raise NotHandled("the filesystem does not need recovery")
+    with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as view:
+        journal = _Journal(view, runs, fs.blocksize, fs.blocks_count)
+        jsb = parse_journal_super(journal.block(0), fs.blocksize, nblocks, crc)
+        plan, end_transaction, transactions = _scan(journal, jsb, crc)
+        writes = _resolve(journal, jsb, plan, fs, size, crc)
+        # All checks passed: from here on every write is recorded before it is made.
+        done = Replay(fd, transactions=transactions)
+        try:
+            for fsblock, data in writes:
+                done.write(fsblock * fs.blocksize, data)
+            done.blocks = len(writes)
+            jsb_block = bytearray(journal.block(0))
+            _BE32.pack_into(jsb_block, JSB_SEQUENCE, (end_transaction + 1) & 0xFFFFFFFF)
+            _BE32.pack_into(jsb_block, JSB_START, 0)
+            if jsb.csum_v2or3:
+                _BE32.pack_into(jsb_block, JSB_CHECKSUM, _checksum_at(
+                    bytes(jsb_block[:JSB_SIZE]), JSB_CHECKSUM, 0xFFFFFFFF, crc))
+            done.write(journal.offset(0), bytes(jsb_block))
+            _finish_superblock(done, fs, len(writes), now, crc)
+        except BaseException:
+            done.restore()
+            raise
+    return done
+
+
+def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
+          ) -> tuple[list[tuple[int, list[tuple[int, int, int, int]], list[int]]], int, int]:
+    """PASS_SCAN and the revoke collection: the committed transactions, each (sequence,
+    tags as (journal block, fs block, flags, checksum), revoked fs blocks); the first
+    transaction id not committed; how many were."""
+    last, first = jsb.maxlen, jsb.first
+    sequence = jsb.sequence
+    committed: list[tuple[int, list[tuple[int, int, int, int]], list[int]]] = []
+    if not jsb.start:  # a clean journal: nothing to replay, the sequence still advances
+        return committed, sequence, 0
+    csum_seed = 0
+    if jsb.csum_v2or3:
+        csum_seed = crc(0xFFFFFFFF, bytes(journal.block(0)[0x30:0x40]))  # s_uuid
+    csum = jsb.csum_v2or3
+    next_block = jsb.start
+    tags: list[tuple[int, int, int, int]] = []
+    revoked: list[int] = []
+    visited = 0
+    while True:
+        visited += 1
+        if visited > 2 * last:
+            raise NotHandled("journal scan does not end")
+        block = journal.block(next_block)
+        next_block += 1
+        if next_block >= last:
+            next_block -= last - first
+        magic, blocktype, seq = JOURNAL_HEADER.unpack_from(block)
+        if magic != JBD2_MAGIC or seq != sequence:
+            break
+        if blocktype == JBD2_DESCRIPTOR_BLOCK:
+            if csum and _checksum_at(block, len(block) - 4, csum_seed, crc) != \
+                    _BE32.unpack_from(block, len(block) - 4)[0]:
+                raise NotHandled(f"descriptor block checksum in transaction {seq}")
+            for blocknr, flags, tag_csum in parse_tags(block, jsb):
+                tags.append((next_block, blocknr, flags, tag_csum))
+                next_block += 1
+                if next_block >= last:
+                    next_block -= last - first
+        elif blocktype == JBD2_COMMIT_BLOCK:
+            if csum and _checksum_at(block, COMMIT_CHKSUM0, csum_seed, crc) != \
+                    _BE32.unpack_from(block, COMMIT_CHKSUM0)[0]:
+                raise NotHandled(f"commit block checksum in transaction {seq}")
+            committed.append((seq, tags, revoked))
+            tags, revoked = [], []
+            sequence = (sequence + 1) & 0xFFFFFFFF
+        elif blocktype == JBD2_REVOKE_BLOCK:
+            if csum and _checksum_at(block, len(block) - 4, csum_seed, crc) != \
+                    _BE32.unpack_from(block, len(block) - 4)[0]:
+                raise NotHandled(f"revoke block checksum in transaction {seq}")
+            revoked.extend(parse_revoke(block, jsb))
+        else:
+            break
+    return committed, sequence, len(committed)
+
+
+def _resolve(journal: _Journal, jsb: JournalSuper,
+             committed: list[tuple[int, list[tuple[int, int, int, int]], list[int]]],
+             fs: _Filesystem, size: int, crc: Callable[[int, bytes], int]
+             ) -> list[tuple[int, bytes]]:
+    """PASS_REPLAY's outcome: (fs block, bytes) for each block's last unrevoked copy, in
+    block order; every copy replayed has its checksum verified first."""
+    revokes: dict[int, int] = {}
+    for seq, _, revoked in committed:
+        for blocknr in revoked:
+            old = revokes.get(blocknr)
+            if old is None or tid_gt(seq, old):
+                revokes[blocknr] = seq
+    csum = jsb.csum_v2or3
+    v3 = jsb.incompat & JBD2_FEATURE_INCOMPAT_CSUM_V3
+    csum_seed = crc(0xFFFFFFFF, bytes(journal.block(0)[0x30:0x40])) if csum else 0
+    journal_extents = journal.physical_blocks()
+    final: dict[int, tuple[int, int]] = {}
+    for seq, tags, _ in committed:
+        for jblock, blocknr, flags, tag_csum in tags:
+            rseq = revokes.get(blocknr)
+            if rseq is not None and not tid_gt(seq, rseq):
+                continue
+            if csum:
+                data = journal.block(jblock)
+                got = crc(crc(csum_seed, seq.to_bytes(4, "big")), data)
+                if (got if v3 else got & 0xFFFF) != tag_csum:
+                    raise NotHandled(f"checksum of journalled block {blocknr} (transaction "
+                                     f"{seq})")
+            final[blocknr] = (jblock, flags)
+    writes = []
+    for blocknr in sorted(final):
+        if blocknr >= fs.blocks_count or (blocknr + 1) * fs.blocksize > size:
+            raise NotHandled(f"journalled block {blocknr} beyond the filesystem")
+        if any(lo <= blocknr < hi for lo, hi in journal_extents):
+            raise NotHandled(f"journalled block {blocknr} inside the journal")
+        jblock, flags = final[blocknr]
+        data = journal.block(jblock)
+        if flags & JBD2_FLAG_ESCAPE:
+            data = _BE32.pack(JBD2_MAGIC) + data[4:]
+        writes.append((blocknr, data))
+    return writes
+
+
+def _finish_superblock(done: Replay, fs: _Filesystem, replayed: int, now: int | None,
+                       crc: Callable[[int, bytes], int]) -> None:
+    """The ext4 superblock as e2fsck leaves it after its recovery: RECOVER cleared, write
+    time stamped, written kilobytes counted, checksum set. Refuses states whose superblock
+    (perhaps replayed just now) carries an orphan list: e2fsck's journal-only run would
+    release those inodes as well."""
+    sb = bytearray(_pread(done.fd, 1024, SUPERBLOCK_OFFSET))
+    if _LE16.unpack_from(sb, S_MAGIC)[0] != EXT4_MAGIC:
+        raise NotHandled("the replayed superblock has no ext4 magic")
+    ro_compat = _LE32.unpack_from(sb, S_FEATURE_RO_COMPAT)[0]
+    if _LE32.unpack_from(sb, S_LAST_ORPHAN)[0] or ro_compat & RO_COMPAT_ORPHAN_PRESENT:
+        raise NotHandled("orphan inodes to release")
+    if _LE32.unpack_from(sb, S_FEATURE_INCOMPAT)[0] & ~fs.incompat & ~INCOMPAT_RECOVER:
+        raise NotHandled("the replayed superblock has other features")
+    incompat = _LE32.unpack_from(sb, S_FEATURE_INCOMPAT)[0] & ~INCOMPAT_RECOVER
+    _LE32.pack_into(sb, S_FEATURE_INCOMPAT, incompat)
+    # closefs.c stamps the low 32 bits of the write time only.
+    _LE32.pack_into(sb, S_WTIME, (int(time.time()) if now is None else now) & 0xFFFFFFFF)
+    kbytes = _LE64.unpack_from(sb, S_KBYTES_WRITTEN)[0]
+    if kbytes:  # e2fsck counts only when the kernel has been counting (non-zero)
+        kbytes += (replayed + 2) * fs.blocksize >> 10
+        _LE64.pack_into(sb, S_KBYTES_WRITTEN, kbytes & 0xFFFFFFFFFFFFFFFF)
+    if ro_compat & RO_COMPAT_METADATA_CSUM:
+        _LE32.pack_into(sb, S_CHECKSUM, crc(0xFFFFFFFF, bytes(sb[:S_CHECKSUM])))
+    done.write(SUPERBLOCK_OFFSET, bytes(sb))
