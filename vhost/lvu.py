@@ -40,6 +40,7 @@ pop: Final = lib.lw_pop
 fill: Final = lib.lw_fill
 publish: Final = lib.lw_publish
 fallocate: Final = lib.lw_fallocate
+start_writeback: Final = lib.lw_start_writeback
 buffer: Final = ffi.buffer
 new_request: Final = lambda: ffi.new("LwReq *")  # noqa: E731
 
