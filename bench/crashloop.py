@@ -20,7 +20,9 @@ filesystem (a tmpfs when the loop's cursor goes there), so the checker costs the
 
 Printed: entries, payload, states; build ms per state against its position (deciles, each
 pattern); per pattern the entries applied, build and check seconds, whole-loop seconds, states
-per minute and the checker's share; the from-zero/ours ratios; a paired ratio (each sampled
+per minute, the checker's share and how ext4 journals were recovered (in process by
+logwrites.jbd2, or by e2fsck; `--journal-replay e2fsck` measures the path before jbd2, for
+both patterns); the from-zero/ours ratios; a paired ratio (each sampled
 state built and checked both ways back to back, so both see the same load on a shared
 machine); and a verdict line against the issue's goal (>= 10x over the whole loop on a log of
 >= 2,000 entries, checker-limited; judged on the whole-loop ratio).
@@ -147,10 +149,19 @@ def sample(states: list[CrashState], n: int | None) -> list[CrashState]:
     return [states[round(k * (len(states) - 1) / (n - 1))] for k in range(n)]
 
 
+def journal_replays(checker: FsckChecker) -> dict[str, int]:
+    """How the checker recovered ext4 journals: in this process (logwrites.jbd2) or by
+    e2fsck (`-E journal_only`, rolled back with its undo file)."""
+    by_e2fsck = checker.undo_in_process - checker.journal_replays_in_process
+    return {"in_process": checker.journal_replays_in_process,
+            "by_e2fsck": by_e2fsck + checker.undo_by_e2undo}
+
+
 def run_ours(log: Path, base: Path, states: list[CrashState], work: Path, dedup: bool,
-             check: bool) -> dict[str, object]:
+             check: bool, jbd2: bool) -> dict[str, object]:
     """The loop itself (logwrites.loop.run_loop), one job, the built-in fsck as the checker."""
-    checkers = [FsckChecker("ext4")] if check else [_NoCheck()]
+    fsck = FsckChecker("ext4", in_process_replay=jbd2)
+    checkers = [fsck] if check else [_NoCheck()]
     options = LoopOptions(kinds=("prefix",), jobs=1, shrink=False, dedup=dedup)
     result = run_loop(existing_recording(log, base, "ext4")(work), checkers, options,
                       work / ("loop-dedup" if dedup else "loop"))
@@ -166,6 +177,7 @@ def run_ours(log: Path, base: Path, states: list[CrashState], work: Path, dedup:
             "check_ms_per_checked_state": round(
                 1e3 * sum(checks) / max(1, len(states) - result.deduplicated), 1),
             "not_pass": [r.state.id for r in result.results if r.verdict != "pass"],
+            "journal_replays": journal_replays(fsck),
             "states_per_min": round(60 * len(states) / result.seconds)}
 
 
@@ -181,12 +193,12 @@ class _NoCheck:
 
 
 def run_theirs(pattern: str, log: Path, base: Path, logmap: LogMap, every: list[CrashState],
-               picked: list[CrashState], work: Path, images: Path, check: bool
+               picked: list[CrashState], work: Path, images: Path, check: bool, jbd2: bool
                ) -> dict[str, object]:
     """`from-zero` (generic/482: copy the base, replay entries 0..state, check) or `copy` (the
     cursor copied per state, the old path) on the `picked` states; whole-set figures are the
     sample's mean times the number of states."""
-    checker = FsckChecker("ext4")
+    checker = FsckChecker("ext4", in_process_replay=jbd2)
     builds: list[float] = []
     checks: list[float] = []
     paired: list[float] = []
@@ -238,6 +250,7 @@ def run_theirs(pattern: str, log: Path, base: Path, logmap: LogMap, every: list[
             "check_s": round(sum(checks) * scale, 2), "loop_s": round(loop_s, 2),
             "checker_share": round(sum(checks) / max(1e-9, sum(builds) + sum(checks)), 3),
             "not_pass": not_pass, "states_per_min": round(60 * len(every) / loop_s),
+            "journal_replays": journal_replays(checker),  # theirs and the paired ours
             "paired_ms_per_state": round(1e3 * (sum(builds) + sum(checks)) / len(picked), 1),
             "paired_ours_ms_per_state": round(1e3 * sum(paired) / len(picked), 1),
             "paired_ratio": round((sum(builds) + sum(checks)) / sum(paired), 1)}
@@ -259,6 +272,10 @@ def main() -> None:
                     help="check only N evenly spaced states with copy and from-zero and "
                          "extrapolate (our loop checks every state)")
     ap.add_argument("--no-check", action="store_true", help="build only, no fsck")
+    ap.add_argument("--journal-replay", choices=("jbd2", "e2fsck"), default="jbd2",
+                    help="how fsck recovers ext4 journals, in both patterns: in process "
+                         "(logwrites.jbd2, e2fsck's path where it refuses) or always with "
+                         "e2fsck -E journal_only (the path before jbd2)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the recording and copies live (default: the system's temp)")
@@ -293,15 +310,20 @@ def main() -> None:
                 os.path.getsize(base) / (1 << 20)),
             "states": len(states), "sampled_states": len(picked),
             "record_seconds": round(record_s, 1), "image_filesystem": fs_type,
-            "checker": "none" if args.no_check else "e2fsck journal replay + e2fsck -fn"}
+            "load": [round(x, 2) for x in os.getloadavg()],
+            "checker": "none" if args.no_check else (
+                "journal replay in process (logwrites.jbd2) + e2fsck -fn"
+                if args.journal_replay == "jbd2" else "e2fsck journal replay + e2fsck -fn")}
         try:
             for pattern in patterns:
                 if pattern.startswith("in-place"):
                     figures[pattern] = run_ours(log, base, states, work,
-                                                pattern == "in-place", not args.no_check)
+                                                pattern == "in-place", not args.no_check,
+                                                args.journal_replay == "jbd2")
                 else:
                     figures[pattern] = run_theirs(pattern, log, base, logmap, states, picked,
-                                                  work, images, not args.no_check)
+                                                  work, images, not args.no_check,
+                                                  args.journal_replay == "jbd2")
         finally:
             if images != work:
                 shutil.rmtree(images, ignore_errors=True)
@@ -315,6 +337,7 @@ def main() -> None:
                 figures["loop_ratio_nodedup"] = round(zero["loop_s"] / nd["loop_s"], 1)  # type: ignore[index]
             figures["paired_ratio"] = zero["paired_ratio"]  # type: ignore[index]
             figures["goal_met"] = bool(figures["loop_ratio"] >= 10 and len(logmap.entries) >= 2000)
+        figures["load_after"] = [round(x, 2) for x in os.getloadavg()]
         if args.json:
             print(json.dumps(figures))
             return
@@ -328,7 +351,8 @@ def report(figures: dict, patterns: list[str], ours: str | None) -> None:
           f"{figures['image_mib']} MiB image), {figures['epochs']} epochs, {figures['states']} "
           f"prefix states from the mkfs mark; {figures['cores']} cores, one job (recorded in "
           f"{figures['record_seconds']:.0f} s); images on {figures['image_filesystem']}; "
-          f"checker: {figures['checker']}")
+          f"checker: {figures['checker']}; load average {figures['load']} before, "
+          f"{figures['load_after']} after")
     if figures["sampled_states"] < figures["states"]:
         print(f"copy/from-zero: {figures['sampled_states']} evenly spaced states checked, "
               "whole-set figures extrapolated from their mean; ours: every state")
@@ -346,6 +370,14 @@ def report(figures: dict, patterns: list[str], ours: str | None) -> None:
               f"{f['checker_share']:8.0%} {f.get('deduplicated', '-'):>6}")
         if f["not_pass"]:
             print(f"  {len(f['not_pass'])} states did not pass: {f['not_pass'][:5]}")
+        if "journal_replays" in f and pattern not in SAMPLED:
+            j = f["journal_replays"]
+            print(f"  journal replays: {j['in_process']} in process (jbd2), {j['by_e2fsck']} "
+                  f"by e2fsck")
+        elif "journal_replays" in f:
+            j = f["journal_replays"]
+            print(f"  journal replays (from-zero and the paired ours): {j['in_process']} in "
+                  f"process (jbd2), {j['by_e2fsck']} by e2fsck")
     if ours and f"{ours}" in figures and "check_ms_per_checked_state" in figures[ours]:
         print(f"checker: {figures[ours]['check_ms_per_checked_state']} ms per checked state "
               f"(ours)")

@@ -168,6 +168,7 @@ class FsckChecker:
         self.guest_recoveries = 0  # xfs states whose log was recovered in the guest
         self.in_process_replay = in_process_replay
         self.journal_replays_in_process = 0  # ext4 journals replayed here (logwrites.jbd2)
+        self._journal_scans = jbd2.ScanCache()  # consecutive states share most of a journal
         self.undo_in_process = 0  # journal replays rolled back here (jbd2 or apply_undo_file)
         self.undo_by_e2undo = 0   # ... and by the e2undo program (an undo file we did not trust)
 
@@ -235,7 +236,7 @@ class FsckChecker:
         fd = os.open(image, os.O_RDWR)
         try:
             try:
-                done = jbd2.replay(fd)
+                done = jbd2.replay(fd, cache=self._journal_scans)
             except jbd2.NotHandled as why:
                 log.debug("%s: journal left to e2fsck: %s", image, why)
                 return None

@@ -29,6 +29,7 @@ import logging
 import mmap
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -419,11 +420,14 @@ class _Journal:
                  fs_blocks: int) -> None:
         self.view, self.runs, self.bs = view, runs, blocksize
         self.starts = [r[0] for r in runs]
+        self.first = self.last = 0  # the log's bounds, once the journal superblock is read
         for _, pblk, length in runs:
             if pblk + length > fs_blocks or (pblk + length) * blocksize > len(view):
                 raise NotHandled("journal block beyond the filesystem")
 
     def offset(self, jblock: int) -> int:
+        if jblock < self.starts[0] + self.runs[0][2]:  # most journals are one extent
+            return (self.runs[0][1] + jblock - self.starts[0]) * self.bs
         k = bisect.bisect_right(self.starts, jblock) - 1
         if k < 0:
             raise NotHandled(f"journal block {jblock} not mapped")
@@ -438,6 +442,30 @@ class _Journal:
 
     def physical_blocks(self) -> list[tuple[int, int]]:
         return [(pblk, pblk + length) for _, pblk, length in self.runs]
+
+    def ranges(self, start: int, count: int) -> list[tuple[int, int]]:
+        """(image byte offset, length) runs holding `count` journal blocks from `start`,
+        wrapping from s_maxlen back to s_first as the log does."""
+        out: list[tuple[int, int]] = []
+        jblock = start
+        while count > 0:
+            seg = min(count, self.last - jblock)
+            count -= seg
+            while seg > 0:
+                k = bisect.bisect_right(self.starts, jblock) - 1
+                if k < 0 or jblock >= self.starts[k] + self.runs[k][2]:
+                    raise NotHandled(f"journal block {jblock} not mapped")
+                lblk, pblk, length = self.runs[k]
+                n = min(seg, lblk + length - jblock)
+                at = (pblk + jblock - lblk) * self.bs
+                if out and out[-1][0] + out[-1][1] == at:
+                    out[-1] = (out[-1][0], out[-1][1] + n * self.bs)
+                else:
+                    out.append((at, n * self.bs))
+                jblock += n
+                seg -= n
+            jblock = self.first
+        return out
 
 
 def _open_journal(fd: int) -> tuple[_Filesystem, list[tuple[int, int, int]], int, int]:
@@ -463,11 +491,13 @@ def journal_super_of(fd: int) -> JournalSuper:
         return parse_journal_super(journal.block(0), fs.blocksize, nblocks, crc)
 
 
-def replay(fd: int, now: int | None = None) -> Replay:
+def replay(fd: int, now: int | None = None, cache: ScanCache | None = None) -> Replay:
     """Recover the journal of the ext4 image open (read-write) on `fd`, as `e2fsck -E
     journal_only -y` does, and return what was written so the caller can `restore()` it.
 
-    `now` is the write time stamped in the superblock (default: the clock).
+    `now` is the write time stamped in the superblock (default: the clock); `cache` (one
+    per caller, shared by its threads) lets consecutive crash states skip re-verifying the
+    journal they share.
     :raise NotHandled: nothing was left changed; run e2fsck instead.
     :raise OSError: reading or writing failed; what had been written was put back first, but
       if that failed too the image is not what it was (the caller rebuilds it).
@@ -481,10 +511,11 @@ def replay(fd: int, now: int | None = None) -> Replay:
     with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as view:
         journal = _Journal(view, runs, fs.blocksize, fs.blocks_count)
         jsb = parse_journal_super(journal.block(0), fs.blocksize, nblocks, crc)
-        plan, end_transaction, transactions = _scan(journal, jsb, crc)
-        writes = _resolve(journal, jsb, plan, fs, size, crc)
+        journal.first, journal.last = jsb.first, jsb.maxlen
+        committed, end_transaction = _scan(journal, jsb, crc, cache)
+        writes = _resolve(journal, committed, fs, size)
         # All checks passed: from here on every write is recorded before it is made.
-        done = Replay(fd, transactions=transactions)
+        done = Replay(fd, transactions=len(committed))
         try:
             for fsblock, data in writes:
                 done.write(fsblock * fs.blocksize, data)
@@ -503,29 +534,73 @@ def replay(fd: int, now: int | None = None) -> Replay:
     return done
 
 
-def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
-          ) -> tuple[list[tuple[int, list[tuple[int, int, int, int]], list[int]]], int, int]:
-    """PASS_SCAN and the revoke collection: the committed transactions, each (sequence,
-    tags as (journal block, fs block, flags, checksum), revoked fs blocks); the first
-    transaction id not committed; how many were."""
-    last, first = jsb.maxlen, jsb.first
-    sequence = jsb.sequence
-    committed: list[tuple[int, list[tuple[int, int, int, int]], list[int]]] = []
+# A committed transaction: (sequence, tags as (journal block, fs block, flags, checksum
+# right), fs blocks its revoke records name).
+Transaction = tuple[int, list[tuple[int, int, int, bool]], list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Scanned:
+    """A scan's result up to its last commit block, and the bytes it was read from."""
+
+    jsb_block: bytes
+    runs: list[tuple[int, int, int]]      # the journal inode's block map it was read through
+    ranges: list[tuple[int, bytes]]       # (image byte offset, the journal bytes there)
+    committed: list[Transaction]
+    resume: tuple[int, int, int]          # next journal block, next sequence, blocks read
+
+
+class ScanCache:
+    """The last scan of a journal, so the next state's scan reads on from its last commit
+    instead of verifying every earlier transaction again. Crash states in log order share
+    most of their journal; the cached result is used only when every journal byte it was
+    made from is still the same (compared whole, not hashed). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: _Scanned | None = None
+        self.hits = 0
+
+    def get(self) -> _Scanned | None:
+        with self._lock:
+            return self._last
+
+    def put(self, scanned: _Scanned, hit: bool) -> None:
+        with self._lock:
+            self._last = scanned
+            self.hits += hit
+
+
+def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int],
+          cache: ScanCache | None) -> tuple[list[Transaction], int]:
+    """PASS_SCAN with the revoke records and data block checksums of each committed
+    transaction: (the committed transactions, the first transaction id not committed)."""
+    last, first, bs = jsb.maxlen, jsb.first, journal.bs
     if not jsb.start:  # a clean journal: nothing to replay, the sequence still advances
-        return committed, sequence, 0
-    csum_seed = 0
-    if jsb.csum_v2or3:
-        csum_seed = crc(0xFFFFFFFF, bytes(journal.block(0)[0x30:0x40]))  # s_uuid
+        return [], jsb.sequence
+    jsb_block = journal.block(0)
     csum = jsb.csum_v2or3
-    next_block = jsb.start
+    v3 = jsb.incompat & JBD2_FEATURE_INCOMPAT_CSUM_V3
+    csum_seed = crc(0xFFFFFFFF, jsb_block[0x30:0x40]) if csum else 0  # s_uuid
+    committed: list[Transaction] = []
+    next_block, sequence, visited = jsb.start, jsb.sequence, 0
+    known = cache.get() if cache is not None else None
+    hit = bool(known and known.jsb_block == jsb_block and known.runs == journal.runs and all(
+        journal.view[at:at + len(data)] == data for at, data in known.ranges))
+    if hit:
+        assert known is not None
+        committed = list(known.committed)
+        next_block, sequence, visited = known.resume
+    view, offset = journal.view, journal.offset
+    resume = (next_block, sequence, visited)
     tags: list[tuple[int, int, int, int]] = []
     revoked: list[int] = []
-    visited = 0
     while True:
         visited += 1
         if visited > 2 * last:
             raise NotHandled("journal scan does not end")
-        block = journal.block(next_block)
+        at = offset(next_block)
+        block = view[at:at + bs]
         next_block += 1
         if next_block >= last:
             next_block -= last - first
@@ -533,8 +608,8 @@ def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
         if magic != JBD2_MAGIC or seq != sequence:
             break
         if blocktype == JBD2_DESCRIPTOR_BLOCK:
-            if csum and _checksum_at(block, len(block) - 4, csum_seed, crc) != \
-                    _BE32.unpack_from(block, len(block) - 4)[0]:
+            if csum and _checksum_at(block, bs - 4, csum_seed, crc) != \
+                    _BE32.unpack_from(block, bs - 4)[0]:
                 raise NotHandled(f"descriptor block checksum in transaction {seq}")
             for blocknr, flags, tag_csum in parse_tags(block, jsb):
                 tags.append((next_block, blocknr, flags, tag_csum))
@@ -545,48 +620,58 @@ def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
             if csum and _checksum_at(block, COMMIT_CHKSUM0, csum_seed, crc) != \
                     _BE32.unpack_from(block, COMMIT_CHKSUM0)[0]:
                 raise NotHandled(f"commit block checksum in transaction {seq}")
-            committed.append((seq, tags, revoked))
+            checked = []
+            seq_seed = crc(csum_seed, seq.to_bytes(4, "big")) if csum else 0
+            for jblock, blocknr, flags, tag_csum in tags:
+                ok = True
+                if csum:
+                    at = offset(jblock)
+                    got = crc(seq_seed, view[at:at + bs])
+                    ok = (got if v3 else got & 0xFFFF) == tag_csum
+                checked.append((jblock, blocknr, flags, ok))
+            committed.append((seq, checked, revoked))
             tags, revoked = [], []
             sequence = (sequence + 1) & 0xFFFFFFFF
+            resume = (next_block, sequence, visited)
         elif blocktype == JBD2_REVOKE_BLOCK:
-            if csum and _checksum_at(block, len(block) - 4, csum_seed, crc) != \
-                    _BE32.unpack_from(block, len(block) - 4)[0]:
+            if csum and _checksum_at(block, bs - 4, csum_seed, crc) != \
+                    _BE32.unpack_from(block, bs - 4)[0]:
                 raise NotHandled(f"revoke block checksum in transaction {seq}")
             revoked.extend(parse_revoke(block, jsb))
         else:
             break
-    return committed, sequence, len(committed)
+    if cache is not None:
+        count = (resume[0] - jsb.start) % (last - first) if committed else 0
+        if resume[0] == jsb.start and committed:
+            count = last - first  # a journal full to the block
+        ranges = [(at, view[at:at + length]) for at, length in journal.ranges(jsb.start, count)]
+        cache.put(_Scanned(jsb_block, journal.runs, ranges, committed, resume), hit)
+    return committed, sequence
 
 
-def _resolve(journal: _Journal, jsb: JournalSuper,
-             committed: list[tuple[int, list[tuple[int, int, int, int]], list[int]]],
-             fs: _Filesystem, size: int, crc: Callable[[int, bytes], int]
+def _resolve(journal: _Journal, committed: list[Transaction], fs: _Filesystem, size: int
              ) -> list[tuple[int, bytes]]:
     """PASS_REPLAY's outcome: (fs block, bytes) for each block's last unrevoked copy, in
-    block order; every copy replayed has its checksum verified first."""
+    block order. A replayed copy whose checksum is wrong is refused (e2fsck skips it and
+    marks the filesystem with errors)."""
     revokes: dict[int, int] = {}
     for seq, _, revoked in committed:
         for blocknr in revoked:
             old = revokes.get(blocknr)
             if old is None or tid_gt(seq, old):
                 revokes[blocknr] = seq
-    csum = jsb.csum_v2or3
-    v3 = jsb.incompat & JBD2_FEATURE_INCOMPAT_CSUM_V3
-    csum_seed = crc(0xFFFFFFFF, bytes(journal.block(0)[0x30:0x40])) if csum else 0
-    journal_extents = journal.physical_blocks()
     final: dict[int, tuple[int, int]] = {}
     for seq, tags, _ in committed:
-        for jblock, blocknr, flags, tag_csum in tags:
-            rseq = revokes.get(blocknr)
-            if rseq is not None and not tid_gt(seq, rseq):
-                continue
-            if csum:
-                data = journal.block(jblock)
-                got = crc(crc(csum_seed, seq.to_bytes(4, "big")), data)
-                if (got if v3 else got & 0xFFFF) != tag_csum:
-                    raise NotHandled(f"checksum of journalled block {blocknr} (transaction "
-                                     f"{seq})")
+        for jblock, blocknr, flags, ok in tags:
+            if revokes:
+                rseq = revokes.get(blocknr)
+                if rseq is not None and not tid_gt(seq, rseq):
+                    continue
+            if not ok:
+                raise NotHandled(f"checksum of journalled block {blocknr} (transaction "
+                                 f"{seq})")
             final[blocknr] = (jblock, flags)
+    journal_extents = journal.physical_blocks()
     writes = []
     for blocknr in sorted(final):
         if blocknr >= fs.blocks_count or (blocknr + 1) * fs.blocksize > size:

@@ -87,6 +87,7 @@ def test_in_process_replay_matches_e2fsck_journal_only(variant: str, tmp_path: P
     compared: collections.Counter[str] = collections.Counter()
     refused: collections.Counter[str] = collections.Counter()
     transactions = replayed = kbytes_same = seen_features = 0
+    cache = jbd2.ScanCache()  # as the checker uses it: states in log order
     with LogReader(log) as reader:
         for state in states[::2]:
             build_from_zero(reader, logmap, base, state, fresh)
@@ -104,7 +105,7 @@ def test_in_process_replay_matches_e2fsck_journal_only(variant: str, tmp_path: P
             fd = os.open(ours, os.O_RDWR)
             try:
                 try:
-                    done = jbd2.replay(fd)
+                    done = jbd2.replay(fd, cache=cache)
                 except jbd2.NotHandled as why:
                     refused[str(why).split(" in transaction")[0]] += 1
                     assert ours.read_bytes() == want, f"{state.id}: refused but changed"
@@ -128,8 +129,10 @@ def test_in_process_replay_matches_e2fsck_journal_only(variant: str, tmp_path: P
     print(f"{variant}: journal features {seen_features:#x}, {len(logmap.entries)} entries, "
           f"{len(states)} states; compared "
           f"{dict(compared)}, {transactions} transactions, {replayed} blocks replayed; "
-          f"s_kbytes_written as e2fsck's in {kbytes_same}; refused {dict(refused)}")
+          f"s_kbytes_written as e2fsck's in {kbytes_same}; {cache.hits} scans resumed; "
+          f"refused {dict(refused)}")
     assert seen_features & ~jbd2.JBD2_FEATURE_INCOMPAT_REVOKE == features
+    assert cache.hits > 10  # the incremental scan was exercised, and matched e2fsck
     assert compared["prefix"] >= 10 and compared["reorder"] >= 10
     assert replayed > 100  # the states really carried journal transactions
     assert sum(refused.values()) <= sum(compared.values()) // 4, refused
