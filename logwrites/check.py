@@ -243,6 +243,11 @@ class FsckChecker:
             except OSError as err:  # its writes were put back, unless that failed too
                 out = f"in-process journal replay: {err}"
                 raise _Unrestored(("error", out, out), out) from None
+            except Exception as err:  # a bug, not the image's fault: its writes were put back
+                log.warning("%s: in-process journal replay failed (%s); e2fsck recovers it",
+                            image, err)
+                log.debug("traceback", exc_info=True)
+                return None
             out1 = (f"in-process journal replay (logwrites.jbd2): {done.transactions} "
                     f"transactions, {done.blocks} blocks\n")
             result = ("error", out1, "interrupted")

@@ -418,16 +418,20 @@ class _Journal:
 
     def __init__(self, view: mmap.mmap, runs: list[tuple[int, int, int]], blocksize: int,
                  fs_blocks: int) -> None:
+        if not runs:
+            raise NotHandled("journal inode maps no blocks")
         self.view, self.runs, self.bs = view, runs, blocksize
         self.starts = [r[0] for r in runs]
+        # Most journals are one extent from logical block 0: offsets without a search.
+        self.contiguous = runs[0][2] if runs[0][0] == 0 else 0
         self.first = self.last = 0  # the log's bounds, once the journal superblock is read
         for _, pblk, length in runs:
             if pblk + length > fs_blocks or (pblk + length) * blocksize > len(view):
                 raise NotHandled("journal block beyond the filesystem")
 
     def offset(self, jblock: int) -> int:
-        if jblock < self.starts[0] + self.runs[0][2]:  # most journals are one extent
-            return (self.runs[0][1] + jblock - self.starts[0]) * self.bs
+        if 0 <= jblock < self.contiguous:
+            return (self.runs[0][1] + jblock) * self.bs
         k = bisect.bisect_right(self.starts, jblock) - 1
         if k < 0:
             raise NotHandled(f"journal block {jblock} not mapped")
