@@ -16,6 +16,8 @@ external journal, fast commits, v1 (`COMPAT_CHECKSUM`) transaction checksums, un
 a journal superblock e2fsck would rewrite, any checksum mismatch on a block inside the log (the
 kernel and e2fsck then judge commit times, mark the filesystem with errors or skip blocks),
 and an orphan list after the replay (e2fsck's journal-only run releases orphan inodes too).
+`ScanCache` lets the next crash state's scan go on from the last one's last commit when the
+journal bytes it read are unchanged (states in log order share most of their journal).
 On-disk field names follow the kernel's (fs/jbd2/recovery.c, include/linux/jbd2.h, ext4.h).
 """
 
@@ -554,6 +556,9 @@ class _Scanned:
     resume: tuple[int, int, int]          # next journal block, next sequence, blocks read
 
 
+CACHE_MAX_BYTES: Final = 64 << 20  # journal bytes a ScanCache keeps a copy of, at most
+
+
 class ScanCache:
     """The last scan of a journal, so the next state's scan reads on from its last commit
     instead of verifying every earlier transaction again. Crash states in log order share
@@ -648,8 +653,10 @@ def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
         count = (resume[0] - jsb.start) % (last - first) if committed else 0
         if resume[0] == jsb.start and committed:
             count = last - first  # a journal full to the block
-        ranges = [(at, view[at:at + length]) for at, length in journal.ranges(jsb.start, count)]
-        cache.put(_Scanned(jsb_block, journal.runs, ranges, committed, resume), hit)
+        if count * bs <= CACHE_MAX_BYTES:
+            ranges = [(at, view[at:at + length])
+                      for at, length in journal.ranges(jsb.start, count)]
+            cache.put(_Scanned(jsb_block, journal.runs, ranges, committed, resume), hit)
     return committed, sequence
 
 
