@@ -11,7 +11,9 @@ took long (a big transfer, a FLUSH), so the guest is not kept waiting for the re
 makes the image and the log durable (the filter counts the records it carries and a FLUSH
 entry once both are), before it completes; the image's writeback is started first, so the two
 syncs overlap. For big writes the image's side runs on one worker thread while the log's side
-runs here: the two copies of a MiB overlap instead of adding up.
+runs meanwhile: the two copies of a MiB overlap instead of adding up; in `logwrites` mode
+several big writes are in flight at once (vhost/pipeline.py), completed in pop order, and
+anything else is served only once they all completed.
 
 Every record reaches the log file when its request completes (in `logwrites` mode uncounted
 until a FLUSH carries it), so when the log cannot take an entry (LogFullError: its filesystem
@@ -22,9 +24,11 @@ is full or `--log-size` is reached) the request that needed it has not completed
   does not describe, so nothing may pretend otherwise (issue 6): from then on the device is
   *log-full*: every write, discard, write-zeroes and FLUSH gets IOERR without touching the image
   or the log (reads still work), `log_full` says why and `unlogged` counts the completed writes
-  that are on the image but not in the log. The log stays valid up to its last counted entry,
-  which describes the image as it was at the last FLUSH that succeeded. Only a new backend (a
-  fresh log on the image as it is) makes the pair consistent again.
+  that are on the image but not in the log. Big writes already in flight behind it
+  (vhost/pipeline.py) reached the image too: they fail as well and count as unlogged. The
+  log stays valid up to its last counted entry, which describes the image as it was at the
+  last FLUSH that succeeded. Only a new backend (a fresh log on the image as it is) makes the
+  pair consistent again.
 - `on_log_full="pause"`: the request is held, uncompleted: `on_log_full` tells the control
   socket (event `{"event": "log-full"}`), and the device serves only the control socket until
   a `resume` (after the user made room) logs it again from the guest's buffers, which are
@@ -51,9 +55,10 @@ from typing import Final
 
 from logwrites.errors import LogwritesError
 from logwrites.logfile import LogFullError
-from vhost import lvu
+from vhost import lvu, pipeline
 from vhost.lvu import VirtioBlk as V
-from vhost.ordering import DISCARD, FUA, CompletionSink
+from vhost.ordering import DISCARD, FUA, CompletionSink, LogWritesSink
+from vhost.pipeline import BigWritePipeline
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +106,7 @@ class BlkDevice:
     """
 
     __slots__ = (
-        "_fd", "_fua", "_id", "_io", "_req", "_writeback_unsupported", "_wrote_through",
+        "_fd", "_fua", "_id", "_io", "_pipe", "_req", "_writeback_unsupported", "_wrote_through",
         "bytes_read", "bytes_written", "conn",
         "counts", "held", "log_full", "log_full_events", "num_queues", "on_log_full",
         "pause_until_resumed", "readonly", "sectorsize", "sink", "size", "started", "unlogged",
@@ -131,6 +136,8 @@ class BlkDevice:
         self._fua = FUA if writethrough else 0
         self._wrote_through = False
         self._req = lvu.new_request()
+        self._pipe = (BigWritePipeline(sink, self._worker)
+                      if type(sink) is LogWritesSink else None)
         self.conn: lvu.Connection | None = None
         self.started = [False] * num_queues
         self.held = False
@@ -239,8 +246,26 @@ class BlkDevice:
         if self.held or conn is None or not conn.open:
             return
         dev, req, pop, fill, handle = conn.dev, self._req, lvu.pop, lvu.fill, self._handle
+        pipe = self._pipe if self.on_log_full == "fail" else None
         n = 0
-        while pop(dev, qidx, req):
+        while True:
+            if not pop(dev, qidx, req):
+                if not pipe:
+                    break
+                # The ring is empty for now: complete the oldest big write, then look again
+                # (the guest refills while the others are still in flight).
+                self._complete_big(dev, qidx)
+                continue
+            if pipe is not None and self._pipelined(req, pipe):
+                if n:
+                    self._end_batch(dev, qidx, n)
+                    n = 0
+                req = self._req = pipe.start(req, self._fd, *self._big_write(req))
+                if len(pipe) == pipeline.DEPTH:
+                    self._complete_big(dev, qidx)
+                continue
+            while pipe:                 # anything else is served alone, in pop order
+                self._complete_big(dev, qidx)
             status, used_len = handle(req)
             fill(dev, qidx, req, status, used_len, n)
             n += 1
@@ -251,6 +276,46 @@ class BlkDevice:
                 if self.held:
                     return
         self._end_batch(dev, qidx, n)
+
+    def _pipelined(self, req: object, pipe: BigWritePipeline) -> bool:
+        """Whether `req` is a valid big write the pipeline takes (all else is served here)."""
+        nbytes = req.len  # type: ignore[attr-defined]
+        if (req.type != V.T_OUT or nbytes < PARALLEL_MIN  # type: ignore[attr-defined]
+                or req.problem or self._fua or self.readonly  # type: ignore[attr-defined]
+                or self.log_full is not None):
+            return False
+        offset = req.sector * REQ_SECTOR  # type: ignore[attr-defined]
+        ss = self.sectorsize
+        return not (offset % ss or nbytes % ss or offset + nbytes > self.size)
+
+    def _big_write(self, req: object) -> tuple[list, int, int, int, int]:
+        """(buffers, offset, bytes, sector, sectors) of a validated big write."""
+        nbytes = req.len  # type: ignore[attr-defined]
+        offset = req.sector * REQ_SECTOR  # type: ignore[attr-defined]
+        self.counts[C_OUT] += 1
+        ss = self.sectorsize
+        return self._buffers(req), offset, nbytes, offset // ss, nbytes // ss
+
+    def _complete_big(self, dev: object, qidx: int) -> None:
+        """Complete the pipeline's oldest big write and publish it at once."""
+        pipe = self._pipe
+        assert pipe is not None
+        req, nbytes, problem = pipe.finish_oldest()
+        if problem is None:
+            self.bytes_written += nbytes
+            status = _OK
+        else:
+            self.counts[C_ERROR] += 1
+            status = _IOERR
+            if isinstance(problem, LogFullError) and self.log_full is None:
+                # On the image, not in the log (as for a write served here): the device is
+                # log-full from now on, and the records still waiting can never count.
+                self._full(problem, 1 + self.sink.unflushed)
+            elif isinstance(problem, LogFullError):
+                self.unlogged += 1
+        lvu.fill(dev, qidx, req, status[0], status[1], 0)
+        lvu.publish(dev, qidx, 1)
+        pipe.recycle(req)
 
     def _end_batch(self, dev: object, qidx: int, n: int) -> None:
         if self._wrote_through:

@@ -1,0 +1,112 @@
+"""Big writes in flight together (vhost/pipeline.py), through the real backend and a real
+front-end: records in pop order, FLUSH ordering, a failing image write and a full log in the
+middle of a batch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.system.test_backend_control import Control, kinds
+from tests.system.test_log_full import small_fs, start  # noqa: F401 (fixture)
+from vhost.testing.frontend import BlkFrontend, Status, flush_parts, read_parts, write_parts
+
+KiB = 1 << 10
+BIG = 256 * KiB                     # at least PARALLEL_MIN: the pipeline takes it
+
+
+def big(i: int) -> bytes:
+    return bytes([i % 250 + 1]) * BIG
+
+
+@pytest.mark.slow
+def test_big_writes_in_flight_are_logged_in_pop_order(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    d = start(tmp_path, log)
+    # Twelve big writes at once (more than the pipeline's depth), two of them onto the same
+    # sectors, a small write and a FLUSH among them, and a big write after the FLUSH.
+    sectors = [i * (BIG // 512) for i in range(10)] + [0, 512]
+    batch = [write_parts(s, big(i)) for i, s in enumerate(sectors[:6])]
+    batch.append(write_parts(4096, bytes([0xAA]) * 4096))
+    batch += [write_parts(s, big(i + 6)) for i, s in enumerate(sectors[6:])]
+    batch.append(flush_parts())
+    batch.append(write_parts(8192, big(99)))
+    try:
+        with BlkFrontend(d.socket_path, timeout_s=20) as fe:
+            done = fe.run(batch)
+            assert [r.status for r in done] == [Status.OK] * len(batch)
+            # The later write onto sectors 0.. wins on the image, as on a disk.
+            assert fe.run_one(read_parts(0, BIG)).data == big(10)
+            assert fe.run_one(read_parts(512, BIG)).data == big(11)
+    finally:
+        assert d.stop() == 0
+    nr = BIG // 512
+    want = [("write", s, nr, big(i)[0]) for i, s in enumerate(sectors[:6])]
+    want.append(("write", 4096, 8, 0xAA))
+    want += [("write", s, nr, big(i + 6)[0]) for i, s in enumerate(sectors[6:])]
+    want += [("flush",), ("write", 8192, nr, big(99)[0]), ("mark", "dm-log-writes-end")]
+    assert kinds(log) == want
+
+
+@pytest.mark.slow
+def test_failed_image_write_in_flight_is_ioerr_and_not_logged(tmp_path: Path,
+                                                              small_fs) -> None:  # noqa: F811
+    imgfs = small_fs("imgfs", "2m")
+    image = imgfs / "disk.img"
+    with image.open("wb") as f:
+        f.write(b"\xee" * (4 * BIG))    # the first 1 MiB is allocated
+        f.truncate(64 << 20)             # the rest is sparse: no room behind it
+    fd = os.open(imgfs / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError):
+            while True:
+                os.write(fd, bytes(4096))
+    finally:
+        os.close(fd)
+    log = tmp_path / "log"
+    d = start(tmp_path, log, image=image)
+    nr = BIG // 512
+    sectors = [0, 16 << 11, nr, 32 << 11, 2 * nr]   # 2nd and 4th land where there is no room
+    try:
+        with BlkFrontend(d.socket_path, timeout_s=20) as fe:
+            done = fe.run([write_parts(s, big(i)) for i, s in enumerate(sectors)]
+                          + [flush_parts()])
+            assert [r.status for r in done] == [Status.OK, Status.IOERR, Status.OK,
+                                                Status.IOERR, Status.OK, Status.OK]
+            status = Control(d.control)("status")
+            assert status["requests"]["failed"] == 2 and status["log_full"] is None
+    finally:
+        assert d.stop() == 0
+    assert kinds(log) == [("write", 0, nr, 1), ("write", nr, nr, 3), ("write", 2 * nr, nr, 5),
+                          ("flush",), ("mark", "dm-log-writes-end")]
+
+
+@pytest.mark.slow
+def test_log_full_in_flight_fails_that_write_and_the_rest(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    # Room for the super block and three big entries (header + payload each), not four.
+    d = start(tmp_path, log, "--log-size", str(512 + 3 * (512 + BIG) + 4096))
+    nr = BIG // 512
+    try:
+        with BlkFrontend(d.socket_path, timeout_s=20) as fe:
+            done = fe.run([write_parts(i * nr, big(i)) for i in range(6)])
+            statuses = [r.status for r in done]
+            assert statuses[:3] == [Status.OK] * 3
+            assert statuses[3:] == [Status.IOERR] * 3
+            status = Control(d.control)("status")
+            assert status["log_full"] is not None and status["log_full"].startswith("log full")
+            # Unlogged: the three records waiting for a flush, the one that did not fit, and
+            # the two in flight behind it (on the image, never logged, none completed OK;
+            # served one at a time, those two would not have touched the image: 4).
+            assert status["unlogged"] == 6
+            assert fe.flush().status == Status.IOERR
+            assert fe.write(0, big(9)).status == Status.IOERR
+            assert fe.run_one(read_parts(0, BIG)).data == big(0)   # untouched since
+    finally:
+        d.stop()
+    # The three that fitted are the volatile tail logged at stop; nothing of the others, and
+    # no end mark (the log is full).
+    assert kinds(log) == [("write", i * nr, nr, i + 1) for i in range(3)]
