@@ -4,22 +4,26 @@ A checker never changes the state itself (later states and the report need it pr
 checker that may write (`writes_image` True: `host:CMD`, `guest:PATH`, unknown ones) runs on a
 disposable copy of the state's image (reflinked where the filesystem can, else sparse-copied:
 the copy costs O(image)). The built-in `fsck` runs on the state's image itself and leaves it as
-it found it: ext4's journal replay writes through e2fsck's undo file (`-z`), rolled back with
-an in-process e2undo afterwards (`apply_undo_file`, the `e2undo` program when the undo file is
-not one to trust) — O(blocks the checker changed); the other read-only checks write nothing
-(xfs's log recovery in the guest works on a copy).
+it found it: ext4's journal is replayed in this process (logwrites.jbd2, which leaves what
+`e2fsck -E journal_only` leaves and keeps the pre-image of every block it writes), checked by
+one `e2fsck -fn`, and the pre-images are written back; a journal jbd2 does not handle is
+replayed by e2fsck through its undo file (`-z`), rolled back with an in-process e2undo
+afterwards (`apply_undo_file`, the `e2undo` program when the undo file is not one to trust) —
+O(blocks the checker changed) either way; the other read-only checks write nothing (xfs's log
+recovery in the guest works on a copy).
 When a rollback cannot be trusted (a killed or failed replay, e2undo refusing) the checker says
 so with `ImageNotRestored`, and the caller rebuilds the image. Three kinds, parsed from the
 command line by `parse_checker`:
 
 - `fsck` picks the filesystem's own checker. A crash state of a journaling filesystem usually
   needs journal recovery first; a read-only fsck of an unrecovered journal reports false
-  corruption (xfstests mounts before it checks for this reason). ext4: `e2fsck -E journal_only`
-  replays the journal on the copy, then `e2fsck -fn` checks it. btrfs: `btrfs check --readonly`
-  understands the log tree by itself. xfs: `xfs_repair -n` on the host judges a state with a
-  clean log; a dirty log needs a kernel's log recovery (no xfsprogs tool replays one), so the
-  guest boots on a disposable copy of the state, the kernel under test mounts it (recovery),
-  unmounts it and runs `xfs_repair -n` on it: a failed mount or repair check fails the state.
+  corruption (xfstests mounts before it checks for this reason). ext4: the journal is replayed
+  as `e2fsck -E journal_only` replays it (in process, else by e2fsck), then `e2fsck -fn`
+  checks the image. btrfs: `btrfs check --readonly` understands the log tree by itself. xfs:
+  `xfs_repair -n` on the host judges a state with a clean log; a dirty log needs a kernel's
+  log recovery (no xfsprogs tool replays one), so the guest boots on a disposable copy of the
+  state, the kernel under test mounts it (recovery), unmounts it and runs `xfs_repair -n` on
+  it: a failed mount or repair check fails the state.
   An image with no filesystem signature passes when the state is from before the filesystem
   existed, and fails when it should have one.
 - `host:CMD` runs CMD through the shell with `{image}` replaced by the copy's path; exit 0

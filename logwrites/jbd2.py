@@ -521,7 +521,7 @@ def replay(fd: int, now: int | None = None, cache: ScanCache | None = None) -> R
         committed, end_transaction = _scan(journal, jsb, crc, cache)
         writes = _resolve(journal, committed, fs, size)
         # All checks passed: from here on every write is recorded before it is made.
-        done = Replay(fd, transactions=len(committed))
+        done = Replay(fd, transactions=committed.transactions)
         try:
             for fsblock, data in writes:
                 done.write(fsblock * fs.blocksize, data)
@@ -540,9 +540,20 @@ def replay(fd: int, now: int | None = None, cache: ScanCache | None = None) -> R
     return done
 
 
-# A committed transaction: (sequence, tags as (journal block, fs block, flags, checksum
-# right), fs blocks its revoke records name).
-Transaction = tuple[int, list[tuple[int, int, int, bool]], list[int]]
+@dataclass(slots=True)
+class _Committed:
+    """What the committed transactions ask PASS_REPLAY to do, gathered transaction by
+    transaction (so a scan can go on from a cached one)."""
+
+    transactions: int = 0
+    # fs block -> (sequence, journal block, tag flags) of its last journalled copy
+    last_copy: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    revokes: dict[int, int] = field(default_factory=dict)  # fs block -> latest revoking seq
+    bad: list[tuple[int, int]] = field(default_factory=list)  # (seq, fs block): bad checksum
+
+    def copy(self) -> _Committed:
+        return _Committed(self.transactions, dict(self.last_copy), dict(self.revokes),
+                          list(self.bad))
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,7 +563,7 @@ class _Scanned:
     jsb_block: bytes
     runs: list[tuple[int, int, int]]      # the journal inode's block map it was read through
     ranges: list[tuple[int, bytes]]       # (image byte offset, the journal bytes there)
-    committed: list[Transaction]
+    committed: _Committed
     resume: tuple[int, int, int]          # next journal block, next sequence, blocks read
 
 
@@ -581,26 +592,28 @@ class ScanCache:
 
 
 def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int],
-          cache: ScanCache | None) -> tuple[list[Transaction], int]:
-    """PASS_SCAN with the revoke records and data block checksums of each committed
-    transaction: (the committed transactions, the first transaction id not committed)."""
+          cache: ScanCache | None) -> tuple[_Committed, int]:
+    """PASS_SCAN with what PASS_REVOKE and PASS_REPLAY need from each committed transaction
+    (its copies, their checksums, its revoke records): (that, the first transaction id not
+    committed)."""
     last, first, bs = jsb.maxlen, jsb.first, journal.bs
     if not jsb.start:  # a clean journal: nothing to replay, the sequence still advances
-        return [], jsb.sequence
+        return _Committed(), jsb.sequence
     jsb_block = journal.block(0)
     csum = jsb.csum_v2or3
     v3 = jsb.incompat & JBD2_FEATURE_INCOMPAT_CSUM_V3
     csum_seed = crc(0xFFFFFFFF, jsb_block[0x30:0x40]) if csum else 0  # s_uuid
-    committed: list[Transaction] = []
+    committed = _Committed()
     next_block, sequence, visited = jsb.start, jsb.sequence, 0
     known = cache.get() if cache is not None else None
     hit = bool(known and known.jsb_block == jsb_block and known.runs == journal.runs and all(
         journal.view[at:at + len(data)] == data for at, data in known.ranges))
     if hit:
         assert known is not None
-        committed = list(known.committed)
+        committed = known.committed.copy()
         next_block, sequence, visited = known.resume
     view, offset = journal.view, journal.offset
+    last_copy, revokes, bad = committed.last_copy, committed.revokes, committed.bad
     resume = (next_block, sequence, visited)
     tags: list[tuple[int, int, int, int]] = []
     revoked: list[int] = []
@@ -629,16 +642,19 @@ def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
             if csum and _checksum_at(block, COMMIT_CHKSUM0, csum_seed, crc) != \
                     _BE32.unpack_from(block, COMMIT_CHKSUM0)[0]:
                 raise NotHandled(f"commit block checksum in transaction {seq}")
-            checked = []
             seq_seed = crc(csum_seed, seq.to_bytes(4, "big")) if csum else 0
             for jblock, blocknr, flags, tag_csum in tags:
-                ok = True
                 if csum:
                     at = offset(jblock)
                     got = crc(seq_seed, view[at:at + bs])
-                    ok = (got if v3 else got & 0xFFFF) == tag_csum
-                checked.append((jblock, blocknr, flags, ok))
-            committed.append((seq, checked, revoked))
+                    if (got if v3 else got & 0xFFFF) != tag_csum:
+                        bad.append((seq, blocknr))
+                last_copy[blocknr] = (seq, jblock, flags)
+            for blocknr in revoked:  # jbd2_journal_set_revoke keeps the latest sequence
+                old = revokes.get(blocknr)
+                if old is None or tid_gt(seq, old):
+                    revokes[blocknr] = seq
+            committed.transactions += 1
             tags, revoked = [], []
             sequence = (sequence + 1) & 0xFFFFFFFF
             resume = (next_block, sequence, visited)
@@ -650,8 +666,8 @@ def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
         else:
             break
     if cache is not None:
-        count = (resume[0] - jsb.start) % (last - first) if committed else 0
-        if resume[0] == jsb.start and committed:
+        count = (resume[0] - jsb.start) % (last - first) if committed.transactions else 0
+        if resume[0] == jsb.start and committed.transactions:
             count = last - first  # a journal full to the block
         if count * bs <= CACHE_MAX_BYTES:
             ranges = [(at, view[at:at + length])
@@ -660,36 +676,28 @@ def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
     return committed, sequence
 
 
-def _resolve(journal: _Journal, committed: list[Transaction], fs: _Filesystem, size: int
+def _resolve(journal: _Journal, committed: _Committed, fs: _Filesystem, size: int
              ) -> list[tuple[int, bytes]]:
     """PASS_REPLAY's outcome: (fs block, bytes) for each block's last unrevoked copy, in
-    block order. A replayed copy whose checksum is wrong is refused (e2fsck skips it and
-    marks the filesystem with errors)."""
-    revokes: dict[int, int] = {}
-    for seq, _, revoked in committed:
-        for blocknr in revoked:
-            old = revokes.get(blocknr)
-            if old is None or tid_gt(seq, old):
-                revokes[blocknr] = seq
-    final: dict[int, tuple[int, int]] = {}
-    for seq, tags, _ in committed:
-        for jblock, blocknr, flags, ok in tags:
-            if revokes:
-                rseq = revokes.get(blocknr)
-                if rseq is not None and not tid_gt(seq, rseq):
-                    continue
-            if not ok:
-                raise NotHandled(f"checksum of journalled block {blocknr} (transaction "
-                                 f"{seq})")
-            final[blocknr] = (jblock, flags)
+    block order (a revoke record at sequence r skips every copy from transactions up to r;
+    the last copy wins). A replayed copy whose checksum is wrong, even one a later copy
+    overwrites, is refused (e2fsck skips it and marks the filesystem with errors)."""
+    revokes = committed.revokes
+    for seq, blocknr in committed.bad:
+        rseq = revokes.get(blocknr)
+        if rseq is None or tid_gt(seq, rseq):
+            raise NotHandled(f"checksum of journalled block {blocknr} (transaction {seq})")
     journal_extents = journal.physical_blocks()
     writes = []
-    for blocknr in sorted(final):
+    for blocknr in sorted(committed.last_copy):
+        seq, jblock, flags = committed.last_copy[blocknr]
+        rseq = revokes.get(blocknr)
+        if rseq is not None and not tid_gt(seq, rseq):
+            continue
         if blocknr >= fs.blocks_count or (blocknr + 1) * fs.blocksize > size:
             raise NotHandled(f"journalled block {blocknr} beyond the filesystem")
         if any(lo <= blocknr < hi for lo, hi in journal_extents):
             raise NotHandled(f"journalled block {blocknr} inside the journal")
-        jblock, flags = final[blocknr]
         data = journal.block(jblock)
         if flags & JBD2_FLAG_ESCAPE:
             data = _BE32.pack(JBD2_MAGIC) + data[4:]
