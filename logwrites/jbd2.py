@@ -93,6 +93,7 @@ JBD2_FEATURE_INCOMPAT_CSUM_V3: Final = 0x10
 JBD2_FEATURE_INCOMPAT_FAST_COMMIT: Final = 0x20
 JBD2_KNOWN_INCOMPAT: Final = 0x3F
 JBD2_CRC32C_CHKSUM: Final = 4
+JBD2_MIN_JOURNAL_BLOCKS: Final = 1024
 JBD2_FLAG_ESCAPE: Final = 1
 JBD2_FLAG_SAME_UUID: Final = 2
 JBD2_FLAG_LAST_TAG: Final = 8
@@ -404,6 +405,12 @@ def _journal_runs(fd: int, fs: _Filesystem, sb: bytes) -> tuple[list[tuple[int, 
         raise NotHandled("journal inode differs from its superblock backup")
     size = _LE32.unpack_from(inode, 0x4)[0] | (_LE32.unpack_from(inode, 0x6C)[0] << 32)
     nblocks = size // bs
+    # e2fsck's journal inode checks: failing one, e2fsck -y would rebuild or drop the journal.
+    mode, links = _LE16.unpack_from(inode, 0x0)[0], _LE16.unpack_from(inode, 0x1A)[0]
+    if not links or mode & 0xF000 != 0x8000 or _LE32.unpack_from(inode, 0x20)[0] & 0x800:
+        raise NotHandled("journal inode is not a plain regular file")
+    if nblocks < JBD2_MIN_JOURNAL_BLOCKS:
+        raise NotHandled(f"journal of {nblocks} blocks")
 
     def read(offset: int, length: int) -> bytes:
         return _pread(fd, length, offset)
@@ -412,6 +419,13 @@ def _journal_runs(fd: int, fs: _Filesystem, sb: bytes) -> tuple[list[tuple[int, 
         runs = extent_map(read, i_block, bs)
     else:
         runs = block_map(read, i_block, bs, nblocks)
+    mapped = 0
+    for lblk, _, length in runs:  # sorted: the journal's blocks must be mapped without holes
+        if lblk != mapped:
+            break
+        mapped += length
+    if mapped < nblocks:
+        raise NotHandled("journal inode has holes or is shorter than its size")
     return runs, nblocks
 
 

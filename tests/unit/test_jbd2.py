@@ -427,3 +427,13 @@ def test_scan_cache_resumes_and_notices_a_changed_byte(tmp_path: Path) -> None:
         assert cache.hits == 1
     finally:
         os.close(fd)
+
+
+def test_a_journal_inode_e2fsck_would_rebuild_is_left_to_e2fsck(tmp_path: Path) -> None:
+    image = Image(tmp_path / "fs.img")
+    image.set_features(V3_64 | jbd2.JBD2_FEATURE_INCOMPAT_REVOKE)
+    image.write([[("data", image.blocks_count - 10, _payload(1))]])
+    subprocess.run([require_tool("debugfs", "e2fsprogs"), "-w", "-R", "sif <8> links_count 0",
+                    str(image.path)], check=True, capture_output=True)
+    _, _, ours, done = image.replay_both(tmp_path)
+    assert done is None and ours == b""
