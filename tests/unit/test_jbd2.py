@@ -399,12 +399,19 @@ def test_a_bad_data_block_checksum_is_left_to_e2fsck(tmp_path: Path) -> None:
     assert theirs[(far + 1) * image.bs:(far + 2) * image.bs] != _payload(2)
 
 
+def _with_orphan(sb: bytes) -> bytes:
+    """A superblock whose orphan list starts at inode 12, its checksum set."""
+    block = bytearray(sb)
+    struct.pack_into("<I", block, jbd2.S_LAST_ORPHAN, 12)
+    struct.pack_into("<I", block, jbd2.S_CHECKSUM, _crc()(0xFFFFFFFF, bytes(block[:0x3FC])))
+    return bytes(block)
+
+
 def test_an_orphan_list_after_the_replay_is_left_to_e2fsck(tmp_path: Path) -> None:
     image = Image(tmp_path / "fs.img")
     image.set_features(V3_64 | jbd2.JBD2_FEATURE_INCOMPAT_REVOKE)
-    sb_block = bytearray(image.path.read_bytes()[1024:2048])
-    struct.pack_into("<I", sb_block, jbd2.S_LAST_ORPHAN, 12)
-    image.write([[("data", 1, bytes(sb_block))]])  # 1 KiB blocks: block 1 is the superblock
+    # 1 KiB blocks: block 1 is the superblock.
+    image.write([[("data", 1, _with_orphan(image.path.read_bytes()[1024:2048]))]])
     _want, _, ours, done = image.replay_both(tmp_path)
     assert done is None and ours == b""
 
@@ -437,3 +444,26 @@ def test_a_journal_inode_e2fsck_would_rebuild_is_left_to_e2fsck(tmp_path: Path) 
                     str(image.path)], check=True, capture_output=True)
     _, _, ours, done = image.replay_both(tmp_path)
     assert done is None and ours == b""
+
+
+def test_fsck_replays_in_process_or_falls_back_to_e2fsck_and_leaves_the_image(
+        tmp_path: Path) -> None:
+    from logwrites.check import FsckChecker
+
+    image = Image(tmp_path / "fs.img")
+    image.set_features(V3_64 | jbd2.JBD2_FEATURE_INCOMPAT_REVOKE)
+    image.write([[("data", image.blocks_count - 10, _payload(1))]])
+    before = image.path.read_bytes()
+    ours, old = FsckChecker("ext4"), FsckChecker("ext4", in_process_replay=False)
+    got, want = ours.check(image.path, expect_fs=True), old.check(image.path, expect_fs=True)
+    assert image.path.read_bytes() == before
+    assert (got.verdict, want.verdict) == ("pass", "pass"), got.output
+    assert "in-process journal replay" in got.output
+    assert (ours.journal_replays_in_process, old.journal_replays_in_process) == (1, 0)
+    # A state jbd2 refuses (an orphan list after the replay) goes to e2fsck, unchanged.
+    image.write([[("data", 1, _with_orphan(before[1024:2048]))]])
+    before = image.path.read_bytes()
+    fallback = ours.check(image.path, expect_fs=True)
+    assert image.path.read_bytes() == before
+    assert "in-process journal replay" not in fallback.output
+    assert (ours.journal_replays_in_process, ours.undo_in_process) == (1, 2)
