@@ -739,6 +739,8 @@ def _finish_superblock(done: Replay, fs: _Filesystem, replayed: int, now: int | 
     _LE32.pack_into(sb, S_WTIME, (int(time.time()) if now is None else now) & 0xFFFFFFFF)
     kbytes = _LE64.unpack_from(sb, S_KBYTES_WRITTEN)[0]
     if kbytes:  # e2fsck counts only when the kernel has been counting (non-zero)
+        # An estimate (the replayed blocks, the journal superblock, this one): e2fsck adds
+        # what its I/O layer wrote, which its write cache makes hard to predict exactly.
         kbytes += (replayed + 2) * fs.blocksize >> 10
         _LE64.pack_into(sb, S_KBYTES_WRITTEN, kbytes & 0xFFFFFFFFFFFFFFFF)
     if ro_compat & RO_COMPAT_METADATA_CSUM:
