@@ -37,11 +37,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import mmap
 import os
 import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Final
 
@@ -415,6 +417,40 @@ def print_memory_job(figures: dict) -> None:
         print(line)
 
 
+def log_disk_mib_s(directory: Path, seconds: float = 3.0) -> float:
+    """The log's disk, alone: 1 MiB O_DIRECT appends to a fresh file where the contenders put
+    their logs, as the backend logs big writes (each logged MiB of the 1 MiB job is one)."""
+    size = 1 << 20
+    buf = mmap.mmap(-1, size)               # page-aligned, as O_DIRECT wants
+    buf.write(os.urandom(4096) * (size // 4096))
+    with tempfile.TemporaryDirectory(prefix="lw-bench-disk-", dir=directory) as tmp:
+        fd = os.open(Path(tmp) / "ceiling", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+        try:
+            written, start = 0, time.monotonic()
+            while time.monotonic() - start < seconds:
+                written += os.pwrite(fd, buf, written)
+            os.fsync(fd)
+            elapsed = time.monotonic() - start
+        finally:
+            os.close(fd)
+    return written / elapsed / (1 << 20)
+
+
+def print_log_disk(figures: dict, mib_s: float) -> None:
+    """What bounds logged 1 MiB writes on this machine: every logged MiB goes to the log's
+    disk, while qemu-storage-daemon's land in the page cache (fio's area is rewritten)."""
+    got = figures.get("logwrites", {}).get("jobs", {}).get("seqwrite-1m-qd4")
+    if not got:
+        return
+    line = (f"log disk: {mib_s:.0f} MiB/s of 1 MiB O_DIRECT writes; logwrites' 1 MiB job "
+            f"logged {got['iops']:.0f} MiB/s, {got['iops'] / mib_s:.0%} of it")
+    ref = figures.get("qemu-storage-daemon", {}).get("jobs", {}).get("seqwrite-1m-qd4")
+    if ref:
+        line += (f"; qemu-storage-daemon's reached {ref['iops']:.0f} MiB/s "
+                 f"({ref['iops'] / mib_s:.2f}x the disk) in the page cache")
+    print(line)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", type=int, default=5, help="seconds per timed fio job")
@@ -440,12 +476,15 @@ def main() -> int:
                     asyncio.run(measure(contender, guest, Path(tmp), args.runtime,
                                         args.size_mib, jobs, args.guest_mib, args.cpus)))
     figures = {contender: best_of(rounds) for contender, rounds in runs.items()}
+    disk_mib_s = (log_disk_mib_s(Path(tempfile.gettempdir()))
+                  if "seqwrite-1m-qd4" in jobs else None)
     first = next(iter(figures.values()))
     env = {"qemu": qemu_version(), "cores": os.cpu_count(), "python": platform.python_version(),
            "accel": first["accel"], "guest_memory_mib": first["guest_memory_mib"],
            "guest_cpus": args.cpus}
     if args.json:
-        print(json.dumps({"environment": env, "figures": figures, "verdicts": verdicts(figures)}))
+        print(json.dumps({"environment": env, "figures": figures, "verdicts": verdicts(figures),
+                          "log_disk_mib_s": disk_mib_s}))
         return 0
     print(f"{env['qemu']}, accel {env['accel']}, {env['cores']} cores, guest "
           f"{env['guest_memory_mib']} MiB and {args.cpus} CPU, runtime {args.runtime} s per "
@@ -461,6 +500,8 @@ def main() -> int:
         for contender, got in ran.items():
             print(job_line(contender, got, ref.get(job, {}), blw.get(job, {}),
                            one_queue.get(job, {})))
+    if disk_mib_s is not None:
+        print_log_disk(figures, disk_mib_s)
     print_memory_job(figures)
     print("memory over the whole run (KiB):")
     for contender, data in figures.items():
