@@ -122,8 +122,8 @@ class BlkDevice:
         if len(raw_id) > V.ID_BYTES:
             raise ValueError(f"serial {serial!r} is longer than {V.ID_BYTES} bytes")
         self._fd = image_fd
-        # One worker for the image's side of big writes and flushes, so the log's side runs
-        # meanwhile (both calls release the GIL); created on first need.
+        # One worker for the image's side of big writes, so the log's side runs meanwhile
+        # (both calls release the GIL); created on first need.
         self._io: ThreadPoolExecutor | None = None
         self._writeback_unsupported = False
         self.size = size - size % sectorsize
