@@ -256,11 +256,12 @@ class BlkDevice:
                 # (the guest refills while the others are still in flight).
                 self._complete_big(dev, qidx)
                 continue
-            if pipe is not None and self._pipelined(req, pipe):
+            big = self._big_write(req) if pipe is not None else None
+            if big is not None:
                 if n:
                     self._end_batch(dev, qidx, n)
                     n = 0
-                req = self._req = pipe.start(req, self._fd, *self._big_write(req))
+                req = self._req = pipe.start(req, self._fd, *big)  # type: ignore[union-attr]
                 if len(pipe) == pipeline.DEPTH:
                     self._complete_big(dev, qidx)
                 continue
@@ -277,21 +278,16 @@ class BlkDevice:
                     return
         self._end_batch(dev, qidx, n)
 
-    def _pipelined(self, req: object, pipe: BigWritePipeline) -> bool:
-        """Whether `req` is a valid big write the pipeline takes (all else is served here)."""
+    def _big_write(self, req: object) -> tuple[list, int, int, int, int] | None:
+        """(buffers, offset, bytes, sector, sectors) of a valid big write for the pipeline;
+        None for anything else, which `_handle` serves (and refuses, if it must)."""
         nbytes = req.len  # type: ignore[attr-defined]
         if (req.type != V.T_OUT or nbytes < PARALLEL_MIN  # type: ignore[attr-defined]
-                or req.problem or self._fua or self.readonly  # type: ignore[attr-defined]
-                or self.log_full is not None):
-            return False
+                or req.problem or self._fua):  # type: ignore[attr-defined]
+            return None
         offset = req.sector * REQ_SECTOR  # type: ignore[attr-defined]
-        ss = self.sectorsize
-        return not (offset % ss or nbytes % ss or offset + nbytes > self.size)
-
-    def _big_write(self, req: object) -> tuple[list, int, int, int, int]:
-        """(buffers, offset, bytes, sector, sectors) of a validated big write."""
-        nbytes = req.len  # type: ignore[attr-defined]
-        offset = req.sector * REQ_SECTOR  # type: ignore[attr-defined]
+        if self._write_refused(offset, nbytes):
+            return None
         self.counts[C_OUT] += 1
         ss = self.sectorsize
         return self._buffers(req), offset, nbytes, offset // ss, nbytes // ss
@@ -348,10 +344,19 @@ class BlkDevice:
         return [buffer(iov[i].iov_base, iov[i].iov_len)
                 for i in range(req.niov)]  # type: ignore[attr-defined]
 
+    def _outside(self, offset: int, nbytes: int) -> bool:
+        """Not whole sectors inside the device."""
+        ss = self.sectorsize
+        return bool(offset % ss or nbytes % ss or offset + nbytes > self.size)
+
+    def _write_refused(self, offset: int, nbytes: int) -> bool:
+        """A write that must fail without touching the image or the log."""
+        return self.readonly or self._outside(offset, nbytes) or self.log_full is not None
+
     def _read(self, req: object) -> tuple[int, int]:
         nbytes = req.len  # type: ignore[attr-defined]
         offset = req.sector * REQ_SECTOR  # type: ignore[attr-defined]
-        if offset % self.sectorsize or nbytes % self.sectorsize or offset + nbytes > self.size:
+        if self._outside(offset, nbytes):
             self.counts[C_ERROR] += 1
             return _IOERR
         self.counts[C_IN] += 1
@@ -370,9 +375,7 @@ class BlkDevice:
     def _write(self, req: object) -> tuple[int, int]:
         nbytes = req.len  # type: ignore[attr-defined]
         offset = req.sector * REQ_SECTOR  # type: ignore[attr-defined]
-        ss = self.sectorsize
-        if (self.readonly or offset % ss or nbytes % ss or offset + nbytes > self.size
-                or self.log_full is not None):
+        if self._write_refused(offset, nbytes):
             self.counts[C_ERROR] += 1
             return _IOERR
         self.counts[C_OUT] += 1
@@ -390,6 +393,7 @@ class BlkDevice:
             self.counts[C_ERROR] += 1
             return _IOERR
         self.bytes_written += nbytes
+        ss = self.sectorsize
         if not self._record(offset // ss, nbytes // ss, self._fua, buffers):
             self.counts[C_ERROR] += 1
             return _IOERR
@@ -534,8 +538,7 @@ class BlkDevice:
                 self.counts[C_UNSUPP] += 1
                 return _UNSUPP
             offset, length = req_sector * REQ_SECTOR, num_sectors * REQ_SECTOR
-            if (num_sectors > MAX_RANGE_SECTORS or offset % ss or length % ss
-                    or offset + length > self.size):
+            if num_sectors > MAX_RANGE_SECTORS or self._outside(offset, length):
                 self.counts[C_ERROR] += 1
                 return _IOERR
             if length:

@@ -35,6 +35,7 @@ from typing import Final
 
 from logwrites.logfile import LogFullError
 from vhost import lvu
+from vhost.ordering import LogWritesSink
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class BigWritePipeline:
 
     __slots__ = ("_broken", "_image", "_inflight", "_log", "_sink", "_spare")
 
-    def __init__(self, sink: object, image_worker: Callable[[], ThreadPoolExecutor]) -> None:
+    def __init__(self, sink: LogWritesSink,
+                 image_worker: Callable[[], ThreadPoolExecutor]) -> None:
         self._sink = sink
         self._image = image_worker
         self._log: ThreadPoolExecutor | None = None
@@ -87,7 +89,7 @@ class BigWritePipeline:
         if self._broken is not None:
             raise self._broken
         try:
-            self._sink.completed(sector, nr_sectors, 0, buffers)  # type: ignore[attr-defined]
+            self._sink.completed(sector, nr_sectors, 0, buffers)
         except LogFullError as err:
             self._broken = err
             raise
