@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,19 @@ from logwrites.replay import (
 IMAGE_BYTES = 1 << 20
 
 
-def build_log(path: Path, sectorsize: int, ops: list[tuple]) -> None:
-    """ops: ("w", sector, nr_sectors, byte[, flags]) | ("d", sector, nr) | ("f",) | ("m", name)."""
+def repeated(byte: int, nbytes: int) -> bytes:
+    return bytes([byte]) * nbytes
+
+
+def build_log(path: Path, sectorsize: int, ops: Sequence[tuple],
+              fill: Callable[[int, int], bytes] = repeated) -> None:
+    """ops: ("w", sector, nr_sectors, seed[, flags]) | ("z", sector, nr) | ("d", sector, nr)
+    | ("f",) | ("m", name); a write's payload is `fill(seed, its bytes)`."""
     with LogWriter.create(path, sectorsize) as writer:
         for op in ops:
             if op[0] == "w":
                 flags = op[4] if len(op) > 4 else 0
-                writer.append_write(op[1], op[2], [bytes([op[3]]) * (op[2] * sectorsize)], flags)
+                writer.append_write(op[1], op[2], [fill(op[3], op[2] * sectorsize)], flags)
             elif op[0] == "z":
                 writer.append_zeroes(op[1], op[2])
             elif op[0] == "d":
@@ -41,12 +48,14 @@ def build_log(path: Path, sectorsize: int, ops: list[tuple]) -> None:
         writer.commit()
 
 
-def model(base: bytes, sectorsize: int, ops: list[tuple]) -> bytes:
+def model(base: bytes, sectorsize: int, ops: Sequence[tuple],
+          fill: Callable[[int, int], bytes] = repeated) -> bytes:
+    """The image after applying `ops` (as `build_log` takes them) one by one, in order."""
     image = bytearray(base)
     for op in ops:
         if op[0] in "wzd":
             at, n = op[1] * sectorsize, op[2] * sectorsize
-            image[at : at + n] = bytes([op[3]]) * n if op[0] == "w" else bytes(n)
+            image[at : at + n] = fill(op[3], n) if op[0] == "w" else bytes(n)
     return bytes(image)
 
 

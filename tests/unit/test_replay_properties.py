@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from logwrites.format import Entry, EntryFlag
-from logwrites.logfile import BUFFERED_PAYLOAD, LogReader, LogWriter
+from logwrites.logfile import BUFFERED_PAYLOAD, LogReader
 from logwrites.replay import replay, replay_entries, resolve_start
+from tests.unit import test_replay as replay_cases
 
 IMAGE_SECTORS = 160  # sectorsize units; small enough for many examples, big enough to overlap
 
@@ -62,29 +63,12 @@ def ops_strategy(sectorsize: int) -> st.SearchStrategy[list[Op]]:
 
 
 def build_log(path: Path, sectorsize: int, ops: list[Op]) -> None:
-    with LogWriter.create(path, sectorsize) as writer:
-        for op in ops:
-            if op[0] == "w":
-                writer.append_write(op[1], op[2], [payload(op[3], op[2] * sectorsize)], op[4])
-            elif op[0] == "z":
-                writer.append_zeroes(op[1], op[2])
-            elif op[0] == "d":
-                writer.append_discard(op[1], op[2])
-            elif op[0] == "f":
-                writer.append_flush()
-            else:
-                writer.append_mark(op[1])
-        writer.commit()
+    replay_cases.build_log(path, sectorsize, ops, fill=payload)
 
 
 def reference(base: bytes, sectorsize: int, ops: list[Op]) -> bytes:
     """The image after applying `ops` one by one, in order."""
-    image = bytearray(base)
-    for op in ops:
-        if op[0] in "wzd":
-            at, n = op[1] * sectorsize, op[2] * sectorsize
-            image[at : at + n] = payload(op[3], n) if op[0] == "w" else bytes(n)
-    return bytes(image)
+    return replay_cases.model(base, sectorsize, ops, fill=payload)
 
 
 def base_image(sectorsize: int) -> bytes:
