@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Crash-loop cost: our loop (one cursor per worker, states built and undone in place, the
-checker on the cursor itself, verdicts of provably identical states reused) against xfstests
+checker on the cursor itself, verdicts of provably identical states reused, and e2fsck's
+answer reused while every byte it read for a recent state is unchanged) against xfstests
 generic/482's pattern (replay from entry 0 for every FUA/flush point, then check), on the same
 recorded ext4 log; optionally the old path (the cursor copied per state) too.
 
@@ -22,10 +23,16 @@ Printed: entries, payload, states; build ms per state against its position (deci
 pattern); per pattern the entries applied, build and check seconds, whole-loop seconds, states
 per minute, the checker's share and how ext4 journals were recovered (in process by
 logwrites.jbd2, or by e2fsck; `--journal-replay e2fsck` measures the path before jbd2, for
-both patterns); the from-zero/ours ratios; a paired ratio (each sampled
+both patterns); how many states took an earlier verdict (`dedup`: a provably identical image;
+`reused`: e2fsck not run because no byte it read for one of the last states changed — read
+through logwrites/_readset_recorder.so; `--no-readset-reuse` turns that off for our loop, and
+the `in-place-noreuse` pattern is our loop without it, i.e. before it, in the same run); the
+from-zero/ours ratios; a paired ratio (each sampled
 state built and checked both ways back to back, so both see the same load on a shared
-machine); and a verdict line against the issue's goal (>= 10x over the whole loop on a log of
->= 2,000 entries, checker-limited; judged on the whole-loop ratio).
+machine; the sampled states lie far apart, so read-set reuse seldom applies there: the
+whole-loop ratio is the one that shows it); and a verdict line against the issue's goal
+(>= 10x over the whole loop on a log of >= 2,000 entries, checker-limited; judged on the
+whole-loop ratio).
 `--json` for machines; no asserts.
 """
 
@@ -52,7 +59,8 @@ from logwrites.logfile import LogReader, LogWriter
 from logwrites.loop import LoopOptions, existing_recording, run_loop
 from logwrites.statebuild import StateBuilder, build_from_zero, memory_dir
 
-PATTERNS = ("in-place", "in-place-nodedup", "copy", "from-zero")
+PATTERNS = ("in-place", "in-place-noreuse", "in-place-nodedup", "copy", "from-zero")
+OURS = ("in-place", "in-place-noreuse", "in-place-nodedup")
 SAMPLED = ("copy", "from-zero")
 
 
@@ -158,13 +166,15 @@ def journal_replays(checker: FsckChecker) -> dict[str, int]:
 
 
 def run_ours(log: Path, base: Path, states: list[CrashState], work: Path, dedup: bool,
-             check: bool, jbd2: bool) -> dict[str, object]:
-    """The loop itself (logwrites.loop.run_loop), one job, the built-in fsck as the checker."""
-    fsck = FsckChecker("ext4", in_process_replay=jbd2)
+             readset: bool, check: bool, jbd2: bool) -> dict[str, object]:
+    """The loop itself (logwrites.loop.run_loop), one job, the built-in fsck as the checker;
+    `dedup`: identical states share verdicts; `readset`: e2fsck's answer is reused while the
+    bytes it read are unchanged."""
+    fsck = FsckChecker("ext4", in_process_replay=jbd2, readset_reuse=readset)
     checkers = [fsck] if check else [_NoCheck()]
     options = LoopOptions(kinds=("prefix",), jobs=1, shrink=False, dedup=dedup)
     result = run_loop(existing_recording(log, base, "ext4")(work), checkers, options,
-                      work / ("loop-dedup" if dedup else "loop"))
+                      work / f"loop-{dedup}-{readset}")
     assert len(result.results) == len(states)
     builds = [r.build_seconds for r in result.results]
     checks = [r.seconds - r.build_seconds for r in result.results]
@@ -174,6 +184,9 @@ def run_ours(log: Path, base: Path, states: list[CrashState], work: Path, dedup:
             "check_s": round(sum(checks), 2), "loop_s": round(result.seconds, 2),
             "checker_share": round(sum(checks) / result.seconds, 3),
             "deduplicated": result.deduplicated,
+            "readset_reused": result.readset_reused,
+            "readset_reused_share": round(result.readset_reused / max(1, len(states)), 3),
+            "e2fsck_runs": fsck.fsck_runs,
             "check_ms_per_checked_state": round(
                 1e3 * sum(checks) / max(1, len(states) - result.deduplicated), 1),
             "not_pass": [r.state.id for r in result.results if r.verdict != "pass"],
@@ -193,12 +206,14 @@ class _NoCheck:
 
 
 def run_theirs(pattern: str, log: Path, base: Path, logmap: LogMap, every: list[CrashState],
-               picked: list[CrashState], work: Path, images: Path, check: bool, jbd2: bool
-               ) -> dict[str, object]:
+               picked: list[CrashState], work: Path, images: Path, check: bool, jbd2: bool,
+               readset: bool) -> dict[str, object]:
     """`from-zero` (generic/482: copy the base, replay entries 0..state, check) or `copy` (the
     cursor copied per state, the old path) on the `picked` states; whole-set figures are the
-    sample's mean times the number of states."""
-    checker = FsckChecker("ext4", in_process_replay=jbd2)
+    sample's mean times the number of states. Theirs runs e2fsck on every state; the paired
+    ours has its own checker (read-set reuse as `readset`)."""
+    checker = FsckChecker("ext4", in_process_replay=jbd2, readset_reuse=False)
+    my_checker = FsckChecker("ext4", in_process_replay=jbd2, readset_reuse=readset)
     builds: list[float] = []
     checks: list[float] = []
     paired: list[float] = []
@@ -232,7 +247,7 @@ def run_theirs(pattern: str, log: Path, base: Path, logmap: LogMap, every: list[
             p0 = time.perf_counter()
             with ours.view(s, img) as image:
                 if check:
-                    check_state([checker], image, scratch, expect_fs=True)
+                    check_state([my_checker], image, scratch, expect_fs=True)
             paired.append(time.perf_counter() - p0)
 
         for k, s in enumerate(picked):
@@ -250,7 +265,9 @@ def run_theirs(pattern: str, log: Path, base: Path, logmap: LogMap, every: list[
             "check_s": round(sum(checks) * scale, 2), "loop_s": round(loop_s, 2),
             "checker_share": round(sum(checks) / max(1e-9, sum(builds) + sum(checks)), 3),
             "not_pass": not_pass, "states_per_min": round(60 * len(every) / loop_s),
-            "journal_replays": journal_replays(checker),  # theirs and the paired ours
+            "journal_replays": {k: v + journal_replays(my_checker)[k]  # theirs + paired ours
+                                for k, v in journal_replays(checker).items()},
+            "paired_ours_readset_reused": my_checker.readset_reused,
             "paired_ms_per_state": round(1e3 * (sum(builds) + sum(checks)) / len(picked), 1),
             "paired_ours_ms_per_state": round(1e3 * sum(paired) / len(picked), 1),
             "paired_ratio": round((sum(builds) + sum(checks)) / sum(paired), 1)}
@@ -264,10 +281,15 @@ def main() -> None:
                     help="fsync'd writes when recording (1000 x 4 KiB: about 7,700 entries)")
     ap.add_argument("--write-kb", type=int, default=4, help="KiB per fsync'd write")
     ap.add_argument("--image-mb", type=int, default=64, help="size of the recorded image")
-    ap.add_argument("--patterns", default="in-place,in-place-nodedup,from-zero",
-                    help="in-place (our loop), in-place-nodedup (our loop, no verdict reuse), "
+    ap.add_argument("--patterns", default="in-place,in-place-noreuse,from-zero",
+                    help="in-place (our loop), in-place-noreuse (our loop without read-set "
+                         "reuse: e2fsck runs on every state that is not a provable repeat), "
+                         "in-place-nodedup (our loop, no verdict reuse of either kind), "
                          "copy (the cursor copied per state, the old path), from-zero "
                          "(xfstests generic/482)")
+    ap.add_argument("--no-readset-reuse", action="store_true",
+                    help="in-place and the paired ours run e2fsck on every state that is not "
+                         "a provable repeat, as before read-set reuse")
     ap.add_argument("--sample", type=int, default=None,
                     help="check only N evenly spaced states with copy and from-zero and "
                          "extrapolate (our loop checks every state)")
@@ -316,25 +338,29 @@ def main() -> None:
                 if args.journal_replay == "jbd2" else "e2fsck journal replay + e2fsck -fn")}
         try:
             for pattern in patterns:
-                if pattern.startswith("in-place"):
-                    figures[pattern] = run_ours(log, base, states, work,
-                                                pattern == "in-place", not args.no_check,
-                                                args.journal_replay == "jbd2")
+                if pattern in OURS:
+                    figures[pattern] = run_ours(
+                        log, base, states, work, pattern != "in-place-nodedup",
+                        pattern == "in-place" and not args.no_readset_reuse, not args.no_check,
+                        args.journal_replay == "jbd2")
                 else:
                     figures[pattern] = run_theirs(pattern, log, base, logmap, states, picked,
                                                   work, images, not args.no_check,
-                                                  args.journal_replay == "jbd2")
+                                                  args.journal_replay == "jbd2",
+                                                  not args.no_readset_reuse)
         finally:
             if images != work:
                 shutil.rmtree(images, ignore_errors=True)
-        ours = next((p for p in ("in-place", "in-place-nodedup") if p in figures), None)
+        figures["readset_reuse"] = not args.no_readset_reuse
+        ours = next((p for p in OURS if p in figures), None)
         if "from-zero" in figures and ours:
             zero, inc = figures["from-zero"], figures[ours]
             figures["build_ratio"] = round(zero["build_s"] / max(inc["build_s"], 1e-6), 1)  # type: ignore[index]
             figures["loop_ratio"] = round(zero["loop_s"] / inc["loop_s"], 1)  # type: ignore[index]
-            if "in-place-nodedup" in figures and ours != "in-place-nodedup":
-                nd = figures["in-place-nodedup"]
-                figures["loop_ratio_nodedup"] = round(zero["loop_s"] / nd["loop_s"], 1)  # type: ignore[index]
+            for other in OURS:
+                if other in figures and other != ours:
+                    figures[f"loop_ratio_{other.removeprefix('in-place-')}"] = round(
+                        zero["loop_s"] / figures[other]["loop_s"], 1)  # type: ignore[index]
             figures["paired_ratio"] = zero["paired_ratio"]  # type: ignore[index]
             figures["goal_met"] = bool(figures["loop_ratio"] >= 10 and len(logmap.entries) >= 2000)
         figures["load_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -361,13 +387,14 @@ def report(figures: dict, patterns: list[str], ours: str | None) -> None:
         f = figures[pattern]
         print(f"  {pattern:17}", " ".join(f"{x:7.2f}" for x in f["build_ms_by_decile"]))
     print(f"{'pattern':17} {'entries':>10} {'build s':>9} {'check s':>8} {'loop s':>9} "
-          f"{'states/min':>10} {'checker':>8} {'dedup':>6}")
+          f"{'states/min':>10} {'checker':>8} {'dedup':>6} {'reused':>7} {'e2fsck':>7}")
     for pattern in patterns:
         f = figures[pattern]
         mark = "~" if f["sampled"] else " "
         print(f"{pattern:17} {mark}{f['entries_applied']:9} {f['build_s']:9.2f} "
               f"{f['check_s']:8.2f} {f['loop_s']:9.2f} {f['states_per_min']:10} "
-              f"{f['checker_share']:8.0%} {f.get('deduplicated', '-'):>6}")
+              f"{f['checker_share']:8.0%} {f.get('deduplicated', '-'):>6} "
+              f"{f.get('readset_reused', '-'):>7} {f.get('e2fsck_runs', '-'):>7}")
         if f["not_pass"]:
             print(f"  {len(f['not_pass'])} states did not pass: {f['not_pass'][:5]}")
         if "journal_replays" in f and pattern not in SAMPLED:
@@ -379,11 +406,15 @@ def report(figures: dict, patterns: list[str], ours: str | None) -> None:
             print(f"  journal replays (from-zero and the paired ours): {j['in_process']} in "
                   f"process (jbd2), {j['by_e2fsck']} by e2fsck")
     if ours and f"{ours}" in figures and "check_ms_per_checked_state" in figures[ours]:
-        print(f"checker: {figures[ours]['check_ms_per_checked_state']} ms per checked state "
-              f"(ours)")
+        f = figures[ours]
+        print(f"checker: {f['check_ms_per_checked_state']} ms per checked state (ours); "
+              f"e2fsck's answer reused on {f['readset_reused']} of {figures['states']} states "
+              f"({f['readset_reused_share']:.0%}) because no byte it read had changed"
+              + ("" if figures["readset_reuse"] else " (--no-readset-reuse)"))
     if "loop_ratio" in figures:
-        extra = (f" ({figures['loop_ratio_nodedup']}x without verdict reuse)"
-                 if "loop_ratio_nodedup" in figures else "")
+        names = {"noreuse": "without read-set reuse", "nodedup": "without verdict reuse"}
+        extra = "".join(f" ({figures[f'loop_ratio_{k}']}x {v})" for k, v in names.items()
+                        if f"loop_ratio_{k}" in figures)
         print(f"from-zero / ours: building {figures['build_ratio']}x, whole loop "
               f"{figures['loop_ratio']}x{extra}")
         z = figures["from-zero"]

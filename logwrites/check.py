@@ -10,7 +10,11 @@ one `e2fsck -fn`, and the pre-images are written back; a journal jbd2 does not h
 replayed by e2fsck through its undo file (`-z`), rolled back with an in-process e2undo
 afterwards (`apply_undo_file`, the `e2undo` program when the undo file is not one to trust) —
 O(blocks the checker changed) either way; the other read-only checks write nothing (xfs's log
-recovery in the guest works on a copy).
+recovery in the guest works on a copy). `e2fsck -fn` runs under an LD_PRELOAD read recorder
+(logwrites/_readset_recorder.c); when a later state's image (after its journal replay) holds
+the same bytes at every range e2fsck read for one of the worker's last few states, e2fsck
+would read the same and answer the same, so that answer is reused (`ReadSetCache`; the
+verdict's `reused_from`). Without the recorder e2fsck simply runs every time.
 When a rollback cannot be trusted (a killed or failed replay, e2undo refusing) the checker says
 so with `ImageNotRestored`, and the caller rebuilds the image. Three kinds, parsed from the
 command line by `parse_checker`:
@@ -45,6 +49,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +68,9 @@ _OUTPUT_LIMIT: Final = 64 << 10
 _EXT4_RECOVER: Final = 0x4  # s_feature_incompat bit: the journal needs replaying
 _TOOLS: Final = {"ext4": ("e2fsck", "e2fsprogs"), "xfs": ("xfs_repair", "xfsprogs"),
                  "btrfs": ("btrfs", "btrfs-progs")}
+# The LD_PRELOAD read recorder (logwrites/_readset_recorder.c, built by scripts/setup.sh).
+READSET_RECORDER: Final = Path(__file__).resolve().with_name("_readset_recorder.so")
+READSET_KEEP: Final = 4  # e2fsck runs remembered per thread (compared most recent first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +83,7 @@ class Verdict:
     seconds: float
     detail: str = ""
     output: str = ""
+    reused_from: str | None = None  # the checker did not run: this earlier check's answer
 
 
 class ImageNotRestored(LogwritesError):
@@ -161,10 +170,15 @@ class FsckChecker:
 
     def __init__(self, fs: str | None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  guest_runner: GuestRunner | None = None,
-                 in_process_replay: bool = True) -> None:
+                 in_process_replay: bool = True, readset_reuse: bool = True,
+                 readset_recorder: Path = READSET_RECORDER) -> None:
         """`guest_runner` recovers xfs logs in the guest (the kernel under test); without one,
         the default guest is booted when an xfs state needs it. `in_process_replay` False
-        always recovers ext4 journals with e2fsck (the in-process replay's reference)."""
+        always recovers ext4 journals with e2fsck (the in-process replay's reference).
+        `readset_reuse` (on unless LOGWRITES_READSET_REUSE=0): `e2fsck -fn` runs under the
+        read recorder `readset_recorder`, and a later image holding the same bytes wherever
+        one of the last `READSET_KEEP` runs read gets that run's answer (see `ReadSetCache`);
+        without a usable recorder, e2fsck runs plain."""
         if fs is not None and fs not in FILESYSTEMS:
             raise UsageError(f"fsck knows {', '.join(FILESYSTEMS)}, not {fs!r}")
         self.fs, self.timeout_s, self.guest_runner = fs, timeout_s, guest_runner
@@ -175,10 +189,25 @@ class FsckChecker:
         self._journal_scans = jbd2.ScanCache()  # consecutive states share most of a journal
         self.undo_in_process = 0  # journal replays rolled back here (jbd2 or apply_undo_file)
         self.undo_by_e2undo = 0   # ... and by the e2undo program (an undo file we did not trust)
+        self.readset_reuse = readset_reuse and os.environ.get("LOGWRITES_READSET_REUSE") != "0"
+        self.readset_recorder = readset_recorder
+        self.fsck_runs = 0           # e2fsck -fn processes started
+        self.readset_reused = 0      # e2fsck -fn answers reused: the bytes it read unchanged
+        self.readset_unrecorded = 0  # runs under the recorder that left no read set to keep
+        self._recorder_usable: bool | None = None  # None: not tried yet
+        self._recorder_missed = 0    # runs in a row the recorder left no file at all
+        self._counts = threading.Lock()
+        self._local = threading.local()  # per worker thread: its cache, the state it checks
+        # The time the in-process journal replay stamps in the superblock (s_wtime): one per
+        # checker, so states whose recovered images differ in nothing else stay byte-equal
+        # for the read-set comparison. e2fsck only asks whether it lies in the future.
+        self._replay_now = int(time.time())
 
     def check(self, image: Path, *, expect_fs: bool,
               env: Mapping[str, str] | None = None) -> Verdict:
         started = time.perf_counter()
+        self._local.state = (env or {}).get("LW_STATE")
+        self._local.reused = None
         found = detect_fs(image)
         if found is None:
             seconds = time.perf_counter() - started
@@ -195,10 +224,10 @@ class FsckChecker:
         except _Unrestored as err:
             status, output, detail = err.result
             verdict = Verdict(status, f"{self.name}:{fs}", time.perf_counter() - started,
-                              detail, output)
+                              detail, output, self._local.reused)
             raise ImageNotRestored(image, err.why, [verdict]) from None
         return Verdict(status, f"{self.name}:{fs}", time.perf_counter() - started, detail,
-                       output)
+                       output, self._local.reused)
 
     def _ext4(self, image: Path) -> tuple[str, str, str]:
         if not _ext4_needs_recovery(image):
@@ -240,7 +269,7 @@ class FsckChecker:
         fd = os.open(image, os.O_RDWR)
         try:
             try:
-                done = jbd2.replay(fd, cache=self._journal_scans)
+                done = jbd2.replay(fd, now=self._replay_now, cache=self._journal_scans)
             except jbd2.NotHandled as why:
                 log.debug("%s: journal left to e2fsck: %s", image, why)
                 return None
@@ -288,15 +317,98 @@ class FsckChecker:
         return status, out
 
     def _ext4_check(self, image: Path, out1: str) -> tuple[str, str, str]:
-        status, out2 = _run(["e2fsck", "-fn", str(image)], self.timeout_s)
-        output = out1 + "\n--- e2fsck -fn\n" + out2
-        if status is None:
-            return "error", output, "e2fsck -fn timed out"
-        if status == 0:
-            return "pass", output, "clean"
-        if status >= 8 and status & 4 == 0:
-            return "error", output, f"e2fsck -fn could not check: exit {status}"
-        return "fail", output, f"e2fsck -fn exit {status}: {_first_problem(out2)}"
+        argv = ["e2fsck", "-fn", str(image)]
+        reused = None
+        if self.readset_reuse and self._recorder_ok():
+            status, out2, reused = self._e2fsck_recorded(argv, image)
+        else:
+            status, out2 = self._e2fsck(argv)
+        self._local.reused = reused
+        if reused is None:
+            output = out1 + "\n--- e2fsck -fn\n" + out2
+            note = ""
+        else:
+            output = (f"{out1}\n--- e2fsck -fn: not run; every byte it read checking state "
+                      f"{reused} is unchanged, so its answer then stands:\n{out2}")
+            note = f" (reused: read set unchanged since state {reused})"
+        answer = _e2fsck_answer(status)
+        if answer == "error":
+            why = "timed out" if status is None else f"could not check: exit {status}"
+            return "error", output, f"e2fsck -fn {why}"
+        if answer == "pass":
+            return "pass", output, "clean" + note
+        return "fail", output, f"e2fsck -fn exit {status}: {_first_problem(out2)}{note}"
+
+    def _e2fsck(self, argv: list[str], env: Mapping[str, str] | None = None
+                ) -> tuple[int | None, str]:
+        with self._counts:
+            self.fsck_runs += 1
+        return _run(argv, self.timeout_s, env)
+
+    def _recorder_ok(self) -> bool:
+        if self._recorder_usable is None:
+            self._recorder_usable = self.readset_recorder.is_file()
+            if not self._recorder_usable:
+                log.warning("no read recorder at %s (scripts/setup.sh builds it): e2fsck -fn "
+                            "runs plain, no verdict is reused by its read set",
+                            self.readset_recorder)
+        return self._recorder_usable
+
+    def _e2fsck_recorded(self, argv: list[str], image: Path
+                         ) -> tuple[int | None, str, str | None]:
+        """(status, output, the state whose answer was reused or None): the answer of an
+        earlier run of `argv` when the image holds the same bytes wherever that run read,
+        else e2fsck run under the read recorder (its answer and read set then kept)."""
+        cache: ReadSetCache | None = getattr(self._local, "readsets", None)
+        if cache is None:
+            cache = self._local.readsets = ReadSetCache()
+        key = tuple(argv)
+        with open(image, "rb", buffering=0) as f:
+            fd = f.fileno()
+            size = os.fstat(fd).st_size
+            # An external journal is read from another device, whose bytes are not compared.
+            if _ext4_journal_elsewhere(os.pread(fd, _SUPERBLOCK_SIZE, _SUPERBLOCK_OFFSET)):
+                status, out = self._e2fsck(argv)
+                return status, out, None
+            earlier = cache.find(fd, key, size)
+            if earlier is not None:
+                with self._counts:
+                    self.readset_reused += 1
+                return earlier.status, earlier.output, earlier.label
+            out_path = _scratch_path(image, "readset")
+            out_path.unlink(missing_ok=True)  # a stale file must never pass for this run's
+            preload = " ".join(p for p in (str(self.readset_recorder),
+                                           os.environ.get("LD_PRELOAD", "")) if p)
+            env = {"LD_PRELOAD": preload, "LW_READSET_IMAGE": str(image),
+                   "LW_READSET_OUT": str(out_path)}
+            try:
+                status, out = self._e2fsck(argv, env)
+                produced = out_path.exists()
+                ranges = load_readset(out_path)
+            finally:
+                out_path.unlink(missing_ok=True)
+            if ranges is None or _e2fsck_answer(status) == "error":
+                # No file after an answer (e2fsck exits normally then): the recorder did
+                # not load, or could not write.
+                self._unrecorded(image, not produced and _e2fsck_answer(status) != "error")
+                return status, out, None
+            self._recorder_missed = 0
+            assert status is not None
+            label = self._local.state or f"check #{self.fsck_runs}"
+            cache.add(fd, key, size, ranges, status, out, label)
+        return status, out, None
+
+    def _unrecorded(self, image: Path, recorder_silent: bool) -> None:
+        """A run left no read set to keep. Three answered runs in a row without any file
+        from the recorder mean it does not load here: stop asking for it."""
+        with self._counts:
+            self.readset_unrecorded += 1
+            self._recorder_missed = self._recorder_missed + 1 if recorder_silent else 0
+            if self._recorder_missed >= 3 and self._recorder_usable:
+                self._recorder_usable = False
+                log.warning("the read recorder %s left no read set for three e2fsck runs in "
+                            "a row (%s): e2fsck -fn runs plain from now on, no verdict is "
+                            "reused by its read set", self.readset_recorder, image)
 
     def _btrfs(self, image: Path) -> tuple[str, str, str]:
         status, out = _run(["btrfs", "check", "--readonly", str(image)], self.timeout_s)
@@ -370,6 +482,108 @@ def _default_xfs_runner() -> GuestRunner:
     return guest_check_runner(argparse.Namespace(fs="xfs", kernel=None, modules=None))
 
 
+def _e2fsck_answer(status: int | None) -> str:
+    """What an `e2fsck -fn` exit status says: pass, fail, or error (it could not check)."""
+    if status is None or (status >= 8 and status & 4 == 0) or status < 0:
+        return "error"
+    return "pass" if status == 0 else "fail"
+
+
+_READSET_HEAD: Final = struct.Struct("<8sQQ")  # magic, flags, count (_readset_recorder.c)
+_READSET_MAGIC: Final = b"LWRSET01"
+_READSET_INCOMPLETE: Final = 0x1
+_READSET_CHUNK: Final = 64 << 10   # compared piecewise: a difference stops the comparison early
+_READSET_MAX_BYTES: Final = 256 << 20  # a run that read more is not kept
+_S_FEATURE_COMPAT: Final = 0x5C
+_S_JOURNAL_INUM: Final = 0xE0
+_COMPAT_HAS_JOURNAL: Final = 0x4
+
+
+def _ext4_journal_elsewhere(superblock: bytes) -> bool:
+    """Whether the ext4 superblock says its journal lives on another device."""
+    compat = int.from_bytes(superblock[_S_FEATURE_COMPAT:_S_FEATURE_COMPAT + 4], "little")
+    inum = int.from_bytes(superblock[_S_JOURNAL_INUM:_S_JOURNAL_INUM + 4], "little")
+    return bool(compat & _COMPAT_HAS_JOURNAL) and inum == 0
+
+
+def load_readset(path: Path) -> list[tuple[int, int]] | None:
+    """The (offset, length) ranges the read recorder wrote to `path`, cut into pieces of at
+    most `_READSET_CHUNK` bytes; None when there is no complete record of a run that read the
+    superblock (no file, torn, marked incomplete, or e2fsck read the image some way unseen)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) < _READSET_HEAD.size:
+        return None
+    magic, flags, count = _READSET_HEAD.unpack_from(data)
+    if magic != _READSET_MAGIC or flags & _READSET_INCOMPLETE \
+            or len(data) != _READSET_HEAD.size + 16 * count:
+        return None
+    ranges: list[tuple[int, int]] = []
+    total = 0
+    for offset, length in struct.iter_unpack("<QQ", data[_READSET_HEAD.size:]):
+        total += length
+        for at in range(offset, offset + length, _READSET_CHUNK):
+            ranges.append((at, min(_READSET_CHUNK, offset + length - at)))
+    # The superblock is the first thing e2fsck reads: a record without it saw another file.
+    if total > _READSET_MAX_BYTES or not any(
+            o <= _SUPERBLOCK_OFFSET and _SUPERBLOCK_OFFSET + _SUPERBLOCK_SIZE <= o + n
+            for o, n in ranges):
+        return None
+    return ranges
+
+
+@dataclass(slots=True)
+class _ReadCheck:
+    """One `e2fsck -fn` run: what it was asked (argv, image size), every range it read with
+    the bytes there, and its answer."""
+
+    argv: tuple[str, ...]
+    size: int
+    ranges: list[tuple[int, int]]
+    data: list[bytes]
+    status: int
+    output: str
+    label: str
+
+
+class ReadSetCache:
+    """The last few `e2fsck -fn` runs of one worker, to answer for a later image without
+    running e2fsck again. e2fsck reads the image only through pread (recorded by
+    logwrites/_readset_recorder.c); what it does is a function of the bytes it reads, the
+    image's size, its argv, its configuration and the clock (the last two constant over a
+    loop). So an image with the same size, checked with the same argv, that holds at every
+    range an earlier run read the bytes that run saw, makes e2fsck read the same bytes in the
+    same order (by induction over its reads) and answer the same: that answer is reused.
+    Compared byte for byte (pread, then `==`), never hashed; pass and fail answers alike."""
+
+    def __init__(self, keep: int = READSET_KEEP) -> None:
+        self._checks: deque[_ReadCheck] = deque(maxlen=keep)
+
+    def find(self, fd: int, argv: tuple[str, ...], size: int) -> _ReadCheck | None:
+        """The most recent run whose read set `fd` (the image) holds unchanged, or None."""
+        for check in reversed(self._checks):
+            if check.argv == argv and check.size == size and _unchanged(fd, check):
+                return check
+        return None
+
+    def add(self, fd: int, argv: tuple[str, ...], size: int, ranges: list[tuple[int, int]],
+            status: int, output: str, label: str) -> None:
+        """Keep a run's answer with the bytes of the image `fd` at `ranges` (as it read them:
+        the image has not changed since)."""
+        data = [os.pread(fd, length, offset) for offset, length in ranges]
+        if all(len(d) == length for d, (_, length) in zip(data, ranges, strict=True)):
+            self._checks.append(_ReadCheck(argv, size, ranges, data, status, output, label))
+
+
+def _unchanged(fd: int, check: _ReadCheck) -> bool:
+    for (offset, length), then in zip(check.ranges, check.data, strict=True):
+        if os.pread(fd, length, offset) != then:
+            return False
+    return True
+
+
 def _ext4_needs_recovery(image: Path) -> bool:
     """Whether the superblock says the journal holds transactions to replay."""
     with open(image, "rb") as f:
@@ -404,9 +618,15 @@ _crc32c: Final = jbd2.crc32c
 def _undo_path(image: Path) -> Path:
     """Where e2fsck writes its undo file: a tmpfs when there is one (the undo file lives for
     one check and undo_io fsyncs it, which costs nothing there), else next to the image."""
+    return _scratch_path(image, "e2undo")
+
+
+def _scratch_path(image: Path, suffix: str) -> Path:
+    """A file for one check's scratch output: in a tmpfs when there is one, else beside
+    the image."""
     shm = Path("/dev/shm")
     where = shm if shm.is_dir() and os.access(shm, os.W_OK) else image.parent
-    return where / f"lw-{os.getpid()}-{threading.get_ident()}-{next(_undo_names)}.e2undo"
+    return where / f"lw-{os.getpid()}-{threading.get_ident()}-{next(_undo_names)}.{suffix}"
 
 
 def apply_undo_file(undo: Path, image: Path) -> int | None:
@@ -649,6 +869,7 @@ def require_tools(fs: str | None) -> None:
         raise UsageError(f"{tool} is not installed: apt-get install {package}")
 
 
-__all__ = ["Checker", "FsckChecker", "GuestChecker", "GuestRunner", "HostChecker",
-           "ImageNotRestored", "UndoFileRefused", "Verdict", "apply_undo_file",
-           "check_state", "combine", "detect_fs", "parse_checker", "require_tools"]
+__all__ = ["READSET_RECORDER", "Checker", "FsckChecker", "GuestChecker", "GuestRunner",
+           "HostChecker", "ImageNotRestored", "ReadSetCache", "UndoFileRefused", "Verdict",
+           "apply_undo_file", "check_state", "combine", "detect_fs", "load_readset",
+           "parse_checker", "require_tools"]

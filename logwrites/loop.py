@@ -14,7 +14,10 @@ itself; checkers that may write get a disposable copy (`check_state`). A state w
 provably repeats an earlier state's (`statebuild.ImageKeys`: a mark right after a flush, say)
 reuses that state's verdicts from checkers whose verdict depends on the image alone
 (`image_only`, the built-in fsck); its result names the original (`same_as`, "deduplicated" in
-its detail), and other checkers still run on it. Failing reordered states
+its detail), and other checkers still run on it. The built-in fsck on ext4 also answers
+without running e2fsck when no byte e2fsck read for one of the worker's last checks has
+changed (`logwrites.check.ReadSetCache`; the result's `reused_from`, "reused: read set
+unchanged since state ..." in its detail). Failing reordered states
 are shrunk, rebuilding those rare states in one pass each. Results come back through a callback
 (the command module draws the progress bar); the library never prints.
 """
@@ -112,11 +115,20 @@ class StateResult:
 
     @property
     def detail(self) -> str:
-        bad = [v for v in self.verdicts if v.verdict != "pass"]
-        parts = [f"{v.checker}: {v.detail}" for v in bad]
+        # Answers that did not run are always named, passes included (a failure's detail
+        # says so itself).
+        parts = [f"{v.checker}: {v.detail}" if v.verdict != "pass"
+                 else f"{v.checker}: reused: read set unchanged since state {v.reused_from}"
+                 for v in self.verdicts if v.verdict != "pass" or v.reused_from is not None]
         if self.same_as is not None:
             parts.insert(0, f"deduplicated: same image as {self.same_as}")
         return "; ".join(parts)
+
+    @property
+    def reused_from(self) -> str | None:
+        """The earlier state whose checker answer was reused because every byte the checker
+        read then is unchanged here (`logwrites.check.ReadSetCache`), or None."""
+        return next((v.reused_from for v in self.verdicts if v.reused_from is not None), None)
 
 
 @dataclass(slots=True)
@@ -129,6 +141,7 @@ class LoopResult:
     jobs: int
     entries_applied: int = 0
     deduplicated: int = 0             # states whose image-only verdicts were reused
+    readset_reused: int = 0           # states answered by an earlier check's unchanged reads
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{kind: {verdict: n}} over every state, kinds in enumeration order."""
@@ -338,7 +351,8 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
         applied = sum(b.entries_applied for b in builders)
     return LoopResult(recording, logmap, start, results, time.perf_counter() - started,
                       options.jobs, applied,
-                      sum(r.same_as is not None for r in results))
+                      sum(r.same_as is not None for r in results),
+                      sum(r.same_as is None and r.reused_from is not None for r in results))
 
 
 def _check_one(builder: StateBuilder, reader: LogReader, logmap: LogMap, state: CrashState,

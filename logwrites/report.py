@@ -42,6 +42,10 @@ def state_object(result: LoopResult, r: StateResult) -> dict[str, Any]:
         "epoch": r.state.epoch,
         "detail": r.detail,
     }
+    if r.same_as is not None:
+        obj["same_as"] = r.same_as
+    if r.reused_from is not None:
+        obj["reused_from"] = r.reused_from  # the checker did not run: that state's answer
     if r.state.torn:
         obj["torn"] = {"entry": r.state.torn[0], "sectors": r.state.torn[1]}
     if r.image is not None:
@@ -76,6 +80,8 @@ def summary_object(result: LoopResult) -> dict[str, Any]:
         "fs": result.recording.fs,
         "workload": result.recording.workload,
         "jobs": result.jobs,
+        "deduplicated": result.deduplicated,
+        "readset_reused": result.readset_reused,
         "seconds": round(result.seconds, 3),
         "states_per_minute": round(60 * len(result.results) / result.seconds, 1)
         if result.seconds else None,

@@ -120,11 +120,24 @@ install_venv() {
     printf '%s\n' "$want" >"$stamp"
 }
 
+# The LD_PRELOAD read recorder e2fsck runs under (logwrites/check.py: verdicts reused while
+# the bytes e2fsck read are unchanged). Not a Python extension: compiled here, outside the venv,
+# whenever its source is newer than the library; built to a temporary name and renamed, so a
+# check running meanwhile loads either the old library or the new one.
+build_readset_recorder() {
+    local src="$here/logwrites/_readset_recorder.c" so="$here/logwrites/_readset_recorder.so"
+    [ -f "$so" ] && [ ! "$src" -nt "$so" ] && return 0
+    say "building $so"
+    gcc -shared -fPIC -O2 -Wall -Wextra -o "$so.tmp.$$" "$src" -ldl -lpthread
+    mv -f "$so.tmp.$$" "$so"
+}
+
 main() {
     install_packages
     local lvu_src
     lvu_src="$(fetch_libvhost_user)"
     install_venv "$lvu_src"
+    build_readset_recorder
     printf '%s\n' "$lvu_src" >"$here/.libvhost-user-src"
 }
 
