@@ -94,3 +94,21 @@ def test_batch_past_the_limit_appends_nothing(tmp_path: Path) -> None:
         writer.append_batch([(0, 4, 0, bytes(4 * 512))], flush=True)
         writer.commit()
         assert writer.nr_entries == 2
+
+
+def test_room_is_zeroed_ahead_of_small_entries_only(tmp_path: Path) -> None:
+    # Small entries land in blocks the file already holds (written zeros, not holes or
+    # unwritten extents), so a commit's fdatasync does not have to write the inode back; a
+    # big entry goes direct and is not doubled by zeros ahead of it.
+    log = tmp_path / "log"
+    with LogWriter.create(log, 512, preallocate=1 << 20) as writer:
+        writer.append_write(0, 512, [b"\x5a" * (256 << 10)])       # 256 KiB: direct
+        assert log.stat().st_size == writer.bytes_used
+        writer.append_write(0, 1, [b"\xa5" * 512])
+        st = log.stat()
+        assert st.st_size == 1 << 20
+        assert st.st_blocks * 512 >= st.st_size                     # allocated, not sparse
+        writer.commit()
+    assert log.stat().st_size == writer.bytes_used
+    with LogReader(log) as reader:
+        assert [e.nr_sectors for e in reader.entries()] == [512, 1]
