@@ -1,10 +1,13 @@
-"""The log writer alone: the cost of one guest FLUSH's log work, old path against new.
+"""The log writer alone: the cost of one guest FLUSH's log work, old paths against the one
+the backend takes.
 
 `per-entry` appends each parked record with its own pwritev and commits with the count synced
-(two fdatasyncs), as the flush path did before; `batched` appends the records and the FLUSH
-entry with one pwritev (`LogWriter.append_batch`) into preallocated room and defers the count's
-sync to the next commit (`commit(sync_count=False)`), as the flush path does now. Shapes follow
-bench/backend.py's fio jobs. Prints wall and CPU time per flush and per record. No asserts.
+(two fdatasyncs), as the flush path once did; `batched` appends the records and the FLUSH entry
+with one pwritev (`LogWriter.append_batch`) and defers the count's sync to the next commit
+(`commit(sync_count=False)`), into a file that grows; `zeroed` is `batched` into room zeroed
+ahead (`preallocate`, as `logwrites serve` does), so the commit's fdatasync need not write the
+inode back. Shapes follow bench/backend.py's fio jobs. Prints wall and CPU time per flush and
+per record. No asserts.
 
     .venv/bin/python bench/logwriter.py [--flushes 200] [--dir DIR]
 """
@@ -18,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from logwrites.commands.serve import LOG_ZERO_AHEAD
 from logwrites.logfile import LogWriter
 
 SHAPES = {  # name: (records per flush, payload bytes per record)
@@ -26,18 +30,24 @@ SHAPES = {  # name: (records per flush, payload bytes per record)
     "4 x 1 MiB": (4, 1 << 20),
 }
 
+VARIANTS = (  # name, batched, zeroed room ahead (bytes)
+    ("per-entry", False, 0),
+    ("batched", True, 0),
+    ("zeroed", True, LOG_ZERO_AHEAD),
+)
+
 
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def one_run(log: Path, batched: bool, records: int, size: int, flushes: int
-            ) -> tuple[float, float]:
+def one_run(log: Path, batched: bool, records: int, size: int, flushes: int,
+            zero_ahead: int = 0) -> tuple[float, float]:
     payload = b"\x5a" * size
     nr = size // 512
     parked = [(i * nr, nr, 0, payload) for i in range(records)]
-    with LogWriter.create(log, 512) as writer:
+    with LogWriter.create(log, 512, preallocate=zero_ahead) as writer:
         wall, cpu = time.perf_counter(), cpu_seconds()
         for _ in range(flushes):
             if batched:
@@ -59,9 +69,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lw-writer-", dir=args.dir) as tmp:
         for shape, (records, size) in SHAPES.items():
             flushes = max(10, args.flushes * 4096 // size)
-            for batched in (False, True):
-                wall, cpu = one_run(Path(tmp) / "log", batched, records, size, flushes)
-                print(f"{shape:11s} {'batched' if batched else 'per-entry':9s} "
+            for name, batched, zero_ahead in VARIANTS:
+                wall, cpu = one_run(Path(tmp) / "log", batched, records, size, flushes,
+                                    zero_ahead)
+                print(f"{shape:11s} {name:9s} "
                       f"wall {wall / flushes * 1e3:6.2f} ms/flush  "
                       f"CPU {cpu / flushes * 1e3:6.3f} ms/flush  "
                       f"{cpu / (flushes * records) * 1e6:7.1f} us/record")

@@ -172,8 +172,8 @@ class LogWriter:
         return self.next_block * self.sectorsize
 
     def _reserve(self, end: int, buffered: bool = True) -> None:
-        """Make sure the log may hold `end` bytes; ahead of a `buffered` append that goes past
-        the zeroed room, zero the next stretch (see `preallocate`)."""
+        """Make sure the log may hold `end` bytes; ahead of a small `buffered` append that goes
+        past the zeroed room, zero the next stretch (see `preallocate`)."""
         if self.max_bytes is not None and end > self.max_bytes:
             raise LogFullError(self.path, f"size limit of {self.max_bytes} bytes reached")
         if end <= self._allocated or not self._grow or not buffered:
@@ -269,7 +269,8 @@ class LogWriter:
             blocks += 1
         at = self.next_block * sectorsize
         nbytes = blocks * sectorsize
-        self._reserve(at + nbytes)
+        # Zeros ahead pay off for small appends only (see `preallocate`).
+        self._reserve(at + nbytes, buffered=nbytes < DIRECT_MIN)
         self._write(buffers, at, nbytes)
         index = self.next_index
         self.next_index += len(records) + flush
