@@ -11,8 +11,10 @@
  * image (opened by open/open64/openat/openat64 or their __*_2 variants, and dup/dup2/dup3/
  * fcntl(F_DUPFD*) copies of it) are recorded as (offset, length) of the bytes returned.
  * Anything this file cannot account for marks the record incomplete, which the caller treats
- * as "no read set": the image opened by fopen (stdio reads inside libc, unseen), mmap of it, a
- * descriptor past LW_MAX_FD, a failed read or lseek, no memory left.
+ * as "no read set": the image opened by fopen/fdopen (stdio reads inside libc, unseen), mmap,
+ * sendfile, copy_file_range or splice from it, a descriptor past LW_MAX_FD, a failed read or
+ * lseek, no memory left. Not seen at all: raw syscall(2) and io_uring reads (e2fsck uses
+ * neither); a record that misses the superblock is refused by the caller.
  *
  * Output (little-endian, written by the process that loaded us, in a destructor, so only a
  * normal exit() leaves a file): "LWRSET01", u64 flags (bit 0: incomplete), u64 count, then
@@ -352,6 +354,33 @@ void *mmap64(void *addr, size_t len, int prot, int mflags, int fd, off64_t offse
 	if (is_tracked(fd))
 		mark_incomplete();
 	return real_mmap64(addr, len, prot, mflags, fd, offset);
+}
+
+/* Copies made in the kernel leave no bytes in this process to record: incomplete. */
+ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
+{
+	REAL(ssize_t, sendfile, (int, int, off_t *, size_t));
+	if (is_tracked(in_fd))
+		mark_incomplete();
+	return real_sendfile(out_fd, in_fd, offset, count);
+}
+
+ssize_t copy_file_range(int fd_in, off64_t *off_in, int fd_out, off64_t *off_out, size_t len,
+			unsigned int cflags)
+{
+	REAL(ssize_t, copy_file_range, (int, off64_t *, int, off64_t *, size_t, unsigned int));
+	if (is_tracked(fd_in))
+		mark_incomplete();
+	return real_copy_file_range(fd_in, off_in, fd_out, off_out, len, cflags);
+}
+
+ssize_t splice(int fd_in, off64_t *off_in, int fd_out, off64_t *off_out, size_t len,
+	       unsigned int sflags)
+{
+	REAL(ssize_t, splice, (int, off64_t *, int, off64_t *, size_t, unsigned int));
+	if (is_tracked(fd_in))
+		mark_incomplete();
+	return real_splice(fd_in, off_in, fd_out, off_out, len, sflags);
 }
 
 ssize_t pread(int fd, void *buf, size_t count, off_t offset)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,43 @@ def test_recorder_records_superblock_and_group_descriptors_not_file_data(
     assert covered(BLOCK, BLOCK)       # the group descriptors: the block after it (4 KiB fs)
     data = _block_of(image, "/f") * BLOCK
     assert not any(o < data + BLOCK and data < o + n for o, n in ranges)  # file data unread
+
+
+_READER = """
+import mmap, os, sys
+image = sys.argv[1]
+with open(image, "rb", buffering=0) as f:       # open + lseek + read
+    f.seek(5000)
+    f.read(100)
+    copy = os.dup(f.fileno())                   # a dup'ed descriptor still counts
+    os.pread(copy, 1024, 1024)              # the superblock's place
+    os.close(copy)
+    os.preadv(f.fileno(), [bytearray(20)], 3000)
+    if sys.argv[2] == "mmap":                   # bytes read unseen: no read set at all
+        mmap.mmap(f.fileno(), 4096, prot=mmap.PROT_READ).close()
+with open(sys.argv[3], "rb") as other:          # another file's reads are not the image's
+    other.read(10)
+"""
+
+
+@pytest.mark.parametrize("how", ["reads", "mmap"])
+def test_recorder_tracks_descriptors_and_refuses_unseen_reads(tmp_path: Path, how: str) -> None:
+    image, other, out = tmp_path / "image", tmp_path / "other", tmp_path / "reads"
+    image.write_bytes(bytes(8192))
+    other.write_bytes(bytes(8192))
+    env = {**os.environ, "LD_PRELOAD": str(_recorder()), "LW_READSET_IMAGE": str(image),
+           "LW_READSET_OUT": str(out)}
+    subprocess.run([sys.executable, "-c", _READER, str(image), how, str(other)], env=env,
+                   check=True)
+    with open(out, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"LWRSET01"
+    assert int.from_bytes(head[8:16], "little") == (1 if how == "mmap" else 0)  # incomplete
+    ranges = load_readset(out)
+    if how == "mmap":
+        assert ranges is None
+    else:
+        assert ranges == [(1024, 1024), (3000, 20), (5000, 100)]
 
 
 def test_recorder_output_is_refused_when_missing_torn_or_incomplete(tmp_path: Path) -> None:
