@@ -186,7 +186,6 @@ class FsckChecker:
         self.guest_recoveries = 0  # xfs states whose log was recovered in the guest
         self.in_process_replay = in_process_replay
         self.journal_replays_in_process = 0  # ext4 journals replayed here (logwrites.jbd2)
-        self._journal_scans = jbd2.ScanCache()  # consecutive states share most of a journal
         self.undo_in_process = 0  # journal replays rolled back here (jbd2 or apply_undo_file)
         self.undo_by_e2undo = 0   # ... and by the e2undo program (an undo file we did not trust)
         self.readset_reuse = readset_reuse and os.environ.get("LOGWRITES_READSET_REUSE") != "0"
@@ -269,7 +268,7 @@ class FsckChecker:
         fd = os.open(image, os.O_RDWR)
         try:
             try:
-                done = jbd2.replay(fd, now=self._replay_now, cache=self._journal_scans)
+                done = jbd2.replay(fd, now=self._replay_now, cache=self._journal_scans())
             except jbd2.NotHandled as why:
                 log.debug("%s: journal left to e2fsck: %s", image, why)
                 return None
@@ -297,6 +296,15 @@ class FsckChecker:
         self.journal_replays_in_process += 1
         self.undo_in_process += 1
         return result
+
+    def _journal_scans(self) -> jbd2.ScanCache:
+        """This worker thread's journal scan cache: a worker's consecutive states share most
+        of a journal; one cache shared by workers at different places in the log would hold
+        the other worker's journal half the time and rescan it whole."""
+        cache: jbd2.ScanCache | None = getattr(self._local, "journal_scans", None)
+        if cache is None:
+            cache = self._local.journal_scans = jbd2.ScanCache()
+        return cache
 
     def _undo(self, undo: Path, image: Path) -> tuple[int | None, str]:
         """Put back the blocks e2fsck saved in `undo`: in this process when the undo file

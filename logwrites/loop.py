@@ -6,20 +6,20 @@ real guest on our backend; `existing_recording` takes a log and base image the u
 has (any dm-log-writes log: ours, the kernel target's, QEMU blklogwrites').
 
 Steps 2-4 run here. Each of `jobs` worker threads owns a `StateBuilder` cursor image and takes
-the next state in build order from a FIFO queue, so its cursor only moves forward (each worker
-walks the log once). A state is the worker's cursor at the state's checkpoint with its epoch's
-local entries applied in place and undone after the check (`StateBuilder.view`): no image copy
-per state. Checkers that leave the image as they found it (the built-in fsck) run on the cursor
-itself; checkers that may write get a disposable copy (`check_state`). A state whose image
-provably repeats an earlier state's (`statebuild.ImageKeys`: a mark right after a flush, say)
-reuses that state's verdicts from checkers whose verdict depends on the image alone
-(`image_only`, the built-in fsck); its result names the original (`same_as`, "deduplicated" in
-its detail), and other checkers still run on it. The built-in fsck on ext4 also answers
-without running e2fsck when no byte e2fsck read for one of the worker's last checks has
-changed (`logwrites.check.ReadSetCache`; the result's `reused_from`, "reused: read set
-unchanged since state ..." in its detail). Failing reordered states
-are shrunk, rebuilding those rare states in one pass each. Results come back through a callback
-(the command module draws the progress bar); the library never prints.
+the next run of consecutive states in build order from a FIFO queue, so its cursor only moves
+forward (each worker walks the log once) and its checker sees neighbouring states. A state is
+the worker's cursor at the state's checkpoint with its epoch's local entries applied in place
+and undone after the check (`StateBuilder.view`): no image copy per state. Checkers that leave
+the image as they found it (the built-in fsck) run on the cursor itself; checkers that may write
+get a disposable copy (`check_state`). A state whose image provably repeats an earlier state's
+(`statebuild.ImageKeys`: a mark right after a flush, say) reuses that state's verdicts from
+checkers whose verdict depends on the image alone (`image_only`, the built-in fsck); its result
+names the original (`same_as`, "deduplicated" in its detail), and other checkers still run on
+it. The built-in fsck on ext4 also answers without running e2fsck when no byte e2fsck read for
+one of the worker's last checks has changed (`logwrites.check.ReadSetCache`; the result's
+`reused_from`, "reused: read set unchanged since state ..." in its detail). Failing reordered
+states are shrunk, rebuilding those rare states in one pass each. Results come back through a
+callback (the command module draws the progress bar); the library never prints.
 """
 
 from __future__ import annotations
@@ -208,7 +208,8 @@ def image_only(checker: Checker) -> bool:
 class _Dedup:
     """Which states repeat an earlier state's image (`ImageKeys`), and the verdicts of the
     earlier ones once known. A repeat waits for its original, which the FIFO pool has already
-    handed to a worker (originals come first in build order)."""
+    handed to a worker (originals come first in build order, and a run's states are checked
+    in order), so a wait never waits on itself."""
 
     def __init__(self, logmap: LogMap, states: Sequence[CrashState],
                  expect_fs: Callable[[CrashState], bool], wait_s: float) -> None:
@@ -338,7 +339,11 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
 
         try:
             with ThreadPoolExecutor(options.jobs, thread_name_prefix="crashstate") as pool:
-                futures = [pool.submit(one, state, n) for n, state in enumerate(states)]
+                futures = [Future() for _ in states]
+                run = _run_run(one, states, futures)
+                step = _run_length(total, options.jobs)
+                for first in range(0, total, step):
+                    pool.submit(run, first, min(total, first + step))
                 while reported < len(futures):
                     try:
                         futures[reported].result(timeout=0.2)
@@ -353,6 +358,29 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
                       options.jobs, applied,
                       sum(r.same_as is not None for r in results),
                       sum(r.same_as is None and r.reused_from is not None for r in results))
+
+
+def _run_length(total: int, jobs: int) -> int:
+    """How many consecutive states one worker takes at a time. Runs, not single states: a
+    worker's consecutive states differ little, so its checker's read-set cache (the last few
+    checks of this worker) answers more of them; short enough that every worker gets many
+    runs, so none idles long at the end."""
+    return 1 if jobs == 1 else max(1, min(64, total // (jobs * 8)))
+
+
+def _run_run(one: Callable[[CrashState, int], StateResult], states: Sequence[CrashState],
+             futures: list[Future[StateResult]]) -> Callable[[int, int], None]:
+    """A pool task: states [first, end) in build order by one worker, each result (or
+    exception) handed to that state's future as soon as it is known."""
+    def run(first: int, end: int) -> None:
+        for n in range(first, end):
+            if not futures[n].set_running_or_notify_cancel():
+                continue
+            try:
+                futures[n].set_result(one(states[n], n))
+            except BaseException as err:  # the caller re-raises it in order
+                futures[n].set_exception(err)
+    return run
 
 
 def _check_one(builder: StateBuilder, reader: LogReader, logmap: LogMap, state: CrashState,
