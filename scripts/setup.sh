@@ -132,12 +132,23 @@ build_readset_recorder() {
     mv -f "$so.tmp.$$" "$so"
 }
 
+# The fork server the checker runs e2fsck under (logwrites/forkserver.py: exec and library
+# start-up paid once per worker, not once per crash state); built as the recorder is.
+build_forkserver() {
+    local src="$here/logwrites/_forkserver.c" so="$here/logwrites/_forkserver.so"
+    [ -f "$so" ] && [ ! "$src" -nt "$so" ] && return 0
+    say "building $so"
+    gcc -shared -fPIC -O2 -Wall -Wextra -o "$so.tmp.$$" "$src"
+    mv -f "$so.tmp.$$" "$so"
+}
+
 main() {
     install_packages
     local lvu_src
     lvu_src="$(fetch_libvhost_user)"
     install_venv "$lvu_src"
     build_readset_recorder
+    build_forkserver
     printf '%s\n' "$lvu_src" >"$here/.libvhost-user-src"
 }
 
