@@ -560,10 +560,13 @@ class ReadSetCache:
     """The last few `e2fsck -fn` runs of one worker, to answer for a later image without
     running e2fsck again. e2fsck reads the image only through pread (recorded by
     logwrites/_readset_recorder.c); what it does is a function of the bytes it reads, the
-    image's size, its argv, its configuration and the clock (the last two constant over a
-    loop). So an image with the same size, checked with the same argv, that holds at every
-    range an earlier run read the bytes that run saw, makes e2fsck read the same bytes in the
-    same order (by induction over its reads) and answer the same: that answer is reused.
+    image's size, its argv, its configuration (constant over a loop) and the clock, which it
+    uses (as far as we know) to ask whether a time stored in the image lies in the future:
+    later is never earlier, so a pass stays a pass (a failure for a future time, which only a
+    wrong clock gives, might not). So an image with the same size, checked with the same
+    argv, that holds at every range an earlier run read the bytes that run saw, makes e2fsck
+    read the same bytes in the same order (by induction over its reads) and answer the same:
+    that answer is reused.
     Compared byte for byte (pread, then `==`), never hashed; pass and fail answers alike."""
 
     def __init__(self, keep: int = READSET_KEEP) -> None:
