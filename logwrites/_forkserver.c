@@ -15,13 +15,15 @@
  * leads a new session (the client kills its group on a timeout), reads /dev/null and writes
  * stdout and stderr to LW_FORKSERVER_OUT (truncated).
  *
- * Its constructor runs at priority 101, before the read recorder's (same shared object), so
- * the recorder starts fresh in every child.
+ * Other libraries' constructors may have run in the server already (the order of preloaded
+ * libraries' constructors is not ours to choose), so a child asks the read recorder, when it is
+ * loaded, to start afresh (lw_readset_restart, logwrites/_readset_recorder.c).
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  */
 
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -52,6 +54,7 @@ static int write_all(int fd, const void *buf, size_t len)
 static void become_child(int ctl_in, int ctl_out)
 {
 	const char *out = getenv("LW_FORKSERVER_OUT");
+	void (*restart)(void);
 	int fd;
 
 	close(ctl_in);
@@ -72,9 +75,12 @@ static void become_child(int ctl_in, int ctl_out)
 		dup2(fd, 2);
 		close(fd);
 	}
+	restart = (void (*)(void))dlsym(RTLD_DEFAULT, "lw_readset_restart");
+	if (restart)
+		restart();
 }
 
-__attribute__((constructor(101))) static void lw_forkserver(void)
+__attribute__((constructor)) static void lw_forkserver(void)
 {
 	const char *spec = getenv("LW_FORKSERVER_CTL");
 	int ctl_in, ctl_out;

@@ -67,6 +67,7 @@ __attribute__((constructor)) static void lw_init(void)
 	const char *path = getenv("LW_READSET_IMAGE");
 	struct stat st;
 
+	active = 0;
 	if (!path || !getenv("LW_READSET_OUT") || stat(path, &st) != 0)
 		return;
 	image_dev = st.st_dev;
@@ -75,6 +76,16 @@ __attribute__((constructor)) static void lw_init(void)
 	image_is_blk = S_ISBLK(st.st_mode);
 	owner = getpid();
 	active = 1;
+}
+
+/* Called by the fork server (logwrites/_forkserver.c) in each copy it forks before main():
+ * that copy is the run to record, from a clean slate, for the image as it is now. */
+__attribute__((visibility("default"))) void lw_readset_restart(void)
+{
+	memset(tracked, 0, sizeof(tracked));
+	nr_ranges = 0;
+	flags = 0;
+	lw_init();
 }
 
 static void mark_incomplete(void)

@@ -57,6 +57,7 @@ from typing import Final, Protocol
 
 from logwrites import jbd2
 from logwrites.errors import LogwritesError, UsageError
+from logwrites.forkserver import FORKSERVER_SO, ForkServer, ForkServerGone
 from logwrites.statebuild import clone_file
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,11 @@ class FsckChecker:
         self.undo_in_process = 0  # journal replays rolled back here (jbd2 or apply_undo_file)
         self.undo_by_e2undo = 0   # ... and by the e2undo program (an undo file we did not trust)
         self.readset_reuse = readset_reuse and os.environ.get("LOGWRITES_READSET_REUSE") != "0"
+        # e2fsck forked from a server held before main() (logwrites/forkserver.py) instead of
+        # exec'd: ~1.5 ms less per run. LOGWRITES_FORKSERVER=0, or no server library: plain.
+        self.forkserver = (os.environ.get("LOGWRITES_FORKSERVER") != "0"
+                           and FORKSERVER_SO.is_file())
+        self.forked_runs = 0  # e2fsck runs forked from the server
         self.readset_recorder = readset_recorder
         self.fsck_runs = 0           # e2fsck -fn processes started
         self.readset_reused = 0      # e2fsck -fn answers reused: the bytes it read unchanged
@@ -351,7 +357,42 @@ class FsckChecker:
                 ) -> tuple[int | None, str]:
         with self._counts:
             self.fsck_runs += 1
+        server = self._forkserver(argv, env or {})
+        if server is not None:
+            try:
+                status, out = server.run(self.timeout_s)
+                with self._counts:
+                    self.forked_runs += 1
+                return status, out[-_OUTPUT_LIMIT:]
+            except ForkServerGone as why:
+                # Same answer either way, only slower: run it plainly from now on.
+                log.warning("e2fsck fork server: %s; e2fsck runs plainly from now on", why)
+                self.forkserver = False
+                server.close()
+                self._local.server = None
         return _run(argv, self.timeout_s, env)
+
+    def _forkserver(self, argv: list[str], env: Mapping[str, str]) -> ForkServer | None:
+        """This worker's fork server for `argv` and `env` (one per worker: its cursor image
+        is one file, so the command line stays the same); a new one when they change or the
+        image is another file (the read recorder learns the image's identity once)."""
+        if not self.forkserver:
+            return None
+        try:
+            st = os.stat(argv[-1])
+        except OSError:
+            return None
+        key = (tuple(argv), tuple(sorted(env.items())), st.st_dev, st.st_ino)
+        held: tuple[tuple, ForkServer] | None = getattr(self._local, "server", None)
+        if held is not None and held[0] == key:
+            return held[1]
+        if held is not None:
+            held[1].close()
+        if self._local.__dict__.get("output") is None:
+            self._local.output = _scratch_path(Path(argv[-1]), "fsck-out")
+        server = ForkServer(argv, env, FORKSERVER_SO, self._local.output)
+        self._local.server = (key, server)
+        return server
 
     def _recorder_ok(self) -> bool:
         if self._recorder_usable is None:
@@ -383,7 +424,10 @@ class FsckChecker:
                 with self._counts:
                     self.readset_reused += 1
                 return earlier.status, earlier.output, earlier.label
-            out_path = _scratch_path(image, "readset")
+            # One name per worker: the command line, and so its fork server, stays the same.
+            out_path = self._local.__dict__.get("readset_out")
+            if out_path is None:
+                out_path = self._local.readset_out = _scratch_path(image, "readset")
             out_path.unlink(missing_ok=True)  # a stale file must never pass for this run's
             preload = " ".join(p for p in (str(self.readset_recorder),
                                            os.environ.get("LD_PRELOAD", "")) if p)

@@ -20,6 +20,7 @@ import signal
 import struct
 import subprocess
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
@@ -53,6 +54,9 @@ class ForkServer:
         finally:
             os.close(requests_r)
             os.close(answers_w)
+        # A server nobody closed (its worker thread ended) ends when this object goes.
+        self._finalizer = weakref.finalize(self, _shut_down, self._proc, self._requests,
+                                           self._answers)
 
     def run(self, timeout_s: float) -> tuple[int | None, str]:
         """(exit status, output) of one run; status None when it outlived `timeout_s` (its
@@ -82,6 +86,7 @@ class ForkServer:
             raise ForkServerGone(f"child {pid}: lost its exit status")
         try:
             text = self.output.read_bytes().decode(errors="replace")
+            self.output.unlink()
         except OSError:
             text = ""
         if timed_out:
@@ -106,14 +111,17 @@ class ForkServer:
         return _ANSWER.unpack(data)[0]
 
     def close(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        for fd in (self._requests, self._answers):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        self._proc = None
+        self._finalizer()
+
+
+def _shut_down(proc: subprocess.Popen[bytes], *fds: int) -> None:
+    """EOF on its requests ends the server; reap it."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

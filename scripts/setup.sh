@@ -138,7 +138,7 @@ build_forkserver() {
     local src="$here/logwrites/_forkserver.c" so="$here/logwrites/_forkserver.so"
     [ -f "$so" ] && [ ! "$src" -nt "$so" ] && return 0
     say "building $so"
-    gcc -shared -fPIC -O2 -Wall -Wextra -o "$so.tmp.$$" "$src"
+    gcc -shared -fPIC -O2 -Wall -Wextra -o "$so.tmp.$$" "$src" -ldl
     mv -f "$so.tmp.$$" "$so"
 }
 

@@ -243,3 +243,24 @@ def test_loop_reports_reused_states_and_agrees_with_plain_e2fsck(
     first_fail = min((r for r in reusing.results if r.verdict == "fail"),
                      key=lambda r: r.state.entry)
     assert first_fail.reused_from is None  # the damage was in the read set: e2fsck ran
+
+
+@pytest.mark.parametrize("forkserver", ["1", "0"])
+def test_forked_e2fsck_answers_as_an_execd_one(image: Path, tmp_path: Path, forkserver: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # The checker forks e2fsck from a server held before main() (logwrites/forkserver.py):
+    # clean and damaged images get the same answers, output and recorded reads as exec'd runs.
+    _recorder()
+    monkeypatch.setenv("LOGWRITES_FORKSERVER", forkserver)
+    checker = FsckChecker("ext4")
+    clean = _check(checker, image, "clean", tmp_path / "copy")
+    _poke(image, BLOCK + 12, b"\x01\x00")       # group 0's free blocks count
+    damaged = _check(checker, image, "damaged", tmp_path / "copy")
+    plain = subprocess.run(["e2fsck", "-fn", str(image)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    assert (clean.verdict, damaged.verdict) == ("pass", "fail")
+    assert damaged.output.split("--- e2fsck -fn\n")[1] == plain.stdout
+    assert checker.fsck_runs == 2 and checker.readset_reused == 0
+    assert checker.forked_runs == (2 if forkserver == "1" else 0)
+    # Both runs were recorded (the forked copy records its own reads): reused from here on.
+    assert _check(checker, image, "damaged-again", tmp_path / "copy").reused_from == "damaged"
