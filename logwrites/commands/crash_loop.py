@@ -212,6 +212,10 @@ def run(args: argparse.Namespace) -> int:
         summary = (f"{len(result.results)} states in {result.seconds:.1f} s "
                    f"({60 * len(result.results) / max(result.seconds, 1e-9):.0f} per minute, "
                    f"{result.jobs} jobs)")
+        if result.deduplicated or result.readset_reused:
+            # Said plainly, so nobody mistakes a reused answer for a run of the checker.
+            summary += (f"; verdicts reused: {result.deduplicated} of identical images, "
+                        f"{result.readset_reused} where no byte e2fsck read had changed")
         console.print(summary, markup=False, highlight=False)
         if page:
             console.print(f"report: {page}", markup=False, highlight=False)
