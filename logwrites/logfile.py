@@ -171,12 +171,15 @@ class LogWriter:
     def bytes_used(self) -> int:
         return self.next_block * self.sectorsize
 
-    def _reserve(self, end: int, buffered: bool = True) -> None:
-        """Make sure the log may hold `end` bytes; ahead of a small `buffered` append that goes
-        past the zeroed room, zero the next stretch (see `preallocate`)."""
+    def _reserve(self, at: int, nbytes: int) -> None:
+        """Make sure the log may hold `nbytes` more at `at`; ahead of a small append (below
+        DIRECT_MIN: a big one may go direct, and zeros ahead of it would double what the log's
+        disk writes) that goes past the zeroed room, zero the next stretch (see
+        `preallocate`)."""
+        end = at + nbytes
         if self.max_bytes is not None and end > self.max_bytes:
             raise LogFullError(self.path, f"size limit of {self.max_bytes} bytes reached")
-        if end <= self._allocated or not self._grow or not buffered:
+        if end <= self._allocated or not self._grow or nbytes >= DIRECT_MIN:
             return
         target = (end // self._preallocate + 1) * self._preallocate
         if self.max_bytes is not None:
@@ -234,9 +237,9 @@ class LogWriter:
     def _append(self, header: bytes, payload: Sequence[Buffer], payload_blocks: int) -> int:
         at = self.next_block * self.sectorsize
         nbytes = self.sectorsize * (1 + payload_blocks)
-        direct = nbytes >= DIRECT_MIN and self._direct_fd >= 0
-        self._reserve(at + nbytes, buffered=not direct)
-        if not (direct and self._write_direct(header, payload, at, nbytes)):
+        self._reserve(at, nbytes)
+        if not (nbytes >= DIRECT_MIN and self._direct_fd >= 0
+                and self._write_direct(header, payload, at, nbytes)):
             self._write([header, *payload], at, nbytes)
         index = self.next_index
         self.next_index += 1
@@ -269,8 +272,7 @@ class LogWriter:
             blocks += 1
         at = self.next_block * sectorsize
         nbytes = blocks * sectorsize
-        # Zeros ahead pay off for small appends only (see `preallocate`).
-        self._reserve(at + nbytes, buffered=nbytes < DIRECT_MIN)
+        self._reserve(at, nbytes)
         self._write(buffers, at, nbytes)
         index = self.next_index
         self.next_index += len(records) + flush
@@ -318,7 +320,7 @@ class LogWriter:
         ss = self.sectorsize
         shift = (1 + payload_blocks) * ss
         start, end = block * ss, self.next_block * ss
-        self._reserve(end + shift)
+        self._reserve(end, shift)
         self._write(zero_payload(shift), end, shift)
         at = end
         while at > start:
