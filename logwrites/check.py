@@ -388,7 +388,7 @@ class FsckChecker:
             return held[1]
         if held is not None:
             held[1].close()
-        if self._local.__dict__.get("output") is None:
+        if getattr(self._local, "output", None) is None:
             self._local.output = _scratch_path(Path(argv[-1]), "fsck-out")
         server = ForkServer(argv, env, FORKSERVER_SO, self._local.output)
         self._local.server = (key, server)
@@ -425,7 +425,7 @@ class FsckChecker:
                     self.readset_reused += 1
                 return earlier.status, earlier.output, earlier.label
             # One name per worker: the command line, and so its fork server, stays the same.
-            out_path = self._local.__dict__.get("readset_out")
+            out_path = getattr(self._local, "readset_out", None)
             if out_path is None:
                 out_path = self._local.readset_out = _scratch_path(image, "readset")
             out_path.unlink(missing_ok=True)  # a stale file must never pass for this run's

@@ -42,12 +42,14 @@ class ForkServer:
         self.argv, self.output = list(argv), output
         requests_r, self._requests = os.pipe()
         self._answers, answers_w = os.pipe()
+        self._poll = select.poll()
+        self._poll.register(self._answers, select.POLLIN)
         preloads = " ".join(p for p in (str(preload), env.get("LD_PRELOAD", "")) if p)
         child_env = {**os.environ, **env, "LD_PRELOAD": preloads,
                      "LW_FORKSERVER_CTL": f"{requests_r},{answers_w}",
                      "LW_FORKSERVER_OUT": str(output)}
         try:
-            self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            proc = subprocess.Popen(
                 self.argv, env=child_env, pass_fds=(requests_r, answers_w),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True)
@@ -55,7 +57,7 @@ class ForkServer:
             os.close(requests_r)
             os.close(answers_w)
         # A server nobody closed (its worker thread ended) ends when this object goes.
-        self._finalizer = weakref.finalize(self, _shut_down, self._proc, self._requests,
+        self._finalizer = weakref.finalize(self, _shut_down, proc, self._requests,
                                            self._answers)
 
     def run(self, timeout_s: float) -> tuple[int | None, str]:
@@ -64,7 +66,7 @@ class ForkServer:
 
         :raise ForkServerGone: the server did not fork a child (the caller runs plainly).
         """
-        if self._proc is None:
+        if not self._finalizer.alive:
             raise ForkServerGone("closed")
         try:
             os.write(self._requests, b"r")
@@ -100,8 +102,8 @@ class ForkServer:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            ready, _, _ = select.select([self._answers], [], [], left)
-            if not ready:
+            # poll, not select: a worker's descriptors may lie past select's limit.
+            if not self._poll.poll(left * 1000):
                 return None
             chunk = os.read(self._answers, _ANSWER.size - len(data))
             if not chunk:
@@ -111,7 +113,6 @@ class ForkServer:
         return _ANSWER.unpack(data)[0]
 
     def close(self) -> None:
-        self._proc = None
         self._finalizer()
 
 

@@ -115,10 +115,9 @@ class StateResult:
 
     @property
     def detail(self) -> str:
-        # Answers that did not run are always named, passes included (a failure's detail
-        # says so itself).
-        parts = [f"{v.checker}: {v.detail}" if v.verdict != "pass"
-                 else f"{v.checker}: reused: read set unchanged since state {v.reused_from}"
+        # Answers that did not run are always named, passes included (the checker's detail
+        # says whose answer it is).
+        parts = [f"{v.checker}: {v.detail}"
                  for v in self.verdicts if v.verdict != "pass" or v.reused_from is not None]
         if self.same_as is not None:
             parts.insert(0, f"deduplicated: same image as {self.same_as}")

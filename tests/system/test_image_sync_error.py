@@ -45,13 +45,14 @@ def failing_flush_image(tmp_path: Path) -> Iterator[Path]:
                 "inject-error": [{"event": "flush_to_disk", "iotype": "flush", "errno": 5,
                                   "once": True}]}
     # A raw node on top: the flush_to_disk event fires on the child of the node flushed.
-    qsd = subprocess.Popen(
-        [qsd_path(), "--blockdev", f"driver=file,node-name=file,filename={data}",
-         "--blockdev", json.dumps(blkdebug),
-         "--blockdev", "driver=raw,node-name=top,file=dbg",
-         "--export", f"fuse,id=exp,node-name=top,mountpoint={image},writable=on"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "qsd.stderr", "wb"))
+    with open(tmp_path / "qsd.stderr", "wb") as stderr:
+        qsd = subprocess.Popen(
+            [qsd_path(), "--blockdev", f"driver=file,node-name=file,filename={data}",
+             "--blockdev", json.dumps(blkdebug),
+             "--blockdev", "driver=raw,node-name=top,file=dbg",
+             "--export", f"fuse,id=exp,node-name=top,mountpoint={image},writable=on"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=stderr)
     try:
         deadline = time.monotonic() + 20
         while not _mounted(image):
