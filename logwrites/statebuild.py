@@ -42,6 +42,7 @@ from typing import Final
 
 from logwrites.crashstates import CrashState, LogMap, state_from_id
 from logwrites.format import Entry
+from logwrites.imagechanges import ImageChanges, merge_spans
 from logwrites.logfile import LogReader
 
 log = logging.getLogger(__name__)
@@ -94,37 +95,46 @@ def clone_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None
         os.ftruncate(fdo, size)
 
 
-def apply_torn(reader: LogReader, entry: Entry, sectors: int, fd: int) -> None:
+def apply_torn(reader: LogReader, entry: Entry, sectors: int, fd: int,
+               written: ImageChanges | None = None) -> None:
     """Write only the first `sectors` sectorsize units of the write `entry`."""
     sectorsize = reader.sectorsize
     data = os.pread(reader.fileno(), sectors * sectorsize, entry.data_offset)
+    if written is not None:
+        written.wrote(entry.sector * sectorsize, len(data))
     os.pwrite(fd, data, entry.sector * sectorsize)
 
 
 def apply_entries(reader: LogReader, logmap: LogMap, fd: int, indexes: Iterable[int],
-                  skip: Iterable[int] = (), *, discard_zeroes: bool = True) -> int:
-    """Apply entries `indexes` (in order) except `skip` onto `fd`; return how many applied."""
+                  skip: Iterable[int] = (), *, discard_zeroes: bool = True,
+                  written: ImageChanges | None = None) -> int:
+    """Apply entries `indexes` (in order) except `skip` onto `fd`; return how many applied.
+    `written` is told every range written."""
     apply_entry, skipped, applied = _apply_entry(), set(skip), 0
+    sectorsize = logmap.sectorsize
     for index in indexes:
         if index in skipped:
             continue
         entry = logmap.entries[index]
         if entry.nr_sectors == 0:  # flushes and marks change no data
             continue
+        if written is not None:  # before the write: a failed one may have written part
+            written.wrote(entry.sector * sectorsize, entry.nr_sectors * sectorsize)
         apply_entry(reader, entry, fd, discard_zeroes=discard_zeroes)
         applied += 1
     return applied
 
 
 def apply_state_local(reader: LogReader, logmap: LogMap, state: CrashState, fd: int,
-                      *, discard_zeroes: bool = True) -> int:
+                      *, discard_zeroes: bool = True,
+                      written: ImageChanges | None = None) -> int:
     """Apply what `state` adds to its checkpoint: entries after it minus dropped, then the torn
     part of a write. Returns the number of entries touched."""
     n = apply_entries(reader, logmap, fd, state.local_entries(), state.dropped,
-                      discard_zeroes=discard_zeroes)
+                      discard_zeroes=discard_zeroes, written=written)
     if state.torn is not None:
         index, sectors = state.torn
-        apply_torn(reader, logmap.entries[index], sectors, fd)
+        apply_torn(reader, logmap.entries[index], sectors, fd, written)
         n += 1
     return n
 
@@ -141,13 +151,7 @@ def state_extents(logmap: LogMap, state: CrashState) -> list[tuple[int, int]]:
     if state.torn is not None:
         entry = logmap.entries[state.torn[0]]
         spans.append((entry.sector, entry.sector + state.torn[1]))
-    merged: list[list[int]] = []
-    for start, end in sorted(spans):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(s * sectorsize, (e - s) * sectorsize) for s, e in merged]
+    return [(s * sectorsize, (e - s) * sectorsize) for s, e in merge_spans(spans)]
 
 
 def memory_dir(image_size: int) -> Path | None:
@@ -229,6 +233,9 @@ class StateBuilder:
             if shm is not None else None
         self.cursor = (self._cursor_dir or workdir) / "cursor.img"
         clone_file(base_image, self.cursor)
+        # Every write to the cursor, so that checkers compare only what changed since they
+        # last read it (`changes_of`).
+        self.changes = ImageChanges()
         self.resets = 0  # times the cursor was rebuilt because a checker left it changed
         self.copies = 0  # states too large to undo, built on a copy
         self.at = -1  # entries <= at are applied to the cursor
@@ -243,7 +250,7 @@ class StateBuilder:
         fd = os.open(self.cursor, os.O_RDWR | os.O_CLOEXEC)
         try:
             n = apply_entries(self.reader, self.logmap, fd, range(self.at + 1, index + 1),
-                              discard_zeroes=self.discard_zeroes)
+                              discard_zeroes=self.discard_zeroes, written=self.changes)
         finally:
             os.close(fd)
         with self._lock:
@@ -253,6 +260,7 @@ class StateBuilder:
     def reset(self) -> None:
         """Start the cursor again from the base image: for when something (a checker that
         could not undo its writes) may have changed it. The next state replays from entry 0."""
+        self.changes.forget()
         clone_file(self.base_image, self.cursor)
         self.at = -1
         self.resets += 1
@@ -284,16 +292,23 @@ class StateBuilder:
             saved = [(offset, os.pread(fd, length, offset)) for offset, length in extents]
             try:
                 n = apply_state_local(self.reader, self.logmap, state, fd,
-                                      discard_zeroes=self.discard_zeroes)
+                                      discard_zeroes=self.discard_zeroes,
+                                      written=self.changes)
                 with self._lock:
                     self.entries_applied += n
                 yield self.cursor
             finally:
                 # Merged ranges do not overlap: each pre-image goes back whole, in any order.
                 for offset, data in saved:
+                    self.changes.wrote(offset, len(data))
                     os.pwrite(fd, data, offset)
         finally:
             os.close(fd)
+
+    def changes_of(self, image: Path) -> ImageChanges | None:
+        """The record of writes to `image` when it is this builder's cursor (a state built
+        on a copy has none)."""
+        return self.changes if image == self.cursor else None
 
     def _build_from(self, src: Path, state: CrashState, dest: Path) -> Path:
         clone_file(src, dest)

@@ -208,3 +208,35 @@ def test_cursor_lives_in_memory_when_there_is_room(setup, tmp_path: Path) -> Non
             auto.close()
             on_disk.close()
         assert not auto.cursor.parent.exists()
+
+
+def test_the_cursor_record_of_writes_covers_every_changed_byte(setup, tmp_path: Path) -> None:
+    # What checkers rely on to compare only written ranges: between two states' views,
+    # every byte of the cursor outside `changes.since(then)` is the same.
+    log_path, base, _sectorsize = setup
+    logmap = LogMap.read(log_path)
+    states = enumerate_states(logmap, ["prefix", "reorder", "torn"], start=-1)
+    with LogReader(log_path) as reader:
+        builder = StateBuilder(reader, logmap, base, tmp_path / "work")
+        try:
+            last: tuple[bytes, int] | None = None
+            for state in states:
+                with builder.view(state) as image:
+                    now = image.read_bytes()
+                    changes = builder.changes_of(image)
+                    assert changes is not None
+                    if last is not None:
+                        written = changes.since(last[1])
+                        assert written is not None
+                        spans = list(written.within(0, len(now)))
+                        masked = bytearray(now), bytearray(last[0])
+                        for at, n in spans:
+                            for image_bytes in masked:
+                                image_bytes[at:at + n] = bytes(n)
+                        assert masked[0] == masked[1], state.id
+                    last = now, changes.generation
+            builder.reset()
+            assert builder.changes.since(last[1]) is None  # type: ignore[index]
+        finally:
+            builder.close()
+    assert builder.changes_of(tmp_path / "elsewhere.img") is None
