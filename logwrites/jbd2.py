@@ -24,6 +24,7 @@ On-disk field names follow the kernel's (fs/jbd2/recovery.c, include/linux/jbd2.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -33,9 +34,11 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
+
+from logwrites.imagechanges import ImageChanges
 
 log = logging.getLogger(__name__)
 
@@ -322,12 +325,17 @@ def block_map(read: Callable[[int, int], bytes], i_block: bytes, blocksize: int,
 @dataclass(slots=True)
 class Replay:
     """What a replay wrote: `pre_images` (byte offset, the bytes that were there), in write
-    order; `restore` puts them back. `transactions` replayed, `blocks` written."""
+    order; `restore` puts them back. `transactions` replayed, `blocks` written.
+    `reads` (byte offset, the bytes there before the replay): every range of the image the
+    replay's outcome depends on (superblock, the journal inode and its map, the journal from
+    its superblock to the block that ended the scan); with the image's size, the same bytes
+    there give the same replay."""
 
     fd: int
     pre_images: list[tuple[int, bytes]] = field(default_factory=list)
     transactions: int = 0
     blocks: int = 0
+    reads: list[tuple[int, bytes]] = field(default_factory=list)
 
     def write(self, offset: int, data: bytes) -> None:
         self.pre_images.append((offset, _pread(self.fd, len(data), offset)))
@@ -386,19 +394,25 @@ class _Filesystem:
             raise NotHandled("inode geometry")
 
 
-def _journal_runs(fd: int, fs: _Filesystem, sb: bytes) -> tuple[list[tuple[int, int, int]],
-                                                                 int]:
-    """The journal inode's block runs and its length in blocks."""
+def _journal_runs(fd: int, fs: _Filesystem, sb: bytes, reads: list[tuple[int, bytes]]
+                  ) -> tuple[list[tuple[int, int, int]], int]:
+    """The journal inode's block runs and its length in blocks; what it read is appended to
+    `reads` as (byte offset, bytes)."""
     bs = fs.blocksize
     group, index = divmod(fs.journal_inum - 1, fs.inodes_per_group)
     per_block = bs // fs.desc_size
     if fs.incompat & INCOMPAT_META_BG and group // per_block:
         raise NotHandled("journal inode's group descriptor in a meta_bg")
-    gd = _pread(fd, fs.desc_size, (fs.first_data_block + 1) * bs + group * fs.desc_size)
+    def read(offset: int, length: int) -> bytes:
+        data = _pread(fd, length, offset)
+        reads.append((offset, data))
+        return data
+
+    gd = read((fs.first_data_block + 1) * bs + group * fs.desc_size, fs.desc_size)
     table = _LE32.unpack_from(gd, 8)[0]
     if fs.desc_size >= 64:
         table |= _LE32.unpack_from(gd, 0x28)[0] << 32
-    inode = _pread(fd, 128, table * bs + index * fs.inode_size)
+    inode = read(table * bs + index * fs.inode_size, 128)
     i_block = inode[0x28:0x28 + 60]
     if sb[S_JNL_BACKUP_TYPE] == EXT3_JNL_BACKUP_BLOCKS and \
             i_block != sb[S_JNL_BLOCKS:S_JNL_BLOCKS + 60]:
@@ -411,10 +425,6 @@ def _journal_runs(fd: int, fs: _Filesystem, sb: bytes) -> tuple[list[tuple[int, 
         raise NotHandled("journal inode is not a plain regular file")
     if nblocks < JBD2_MIN_JOURNAL_BLOCKS:
         raise NotHandled(f"journal of {nblocks} blocks")
-
-    def read(offset: int, length: int) -> bytes:
-        return _pread(fd, length, offset)
-
     if _LE32.unpack_from(inode, 0x20)[0] & EXT4_EXTENTS_FL:
         runs = extent_map(read, i_block, bs)
     else:
@@ -488,14 +498,18 @@ class _Journal:
         return out
 
 
-def _open_journal(fd: int) -> tuple[_Filesystem, list[tuple[int, int, int]], int, int]:
-    """(filesystem, journal runs, journal length in blocks, image size in bytes)."""
+def _open_journal(fd: int, reads: list[tuple[int, bytes]] | None = None
+                  ) -> tuple[_Filesystem, list[tuple[int, int, int]], int, int]:
+    """(filesystem, journal runs, journal length in blocks, image size in bytes); what it
+    read is appended to `reads` as (byte offset, bytes)."""
+    reads = [] if reads is None else reads
     sb = _pread(fd, 1024, SUPERBLOCK_OFFSET)
+    reads.append((SUPERBLOCK_OFFSET, sb))
     fs = _Filesystem(sb)
     size = os.fstat(fd).st_size
     if size < (fs.first_data_block + 2) * fs.blocksize:
         raise NotHandled("image shorter than its superblock says")
-    runs, nblocks = _journal_runs(fd, fs, sb)
+    runs, nblocks = _journal_runs(fd, fs, sb, reads)
     return fs, runs, nblocks, size
 
 
@@ -511,13 +525,15 @@ def journal_super_of(fd: int) -> JournalSuper:
         return parse_journal_super(journal.block(0), fs.blocksize, nblocks, crc)
 
 
-def replay(fd: int, now: int | None = None, cache: ScanCache | None = None) -> Replay:
+def replay(fd: int, now: int | None = None, cache: ScanCache | None = None,
+           changes: ImageChanges | None = None) -> Replay:
     """Recover the journal of the ext4 image open (read-write) on `fd`, as `e2fsck -E
     journal_only -y` does, and return what was written so the caller can `restore()` it.
 
     `now` is the write time stamped in the superblock (default: the clock); `cache` (one
     per caller, shared by its threads) lets consecutive crash states skip re-verifying the
-    journal they share.
+    journal they share; `changes` (the record of writes to this image, when the caller has
+    one) lets it compare only the journal bytes written since the cached scan.
     :raise NotHandled: nothing was left changed; run e2fsck instead.
     :raise OSError: reading or writing failed; what had been written was put back first, but
       if that failed too the image is not what it was (the caller rebuilds it).
@@ -525,17 +541,20 @@ def replay(fd: int, now: int | None = None, cache: ScanCache | None = None) -> R
     crc = crc32c()
     if crc is None:
         raise NotHandled("no crc32c (libext2fs)")
-    fs, runs, nblocks, size = _open_journal(fd)
+    reads: list[tuple[int, bytes]] = []
+    fs, runs, nblocks, size = _open_journal(fd, reads)
     if not fs.incompat & INCOMPAT_RECOVER:
         raise NotHandled("the filesystem does not need recovery")
-    with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as view:
+    with _image_view(fd, size, cache) as view:
         journal = _Journal(view, runs, fs.blocksize, fs.blocks_count)
         jsb = parse_journal_super(journal.block(0), fs.blocksize, nblocks, crc)
         journal.first, journal.last = jsb.first, jsb.maxlen
-        committed, end_transaction = _scan(journal, jsb, crc, cache)
+        reads.append((journal.offset(0), journal.block(0)))
+        committed, end_transaction, scanned = _scan(journal, jsb, crc, cache, changes)
+        reads.extend(scanned)
         writes = _resolve(journal, committed, fs, size)
         # All checks passed: from here on every write is recorded before it is made.
-        done = Replay(fd, transactions=committed.transactions)
+        done = Replay(fd, transactions=committed.transactions, reads=reads)
         try:
             for fsblock, data in writes:
                 done.write(fsblock * fs.blocksize, data)
@@ -579,6 +598,7 @@ class _Scanned:
     ranges: list[tuple[int, bytes]]       # (image byte offset, the journal bytes there)
     committed: _Committed
     resume: tuple[int, int, int]          # next journal block, next sequence, blocks read
+    seen: tuple[ImageChanges, int] | None  # the image's record of writes, its generation then
 
 
 CACHE_MAX_BYTES: Final = 64 << 20  # journal bytes a ScanCache keeps a copy of, at most
@@ -594,6 +614,30 @@ class ScanCache:
         self._lock = threading.Lock()
         self._last: _Scanned | None = None
         self.hits = 0
+        # The last image's read-only map, kept: mapping a file afresh for every state costs
+        # a page fault per journal page read.
+        self._view: tuple[tuple[int, int, int], mmap.mmap] | None = None
+
+    @contextlib.contextmanager
+    def view(self, fd: int, size: int) -> Iterator[mmap.mmap]:
+        """A read-only map of the whole file open on `fd` (`size` bytes), held by one
+        thread at a time."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, size)
+        with self._lock:
+            held, self._view = self._view, None  # another thread maps its own meanwhile
+        if held is None or held[0] != key:
+            if held is not None:
+                held[1].close()
+            held = (key, mmap.mmap(fd, 0, prot=mmap.PROT_READ))
+        try:
+            yield held[1]
+        finally:
+            with self._lock:
+                if self._view is None:
+                    self._view, held = held, None
+            if held is not None:
+                held[1].close()
 
     def get(self) -> _Scanned | None:
         with self._lock:
@@ -605,14 +649,56 @@ class ScanCache:
             self.hits += hit
 
 
+_PIECES_MAX: Final = 16  # cached journal pieces before adjacent ones are joined
+
+
+def _coalesced(ranges: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """`ranges` as they are while there are few pieces, else with adjacent ones joined (a
+    scan that goes on from a cached one adds a piece per state; comparing them one by one
+    costs more than copying them together now and then)."""
+    if len(ranges) <= _PIECES_MAX:
+        return ranges
+    out: list[tuple[int, list[bytes]]] = []
+    for at, data in ranges:
+        if out and out[-1][0] + sum(map(len, out[-1][1])) == at:
+            out[-1][1].append(data)
+        else:
+            out.append((at, [data]))
+    return [(at, b"".join(parts)) for at, parts in out]
+
+
+@contextlib.contextmanager
+def _image_view(fd: int, size: int, cache: ScanCache | None) -> Iterator[mmap.mmap]:
+    if cache is not None:
+        with cache.view(fd, size) as view:
+            yield view
+        return
+    with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as view:
+        yield view
+
+
+def _still_there(view: mmap.mmap, known: _Scanned, changes: ImageChanges | None) -> bool:
+    """Whether the journal bytes `known` was read from are still in the image: only those
+    written since, when the image's record of writes says which; else all of them."""
+    written = None
+    if changes is not None and known.seen is not None and known.seen[0] is changes:
+        written = changes.since(known.seen[1])
+    if written is None:
+        return all(view[at:at + len(data)] == data for at, data in known.ranges)
+    return all(view[lo:lo + n] == data[lo - at:lo - at + n]
+               for at, data in known.ranges for lo, n in written.within(at, len(data)))
+
+
 def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int],
-          cache: ScanCache | None) -> tuple[_Committed, int]:
+          cache: ScanCache | None, changes: ImageChanges | None = None
+          ) -> tuple[_Committed, int, list[tuple[int, bytes]]]:
     """PASS_SCAN with what PASS_REVOKE and PASS_REPLAY need from each committed transaction
     (its copies, their checksums, its revoke records): (that, the first transaction id not
-    committed)."""
+    committed, the journal from s_start to the block that ended the scan as (image byte
+    offset, bytes))."""
     last, first, bs = jsb.maxlen, jsb.first, journal.bs
     if not jsb.start:  # a clean journal: nothing to replay, the sequence still advances
-        return _Committed(), jsb.sequence
+        return _Committed(), jsb.sequence, []
     jsb_block = journal.block(0)
     csum = jsb.csum_v2or3
     v3 = jsb.incompat & JBD2_FEATURE_INCOMPAT_CSUM_V3
@@ -620,8 +706,8 @@ def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
     committed = _Committed()
     next_block, sequence, visited = jsb.start, jsb.sequence, 0
     known = cache.get() if cache is not None else None
-    hit = bool(known and known.jsb_block == jsb_block and known.runs == journal.runs and all(
-        journal.view[at:at + len(data)] == data for at, data in known.ranges))
+    hit = bool(known and known.jsb_block == jsb_block and known.runs == journal.runs
+               and _still_there(journal.view, known, changes))
     if hit:
         assert known is not None
         committed = known.committed.copy()
@@ -679,15 +765,36 @@ def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
             revoked.extend(parse_revoke(block, jsb))
         else:
             break
+    # Past the block that ended the scan; a scan that came round to s_start read it all.
+    scanned = (next_block - jsb.start) % (last - first) or last - first
+    ranges = []
     if cache is not None:
         count = (resume[0] - jsb.start) % (last - first) if committed.transactions else 0
         if resume[0] == jsb.start and committed.transactions:
             count = last - first  # a journal full to the block
         if count * bs <= CACHE_MAX_BYTES:
-            ranges = [(at, view[at:at + length])
-                      for at, length in journal.ranges(jsb.start, count)]
-            cache.put(_Scanned(jsb_block, journal.runs, ranges, committed, resume), hit)
-    return committed, sequence
+            if hit:  # what the cached scan read is still there: copy only what follows it
+                assert known is not None
+                old = (known.resume[0] - jsb.start) % (last - first)
+                if known.resume[0] == jsb.start and known.committed.transactions:
+                    old = last - first
+                ranges = _coalesced(known.ranges + [
+                    (at, view[at:at + length])
+                    for at, length in journal.ranges(known.resume[0], count - old)])
+            else:
+                ranges = [(at, view[at:at + length])
+                          for at, length in journal.ranges(jsb.start, count)]
+            seen = (changes, changes.generation) if changes is not None else None
+            cache.put(_Scanned(jsb_block, journal.runs, ranges, committed, resume, seen), hit)
+    covered = (sum(len(data) for _, data in ranges) // bs) if ranges else 0
+    if covered > scanned:
+        ranges, covered = [], 0
+    # The cached copies are the bytes read (shared, not copied again), then the rest.
+    block = jsb.start + covered
+    if block >= last:
+        block -= last - first
+    return committed, sequence, ranges + [(at, view[at:at + length]) for at, length
+                                          in journal.ranges(block, scanned - covered)]
 
 
 def _resolve(journal: _Journal, committed: _Committed, fs: _Filesystem, size: int

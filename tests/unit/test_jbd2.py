@@ -467,3 +467,65 @@ def test_fsck_replays_in_process_or_falls_back_to_e2fsck_and_leaves_the_image(
     assert image.path.read_bytes() == before
     assert "in-process journal replay" not in fallback.output
     assert (ours.journal_replays_in_process, ours.undo_in_process) == (1, 2)
+
+
+def test_replay_reads_are_what_it_depends_on_with_the_bytes_before_it(tmp_path: Path) -> None:
+    image = Image(tmp_path / "fs.img")
+    image.set_features(V3_64 | jbd2.JBD2_FEATURE_INCOMPAT_REVOKE)
+    far = image.blocks_count - 10
+    image.write([[("data", far, _payload(1))], [("data", far + 1, _payload(2))],
+                 [("data", far + 2, _payload(3)), "nocommit"]])
+    before = image.path.read_bytes()
+    fd = os.open(image.path, os.O_RDWR)
+    try:
+        done = jbd2.replay(fd, now=0)
+        done.restore()
+    finally:
+        os.close(fd)
+    assert all(before[at:at + len(data)] == data for at, data in done.reads)
+    covered = set()
+    for at, data in done.reads:
+        covered.update(range(at // image.bs, (at + len(data) + image.bs - 1) // image.bs))
+    # The superblock, the journal superblock, both transactions, and the uncommitted one's
+    # descriptor, which ended the scan: a new commit there changes the replay.
+    assert 1 in covered and image.offset(0) // image.bs in covered
+    # Blocks 1-6 hold two transactions (descriptor, copy, commit), 7-8 the third's
+    # descriptor and copy, 9 ended the scan.
+    assert {image.offset(j) // image.bs for j in range(1, 10)} <= covered
+    assert image.offset(12) // image.bs not in covered
+
+
+def test_scan_cache_with_a_record_of_writes_compares_only_what_was_written(
+        tmp_path: Path) -> None:
+    from logwrites.imagechanges import ImageChanges
+
+    image = Image(tmp_path / "fs.img")
+    image.set_features(V3_64 | jbd2.JBD2_FEATURE_INCOMPAT_REVOKE)
+    far = image.blocks_count - 10
+    image.write([[("data", far, _payload(1))], [("data", far + 1, _payload(2))]])
+    changes, cache = ImageChanges(), jbd2.ScanCache()
+    data_block = image.offset(2) + 100  # the first transaction's journalled copy
+    fd = os.open(image.path, os.O_RDWR)
+    try:
+        for _ in range(2):
+            jbd2.replay(fd, now=0, cache=cache, changes=changes).restore()
+        assert cache.hits == 1
+        # Written with the same byte: compared, equal, still a hit.
+        old = os.pread(fd, 1, data_block)
+        changes.wrote(data_block, 1)
+        os.pwrite(fd, old, data_block)
+        jbd2.replay(fd, now=0, cache=cache, changes=changes).restore()
+        assert cache.hits == 2
+        # Written with another byte: compared, the cached scan is not trusted.
+        changes.wrote(data_block, 1)
+        os.pwrite(fd, b"X", data_block)
+        with pytest.raises(jbd2.NotHandled, match="checksum of journalled block"):
+            jbd2.replay(fd, now=0, cache=cache, changes=changes)
+        assert cache.hits == 2
+        os.pwrite(fd, old, data_block)
+        changes.forget()  # rebuilt: everything is compared
+        jbd2.replay(fd, now=0, cache=cache, changes=changes).restore()
+        jbd2.replay(fd, now=0, cache=cache, changes=changes).restore()
+        assert cache.hits == 3
+    finally:
+        os.close(fd)
