@@ -14,7 +14,10 @@ recovery in the guest works on a copy). `e2fsck -fn` runs under an LD_PRELOAD re
 (logwrites/_readset_recorder.c); when a later state's image (after its journal replay) holds
 the same bytes at every range e2fsck read for one of the worker's last few states, e2fsck
 would read the same and answer the same, so that answer is reused (`ReadSetCache`; the
-verdict's `reused_from`). Without the recorder e2fsck simply runs every time.
+verdict's `reused_from`); when the image before its replay holds the same bytes wherever the
+in-process replay and e2fsck read, the replay is spared too. With the cursor's record of
+writes (`ImageChanges`, from the loop) only what was written since is compared. Without the
+recorder e2fsck simply runs every time.
 When a rollback cannot be trusted (a killed or failed replay, e2undo refusing) the checker says
 so with `ImageNotRestored`, and the caller rebuilds the image. Three kinds, parsed from the
 command line by `parse_checker`:
@@ -58,6 +61,7 @@ from typing import Final, Protocol
 from logwrites import jbd2
 from logwrites.errors import LogwritesError, UsageError
 from logwrites.forkserver import FORKSERVER_SO, ForkServer, ForkServerGone
+from logwrites.imagechanges import ImageChanges, Written
 from logwrites.statebuild import clone_file
 
 log = logging.getLogger(__name__)
@@ -168,6 +172,7 @@ class FsckChecker:
 
     writes_image = False
     image_only = True  # the verdict depends on the image alone: identical states may share it
+    takes_changes = True  # compares what it keeps between states only where the image changed
 
     def __init__(self, fs: str | None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  guest_runner: GuestRunner | None = None,
@@ -208,11 +213,15 @@ class FsckChecker:
         # for the read-set comparison. e2fsck only asks whether it lies in the future.
         self._replay_now = int(time.time())
 
-    def check(self, image: Path, *, expect_fs: bool,
-              env: Mapping[str, str] | None = None) -> Verdict:
+    def check(self, image: Path, *, expect_fs: bool, env: Mapping[str, str] | None = None,
+              changes: ImageChanges | None = None) -> Verdict:
+        """`changes`: the record of every write to `image` (`ImageChanges`), when it has one:
+        what this checker keeps from one state to the next is then compared only where the
+        image was written since."""
         started = time.perf_counter()
         self._local.state = (env or {}).get("LW_STATE")
         self._local.reused = None
+        self._local.changes = changes
         found = detect_fs(image)
         if found is None:
             seconds = time.perf_counter() - started
@@ -235,12 +244,44 @@ class FsckChecker:
                        output, self._local.reused)
 
     def _ext4(self, image: Path) -> tuple[str, str, str]:
-        if not _ext4_needs_recovery(image):
-            return self._ext4_check(image, "")
-        if self.in_process_replay:
-            result = self._ext4_replay_in_process(image)
-            if result is not None:
-                return result
+        with open(image, "rb", buffering=0) as f:
+            superblock = os.pread(f.fileno(), _SUPERBLOCK_SIZE, _SUPERBLOCK_OFFSET)
+        recovering = _needs_recovery(superblock)
+        argv = ("e2fsck", "-fn", str(image))
+        # An external journal's bytes are on another device, which is not compared.
+        record = (self.readset_reuse and self._recorder_ok()
+                  and not _ext4_journal_elsewhere(superblock))
+        if record and (self.in_process_replay or not recovering):
+            # Before any journal replay: a hit saves the replay too.
+            earlier = self._readset_cache().find(image, argv, before_replay=True,
+                                                 changes=self._local.changes)
+            if earlier is not None:
+                return self._reused(earlier, earlier.replay_out)
+        run: _Ext4Run | None = None
+        if not recovering:
+            run = self._ext4_check(image, "", record, replayed=False)
+        elif self.in_process_replay:
+            run = self._ext4_replay_in_process(image, record)
+        if run is None:
+            return self._ext4_replay_by_e2fsck(image, record)
+        if run.after is not None:
+            self._keep(image, run)  # the replay (if any) has been undone
+        if run.reused is not None:
+            return self._reused(run.reused, run.replay_out)
+        return _ext4_verdict(run.status, run.replay_out, run.output, None)
+
+    def _keep(self, image: Path, run: _Ext4Run) -> None:
+        label = self._local.state or f"check #{self.fsck_runs}"
+        self._readset_cache().add(image, ("e2fsck", "-fn", str(image)), run, label,
+                                  self._local.changes)
+
+    def _reused(self, earlier: _ReadCheck, replay_out: str) -> tuple[str, str, str]:
+        with self._counts:
+            self.readset_reused += 1
+        self._local.reused = earlier.label
+        return _ext4_verdict(earlier.status, replay_out, earlier.output, earlier.label)
+
+    def _ext4_replay_by_e2fsck(self, image: Path, record: bool) -> tuple[str, str, str]:
         # Replay the journal (e2fsck: "journal_only: only replay the journal if required"), as
         # the kernel would on mount, saving every block it overwrites in an undo file; check
         # read-only; then put the saved blocks back (e2undo).
@@ -257,7 +298,15 @@ class FsckChecker:
             elif status >= 8 or status < 0:
                 result = "fail", out1, f"e2fsck journal replay: exit {status}: {_last_line(out1)}"
             else:
-                result = self._ext4_check(image, out1)
+                # e2fsck does not say what its replay read: this run is kept for comparing
+                # images after their replay only.
+                run = self._ext4_check(image, out1, record, replayed=True)
+                if run.reused is not None:
+                    result = self._reused(run.reused, out1)
+                else:
+                    if run.after is not None:
+                        self._keep(image, run)
+                    result = _ext4_verdict(run.status, out1, run.output, None)
         finally:
             undone, out3 = self._undo(undo, image) if trusted else (None, "")
             undo.unlink(missing_ok=True)
@@ -267,14 +316,17 @@ class FsckChecker:
             raise _Unrestored(result, why)
         return result
 
-    def _ext4_replay_in_process(self, image: Path) -> tuple[str, str, str] | None:
+    def _ext4_replay_in_process(self, image: Path, record: bool) -> _Ext4Run | None:
         """Recover the journal here (logwrites.jbd2: what `e2fsck -E journal_only` leaves, one
         process fewer per state), check read-only, put the replayed blocks back; None when
-        jbd2 does not handle this journal (nothing was changed: e2fsck recovers it)."""
+        jbd2 does not handle this journal (nothing was changed: e2fsck recovers it).
+        `record`: e2fsck runs under the read recorder, and the run's key before the replay
+        adds the replay's own reads to e2fsck's."""
         fd = os.open(image, os.O_RDWR)
         try:
             try:
-                done = jbd2.replay(fd, now=self._replay_now, cache=self._journal_scans())
+                done = jbd2.replay(fd, now=self._replay_now, cache=self._journal_scans(),
+                                   changes=self._local.changes)
             except jbd2.NotHandled as why:
                 log.debug("%s: journal left to e2fsck: %s", image, why)
                 return None
@@ -290,7 +342,11 @@ class FsckChecker:
                     f"transactions, {done.blocks} blocks\n")
             result = ("error", out1, "interrupted")
             try:
-                result = self._ext4_check(image, out1)
+                run = self._ext4_check(image, out1, record, replayed=True)
+                reused = run.reused
+                result = (_ext4_verdict(reused.status, out1, reused.output, reused.label)
+                          if reused is not None else
+                          _ext4_verdict(run.status, out1, run.output, None))
             finally:
                 try:
                     done.restore()
@@ -299,9 +355,13 @@ class FsckChecker:
                                       ) from None
         finally:
             os.close(fd)
+        if run.after is not None:
+            # The journal's tail first: it changes with nearly every state, so comparing a
+            # changed image stops at once.
+            run.journal_reads = done.reads[::-1]
         self.journal_replays_in_process += 1
         self.undo_in_process += 1
-        return result
+        return run
 
     def _journal_scans(self) -> jbd2.ScanCache:
         """This worker thread's journal scan cache: a worker's consecutive states share most
@@ -330,28 +390,27 @@ class FsckChecker:
             status = 1
         return status, out
 
-    def _ext4_check(self, image: Path, out1: str) -> tuple[str, str, str]:
+    def _ext4_check(self, image: Path, replay_out: str, record: bool, *,
+                    replayed: bool) -> _Ext4Run:
+        """`e2fsck -fn` on the image as it is (its journal recovered). `record`: an earlier
+        answer is looked for first when the journal was `replayed` just now (an image before
+        any replay was looked up already), else e2fsck runs under the read recorder and the
+        ranges it read, with the bytes there, are kept in the run."""
         argv = ["e2fsck", "-fn", str(image)]
-        reused = None
-        if self.readset_reuse and self._recorder_ok():
-            status, out2, reused = self._e2fsck_recorded(argv, image)
-        else:
-            status, out2 = self._e2fsck(argv)
-        self._local.reused = reused
-        if reused is None:
-            output = out1 + "\n--- e2fsck -fn\n" + out2
-            note = ""
-        else:
-            output = (f"{out1}\n--- e2fsck -fn: not run; every byte it read checking state "
-                      f"{reused} is unchanged, so its answer then stands:\n{out2}")
-            note = f" (reused: read set unchanged since state {reused})"
-        answer = _e2fsck_answer(status)
-        if answer == "error":
-            why = "timed out" if status is None else f"could not check: exit {status}"
-            return "error", output, f"e2fsck -fn {why}"
-        if answer == "pass":
-            return "pass", output, "clean" + note
-        return "fail", output, f"e2fsck -fn exit {status}: {_first_problem(out2)}{note}"
+        if not record:
+            status, output = self._e2fsck(argv)
+            return _Ext4Run(status, replay_out, output)
+        cache = self._readset_cache()
+        if replayed:
+            earlier = cache.find(image, tuple(argv), before_replay=False)
+            if earlier is not None:
+                return _Ext4Run(earlier.status, replay_out, earlier.output, reused=earlier)
+        status, output, ranges = self._e2fsck_recorded(argv, image)
+        run = _Ext4Run(status, replay_out, output)
+        if ranges is not None and status is not None:
+            run.after = cache.read_ranges(image, ranges)
+            run.replayed = replayed
+        return run
 
     def _e2fsck(self, argv: list[str], env: Mapping[str, str] | None = None
                 ) -> tuple[int | None, str]:
@@ -403,52 +462,38 @@ class FsckChecker:
                             self.readset_recorder)
         return self._recorder_usable
 
-    def _e2fsck_recorded(self, argv: list[str], image: Path
-                         ) -> tuple[int | None, str, str | None]:
-        """(status, output, the state whose answer was reused or None): the answer of an
-        earlier run of `argv` when the image holds the same bytes wherever that run read,
-        else e2fsck run under the read recorder (its answer and read set then kept)."""
+    def _readset_cache(self) -> ReadSetCache:
         cache: ReadSetCache | None = getattr(self._local, "readsets", None)
         if cache is None:
             cache = self._local.readsets = ReadSetCache()
-        key = tuple(argv)
-        with open(image, "rb", buffering=0) as f:
-            fd = f.fileno()
-            size = os.fstat(fd).st_size
-            # An external journal is read from another device, whose bytes are not compared.
-            if _ext4_journal_elsewhere(os.pread(fd, _SUPERBLOCK_SIZE, _SUPERBLOCK_OFFSET)):
-                status, out = self._e2fsck(argv)
-                return status, out, None
-            earlier = cache.find(fd, key, size)
-            if earlier is not None:
-                with self._counts:
-                    self.readset_reused += 1
-                return earlier.status, earlier.output, earlier.label
-            # One name per worker: the command line, and so its fork server, stays the same.
-            out_path = getattr(self._local, "readset_out", None)
-            if out_path is None:
-                out_path = self._local.readset_out = _scratch_path(image, "readset")
-            out_path.unlink(missing_ok=True)  # a stale file must never pass for this run's
-            preload = " ".join(p for p in (str(self.readset_recorder),
-                                           os.environ.get("LD_PRELOAD", "")) if p)
-            env = {"LD_PRELOAD": preload, "LW_READSET_IMAGE": str(image),
-                   "LW_READSET_OUT": str(out_path)}
-            try:
-                status, out = self._e2fsck(argv, env)
-                produced = out_path.exists()
-                ranges = load_readset(out_path)
-            finally:
-                out_path.unlink(missing_ok=True)
-            if ranges is None or _e2fsck_answer(status) == "error":
-                # No file after an answer (e2fsck exits normally then): the recorder did
-                # not load, or could not write.
-                self._unrecorded(image, not produced and _e2fsck_answer(status) != "error")
-                return status, out, None
-            self._recorder_missed = 0
-            assert status is not None
-            label = self._local.state or f"check #{self.fsck_runs}"
-            cache.add(fd, key, size, ranges, status, out, label)
-        return status, out, None
+        return cache
+
+    def _e2fsck_recorded(self, argv: list[str], image: Path
+                         ) -> tuple[int | None, str, list[tuple[int, int]] | None]:
+        """(status, output, the ranges it read or None): e2fsck run under the read
+        recorder."""
+        # One name per worker: the command line, and so its fork server, stays the same.
+        out_path = getattr(self._local, "readset_out", None)
+        if out_path is None:
+            out_path = self._local.readset_out = _scratch_path(image, "readset")
+        out_path.unlink(missing_ok=True)  # a stale file must never pass for this run's
+        preload = " ".join(p for p in (str(self.readset_recorder),
+                                       os.environ.get("LD_PRELOAD", "")) if p)
+        env = {"LD_PRELOAD": preload, "LW_READSET_IMAGE": str(image),
+               "LW_READSET_OUT": str(out_path)}
+        try:
+            status, out = self._e2fsck(argv, env)
+            produced = out_path.exists()
+            ranges = load_readset(out_path)
+        finally:
+            out_path.unlink(missing_ok=True)
+        if ranges is None or _e2fsck_answer(status) == "error":
+            # No file after an answer (e2fsck exits normally then): the recorder did not
+            # load, or could not write.
+            self._unrecorded(image, not produced and _e2fsck_answer(status) != "error")
+            return status, out, None
+        self._recorder_missed = 0
+        return status, out, ranges
 
     def _unrecorded(self, image: Path, recorder_silent: bool) -> None:
         """A run left no read set to keep. Three answered runs in a row without any file
@@ -534,6 +579,43 @@ def _default_xfs_runner() -> GuestRunner:
     return guest_check_runner(argparse.Namespace(fs="xfs", kernel=None, modules=None))
 
 
+@dataclass(slots=True)
+class _Ext4Run:
+    """One ext4 check: e2fsck's exit status and output and what the journal replay before it
+    said; or the earlier check whose answer was `reused`. A recorded run also has `after`
+    (the ranges e2fsck read and the bytes there: the image after its journal replay) and,
+    when its replay said what it read, `journal_reads` (what it read: the ranges of the
+    image, before the replay, that the replay depends on, with the bytes there)."""
+
+    status: int | None
+    replay_out: str
+    output: str
+    after: tuple[list[tuple[int, int]], list[bytes]] | None = None
+    replayed: bool = False
+    journal_reads: list[tuple[int, bytes]] | None = None
+    reused: _ReadCheck | None = None
+
+
+def _ext4_verdict(status: int | None, replay_out: str, out2: str,
+                  reused: str | None) -> tuple[str, str, str]:
+    """(verdict, output, detail) for an `e2fsck -fn` status; `reused`: the state whose
+    answer this is (e2fsck did not run)."""
+    if reused is None:
+        output = replay_out + "\n--- e2fsck -fn\n" + out2
+        note = ""
+    else:
+        output = (f"{replay_out}\n--- e2fsck -fn: not run; every byte it read checking state "
+                  f"{reused} is unchanged, so its answer then stands:\n{out2}")
+        note = f" (reused: read set unchanged since state {reused})"
+    answer = _e2fsck_answer(status)
+    if answer == "error":
+        why = "timed out" if status is None else f"could not check: exit {status}"
+        return "error", output, f"e2fsck -fn {why}"
+    if answer == "pass":
+        return "pass", output, "clean" + note
+    return "fail", output, f"e2fsck -fn exit {status}: {_first_problem(out2)}{note}"
+
+
 def _e2fsck_answer(status: int | None) -> str:
     """What an `e2fsck -fn` exit status says: pass, fail, or error (it could not check)."""
     if status is None or (status >= 8 and status & 4 == 0) or status < 0:
@@ -588,63 +670,136 @@ def load_readset(path: Path) -> list[tuple[int, int]] | None:
 
 @dataclass(slots=True)
 class _ReadCheck:
-    """One `e2fsck -fn` run: what it was asked (argv, image size), every range it read with
-    the bytes there, and its answer."""
+    """One `e2fsck -fn` run: what it was asked (argv, image size), its answer, and two keys:
+    the ranges e2fsck read with the bytes there (the image after its journal replay), and
+    every range the answer depends on with the bytes there before the replay (None when the
+    replay did not say what it read)."""
 
     argv: tuple[str, ...]
     size: int
-    ranges: list[tuple[int, int]]
-    data: list[bytes]
+    after: tuple[list[tuple[int, int]], list[bytes]]
+    before: tuple[list[tuple[int, int]], list[bytes]] | None
     status: int
+    replay_out: str  # what the journal replay before it said (the same replay: same words)
     output: str
     label: str
+    seen: tuple[ImageChanges, int] | None  # the image's record of writes, its generation then
 
 
 class ReadSetCache:
     """The last few `e2fsck -fn` runs of one worker, to answer for a later image without
-    running e2fsck again. e2fsck reads the image only through pread (recorded by
-    logwrites/_readset_recorder.c); what it does is a function of the bytes it reads, the
-    image's size, its argv, its configuration (constant over a loop) and the clock, which it
-    uses (as far as we know) to ask whether a time stored in the image lies in the future:
-    later is never earlier, so a pass stays a pass (a failure for a future time, which only a
-    wrong clock gives, might not). So an image with the same size, checked with the same
-    argv, that holds at every range an earlier run read the bytes that run saw, makes e2fsck
-    read the same bytes in the same order (by induction over its reads) and answer the same:
-    that answer is reused.
+    running e2fsck again, nor its journal replay when that can be proven the same.
+
+    e2fsck reads the image only through pread (recorded by logwrites/_readset_recorder.c);
+    what it does is a function of the bytes it reads, the image's size, its argv, its
+    configuration (constant over a loop) and the clock, which it uses (as far as we know) to
+    ask whether a time stored in the image lies in the future: later is never earlier, so a
+    pass stays a pass (a failure for a future time, which only a wrong clock gives, might
+    not). So an image of the same size, checked with the same argv, that holds at every
+    range an earlier run read the bytes that run saw makes e2fsck read the same bytes in the
+    same order (by induction over its reads) and answer the same: that answer is reused.
+    That is the key *after* the journal replay. The in-process replay before it
+    (logwrites.jbd2) is a function of the bytes it reads (`Replay.read_ranges`), the size and
+    the checker's fixed write time, and so is every byte it writes; so the image e2fsck saw
+    is a function of the image before the replay at both read sets: the key *before* it,
+    which spares the replay as well. A new uncommitted transaction in the journal changes
+    the key before the replay and not the one after (the replay ignores it): both are kept.
     Compared byte for byte (pread, then `==`), never hashed; pass and fail answers alike."""
 
     def __init__(self, keep: int = READSET_KEEP) -> None:
         self._checks: deque[_ReadCheck] = deque(maxlen=keep)
 
-    def find(self, fd: int, argv: tuple[str, ...], size: int) -> _ReadCheck | None:
-        """The most recent run whose read set `fd` (the image) holds unchanged, or None."""
-        for check in reversed(self._checks):
-            if check.argv == argv and check.size == size and _unchanged(fd, check):
-                return check
+    def find(self, image: Path, argv: tuple[str, ...], *, before_replay: bool,
+             changes: ImageChanges | None = None) -> _ReadCheck | None:
+        """The most recent run whose key (`before_replay` or after it) `image` holds
+        unchanged, or None. `changes` (the image's record of writes): a key before the
+        replay is compared only where the image was written since the run."""
+        with open(image, "rb", buffering=0) as f:
+            fd = f.fileno()
+            size = os.fstat(fd).st_size
+            for check in reversed(self._checks):
+                key = check.before if before_replay else check.after
+                if key is None or check.argv != argv or check.size != size:
+                    continue
+                ranges, data = key
+                if ranges and os.pread(fd, ranges[0][1], ranges[0][0]) != data[0]:
+                    continue  # the piece that changes most often, first: most misses end here
+                written = None
+                if (before_replay and changes is not None and check.seen is not None
+                        and check.seen[0] is changes):
+                    written = changes.since(check.seen[1])
+                if written is None:
+                    if _unchanged(fd, *key):
+                        return check
+                elif _unchanged_where_written(fd, *key, written):
+                    return check
         return None
 
-    def add(self, fd: int, argv: tuple[str, ...], size: int, ranges: list[tuple[int, int]],
-            status: int, output: str, label: str) -> None:
-        """Keep a run's answer with the bytes of the image `fd` at `ranges` (as it read them:
-        the image has not changed since)."""
-        data = [os.pread(fd, length, offset) for offset, length in ranges]
-        if all(len(d) == length for d, (_, length) in zip(data, ranges, strict=True)):
-            self._checks.append(_ReadCheck(argv, size, ranges, data, status, output, label))
+    @staticmethod
+    def read_ranges(image: Path, ranges: list[tuple[int, int]]
+                    ) -> tuple[list[tuple[int, int]], list[bytes]]:
+        """`ranges` (cut into comparison pieces) and the bytes `image` holds there."""
+        pieces = _chunked(ranges)
+        with open(image, "rb", buffering=0) as f:
+            fd = f.fileno()
+            return pieces, [os.pread(fd, length, offset) for offset, length in pieces]
+
+    def add(self, image: Path, argv: tuple[str, ...], run: _Ext4Run, label: str,
+            changes: ImageChanges | None = None) -> None:
+        """Keep a recorded run's answer under its key after the replay and, when it has
+        one, under its key before the replay, read from `image` now (the replay has been
+        undone; `changes` is the image's record of writes)."""
+        assert run.after is not None and run.status is not None
+        before = None
+        if not run.replayed:  # both keys are one
+            before = run.after
+        elif run.journal_reads is not None:
+            ranges, data = self.read_ranges(image, run.after[0])
+            before = ([(at, len(d)) for at, d in run.journal_reads] + ranges,
+                      [d for _, d in run.journal_reads] + data)
+        size = os.stat(image).st_size
+        seen = (changes, changes.generation) if changes is not None else None
+        self._checks.append(_ReadCheck(argv, size, run.after, before, run.status,
+                                       run.replay_out, run.output, label, seen))
 
 
-def _unchanged(fd: int, check: _ReadCheck) -> bool:
-    for (offset, length), then in zip(check.ranges, check.data, strict=True):
+def _chunked(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`ranges` in order, cut into pieces of at most `_READSET_CHUNK` bytes (a difference
+    stops a comparison early)."""
+    out: list[tuple[int, int]] = []
+    for offset, length in ranges:
+        for at in range(offset, offset + length, _READSET_CHUNK):
+            out.append((at, min(_READSET_CHUNK, offset + length - at)))
+    return out
+
+
+def _unchanged_where_written(fd: int, ranges: list[tuple[int, int]], data: list[bytes],
+                             written: Written) -> bool:
+    if not written:
+        return True
+    for (offset, length), then in zip(ranges, data, strict=True):
+        for at, n in written.within(offset, length):
+            if os.pread(fd, n, at) != then[at - offset:at - offset + n]:
+                return False
+    return True
+
+
+def _unchanged(fd: int, ranges: list[tuple[int, int]], data: list[bytes]) -> bool:
+    for (offset, length), then in zip(ranges, data, strict=True):
         if os.pread(fd, length, offset) != then:
             return False
     return True
 
 
-def _ext4_needs_recovery(image: Path) -> bool:
-    """Whether the superblock says the journal holds transactions to replay."""
-    with open(image, "rb") as f:
-        f.seek(1024 + 0x60)
-        incompat = int.from_bytes(f.read(4), "little")
+def _needs_recovery(superblock: bytes) -> bool:
+    """Whether the ext4 superblock says the journal holds transactions to replay."""
+    incompat = int.from_bytes(superblock[0x60:0x64], "little")
     return bool(incompat & _EXT4_RECOVER)
+
+
+def _ext4_needs_recovery(image: Path) -> bool:
+    with open(image, "rb", buffering=0) as f:
+        return _needs_recovery(os.pread(f.fileno(), _SUPERBLOCK_SIZE, _SUPERBLOCK_OFFSET))
 
 
 class UndoFileRefused(Exception):
@@ -873,12 +1028,14 @@ def parse_checker(spec: str, *, fs: str | None, guest_runner: GuestRunner | None
 
 def check_state(checkers: Sequence[Checker], image: Path, scratch: Path, *,
                 expect_fs: bool, env: Mapping[str, str] | None = None,
-                consume: bool = False) -> list[Verdict]:
+                consume: bool = False, changes: ImageChanges | None = None) -> list[Verdict]:
     """Run every checker on `image`, which is left as it was: checkers that write get their
     own disposable copy at `scratch` (removed afterwards), the others run on it directly.
 
     With `consume`, the caller no longer needs `image`: the last checker runs on it directly
     whatever it does, saving a copy (the loop rebuilds the rare failing state it keeps).
+    `changes`: the record of every write to `image`, for checkers that take it
+    (`takes_changes`) and run on it directly.
 
     :raise ImageNotRestored: (carrying every verdict) when a checker could not promise that
         it left `image` as it found it; the caller must rebuild it.
@@ -892,7 +1049,10 @@ def check_state(checkers: Sequence[Checker], image: Path, scratch: Path, *,
         if not in_place:
             clone_file(image, scratch)
         try:
-            verdict = checker.check(target, expect_fs=expect_fs, env=env)
+            if in_place and changes is not None and getattr(checker, "takes_changes", False):
+                verdict = checker.check(target, expect_fs=expect_fs, env=env, changes=changes)
+            else:
+                verdict = checker.check(target, expect_fs=expect_fs, env=env)
         except ImageNotRestored as err:
             if not err.verdicts or not in_place:
                 raise

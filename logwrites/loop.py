@@ -403,7 +403,8 @@ def _check_one(builder: StateBuilder, reader: LogReader, logmap: LogMap, state: 
             with builder.view(state, workdir / f"state-{n}.img") as image:
                 build_s = time.perf_counter() - t0
                 try:
-                    ran = check_state(to_run, image, scratch, expect_fs=expect_fs, env=env)
+                    ran = check_state(to_run, image, scratch, expect_fs=expect_fs, env=env,
+                                      changes=builder.changes_of(image))
                 except ImageNotRestored as err:
                     # The verdicts stand; the cursor may not be the checkpoint image any more.
                     ran, changed = err.verdicts, True

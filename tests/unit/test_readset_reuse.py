@@ -264,3 +264,53 @@ def test_forked_e2fsck_answers_as_an_execd_one(image: Path, tmp_path: Path, fork
     assert checker.forked_runs == (2 if forkserver == "1" else 0)
     # Both runs were recorded (the forked copy records its own reads): reused from here on.
     assert _check(checker, image, "damaged-again", tmp_path / "copy").reused_from == "damaged"
+
+
+def test_an_answer_is_reused_before_the_journal_replay_when_nothing_either_read_changed(
+        tmp_path: Path) -> None:
+    """Keyed before the replay (what jbd2 read and what e2fsck read): a change elsewhere
+    spares the replay too; a new uncommitted transaction changes what the replay read but
+    not what it leaves, so the answer comes after the replay; a new commit runs e2fsck."""
+    _recorder()
+    from logwrites import jbd2
+    from logwrites.imagechanges import ImageChanges
+    from tests.unit.test_jbd2 import V3_64, Image, _payload
+
+    image = Image(tmp_path / "fs.img")
+    image.set_features(V3_64 | jbd2.JBD2_FEATURE_INCOMPAT_REVOKE)
+    far = image.blocks_count - 10
+    two = [[("data", far, _payload(1))], [("data", far + 1, _payload(2))]]
+    image.write(two)
+    checker = FsckChecker("ext4")
+    changes = ImageChanges()
+
+    def check(state: str):
+        [verdict] = check_state([checker], image.path, tmp_path / "copy", expect_fs=True,
+                                env={"LW_STATE": state}, changes=changes)
+        assert verdict.verdict == "pass", verdict.output
+        return verdict
+
+    assert check("s1").reused_from is None
+    assert (checker.journal_replays_in_process, checker.fsck_runs) == (1, 1)
+    free = (far - 20) * image.bs  # a free block: neither jbd2 nor e2fsck reads it
+    changes.wrote(free, image.bs)
+    _poke(image.path, free, os.urandom(image.bs))
+    spared = check("s2")
+    assert spared.reused_from == "s1" and "in-process journal replay" in spared.output
+    assert (checker.journal_replays_in_process, checker.fsck_runs) == (1, 1)
+    # Without a record of writes the whole key is compared: the same answer.
+    assert check_state([checker], image.path, tmp_path / "copy", expect_fs=True,
+                       env={"LW_STATE": "s2b"})[0].reused_from == "s1"
+    changes.wrote(image.offset(1), 9 * image.bs)
+    image.write([*two, [("data", far + 2, _payload(3)), "nocommit"]])
+    after_replay = check("s3")
+    assert after_replay.reused_from == "s1"
+    assert (checker.journal_replays_in_process, checker.fsck_runs) == (2, 1)
+    changes.wrote(image.offset(1), 10 * image.bs)
+    image.write([*two, [("data", far + 2, _payload(3))]])
+    assert check("s4").reused_from is None
+    assert checker.fsck_runs == 2
+    # A write the record is told of, back to the bytes s4 saw: reused, no replay.
+    changes.wrote(free, image.bs)
+    assert check("s5").reused_from == "s4"
+    assert (checker.journal_replays_in_process, checker.fsck_runs) == (3, 2)
