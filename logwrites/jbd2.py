@@ -323,19 +323,50 @@ def block_map(read: Callable[[int, int], bytes], i_block: bytes, blocksize: int,
 
 
 @dataclass(slots=True)
+class Plan:
+    """A journal recovery worked out and not yet made: `writes` (image byte offset, bytes),
+    in order; `apply` makes them. `transactions` to replay, `blocks` of them to write.
+    `reads` (byte offset, the bytes there): what the plan was made from (the superblock, the
+    journal inode and its map, the journal superblock, the committed journal); `outcome`
+    (image size, first transaction not committed, the journal block after the last commit)
+    says where the scan stopped. Two images with the same outcome and the same bytes at
+    `reads` get the same plan: the journal past the last commit only decides whether the
+    scan goes on, which the outcome tells."""
+
+    fd: int
+    writes: list[tuple[int, bytes]]
+    transactions: int
+    blocks: int
+    reads: list[tuple[int, bytes]]
+    outcome: tuple[int, int, int]
+
+    def apply(self) -> Replay:
+        """Make the writes, keeping what they overwrite.
+        :raise OSError: a write failed; what had been written was put back first, but if that
+          failed too the image is not what it was."""
+        done = Replay(self.fd, transactions=self.transactions, blocks=self.blocks,
+                      reads=self.reads, outcome=self.outcome)
+        try:
+            for offset, data in self.writes:
+                done.write(offset, data)
+        except BaseException:
+            done.restore()
+            raise
+        return done
+
+
+@dataclass(slots=True)
 class Replay:
     """What a replay wrote: `pre_images` (byte offset, the bytes that were there), in write
-    order; `restore` puts them back. `transactions` replayed, `blocks` written.
-    `reads` (byte offset, the bytes there before the replay): every range of the image the
-    replay's outcome depends on (superblock, the journal inode and its map, the journal from
-    its superblock to the block that ended the scan); with the image's size, the same bytes
-    there give the same replay."""
+    order; `restore` puts them back. `transactions` replayed, `blocks` written; `reads` and
+    `outcome` as its `Plan` had them."""
 
     fd: int
     pre_images: list[tuple[int, bytes]] = field(default_factory=list)
     transactions: int = 0
     blocks: int = 0
     reads: list[tuple[int, bytes]] = field(default_factory=list)
+    outcome: tuple[int, int, int] = (0, 0, 0)
 
     def write(self, offset: int, data: bytes) -> None:
         self.pre_images.append((offset, _pread(self.fd, len(data), offset)))
@@ -528,15 +559,26 @@ def journal_super_of(fd: int) -> JournalSuper:
 def replay(fd: int, now: int | None = None, cache: ScanCache | None = None,
            changes: ImageChanges | None = None) -> Replay:
     """Recover the journal of the ext4 image open (read-write) on `fd`, as `e2fsck -E
-    journal_only -y` does, and return what was written so the caller can `restore()` it.
+    journal_only -y` does, and return what was written so the caller can `restore()` it
+    (`plan`, then `Plan.apply`).
+    :raise NotHandled: nothing was changed; run e2fsck instead.
+    :raise OSError: reading or writing failed; what had been written was put back first, but
+      if that failed too the image is not what it was (the caller rebuilds it).
+    """
+    return plan(fd, now, cache, changes).apply()
+
+
+def plan(fd: int, now: int | None = None, cache: ScanCache | None = None,
+         changes: ImageChanges | None = None) -> Plan:
+    """Work out the recovery of the journal of the ext4 image open on `fd` as `e2fsck -E
+    journal_only -y` would make it, writing nothing.
 
     `now` is the write time stamped in the superblock (default: the clock); `cache` (one
     per caller, shared by its threads) lets consecutive crash states skip re-verifying the
     journal they share; `changes` (the record of writes to this image, when the caller has
     one) lets it compare only the journal bytes written since the cached scan.
-    :raise NotHandled: nothing was left changed; run e2fsck instead.
-    :raise OSError: reading or writing failed; what had been written was put back first, but
-      if that failed too the image is not what it was (the caller rebuilds it).
+    :raise NotHandled: a journal this module does not recover; run e2fsck instead.
+    :raise OSError: reading failed.
     """
     crc = crc32c()
     if crc is None:
@@ -550,27 +592,25 @@ def replay(fd: int, now: int | None = None, cache: ScanCache | None = None,
         jsb = parse_journal_super(journal.block(0), fs.blocksize, nblocks, crc)
         journal.first, journal.last = jsb.first, jsb.maxlen
         reads.append((journal.offset(0), journal.block(0)))
-        committed, end_transaction, scanned = _scan(journal, jsb, crc, cache, changes)
+        committed, end_transaction, scanned, resume = _scan(journal, jsb, crc, cache, changes)
         reads.extend(scanned)
-        writes = _resolve(journal, committed, fs, size)
-        # All checks passed: from here on every write is recorded before it is made.
-        done = Replay(fd, transactions=committed.transactions, reads=reads)
-        try:
-            for fsblock, data in writes:
-                done.write(fsblock * fs.blocksize, data)
-            done.blocks = len(writes)
-            jsb_block = bytearray(journal.block(0))
-            _BE32.pack_into(jsb_block, JSB_SEQUENCE, (end_transaction + 1) & 0xFFFFFFFF)
-            _BE32.pack_into(jsb_block, JSB_START, 0)
-            if jsb.csum_v2or3:
-                _BE32.pack_into(jsb_block, JSB_CHECKSUM, _checksum_at(
-                    bytes(jsb_block[:JSB_SIZE]), JSB_CHECKSUM, 0xFFFFFFFF, crc))
-            done.write(journal.offset(0), bytes(jsb_block))
-            _finish_superblock(done, fs, len(writes), now, crc)
-        except BaseException:
-            done.restore()
-            raise
-    return done
+        blocks = _resolve(journal, committed, fs, size)
+        writes = [(fsblock * fs.blocksize, data) for fsblock, data in blocks]
+        jsb_block = bytearray(journal.block(0))
+        _BE32.pack_into(jsb_block, JSB_SEQUENCE, (end_transaction + 1) & 0xFFFFFFFF)
+        _BE32.pack_into(jsb_block, JSB_START, 0)
+        if jsb.csum_v2or3:
+            _BE32.pack_into(jsb_block, JSB_CHECKSUM, _checksum_at(
+                bytes(jsb_block[:JSB_SIZE]), JSB_CHECKSUM, 0xFFFFFFFF, crc))
+        writes.append((journal.offset(0), bytes(jsb_block)))
+    # The superblock as the replay leaves it (a journalled copy of its block, if any, wins).
+    sb = reads[0][1]
+    for offset, data in writes:
+        if offset <= SUPERBLOCK_OFFSET < offset + len(data):
+            sb = data[SUPERBLOCK_OFFSET - offset:SUPERBLOCK_OFFSET - offset + 1024]
+    writes.append((SUPERBLOCK_OFFSET, _finished_superblock(sb, fs, len(blocks), now, crc)))
+    return Plan(fd, writes, committed.transactions, len(blocks), reads,
+                (size, end_transaction, resume))
 
 
 @dataclass(slots=True)
@@ -691,14 +731,14 @@ def _still_there(view: mmap.mmap, known: _Scanned, changes: ImageChanges | None)
 
 def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int],
           cache: ScanCache | None, changes: ImageChanges | None = None
-          ) -> tuple[_Committed, int, list[tuple[int, bytes]]]:
+          ) -> tuple[_Committed, int, list[tuple[int, bytes]], int]:
     """PASS_SCAN with what PASS_REVOKE and PASS_REPLAY need from each committed transaction
     (its copies, their checksums, its revoke records): (that, the first transaction id not
-    committed, the journal from s_start to the block that ended the scan as (image byte
-    offset, bytes))."""
+    committed, the journal from s_start to its last commit as (image byte offset, bytes), the
+    journal block after that commit)."""
     last, first, bs = jsb.maxlen, jsb.first, journal.bs
     if not jsb.start:  # a clean journal: nothing to replay, the sequence still advances
-        return _Committed(), jsb.sequence, []
+        return _Committed(), jsb.sequence, [], 0
     jsb_block = journal.block(0)
     csum = jsb.csum_v2or3
     v3 = jsb.incompat & JBD2_FEATURE_INCOMPAT_CSUM_V3
@@ -765,13 +805,11 @@ def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
             revoked.extend(parse_revoke(block, jsb))
         else:
             break
-    # Past the block that ended the scan; a scan that came round to s_start read it all.
-    scanned = (next_block - jsb.start) % (last - first) or last - first
-    ranges = []
+    count = (resume[0] - jsb.start) % (last - first) if committed.transactions else 0
+    if resume[0] == jsb.start and committed.transactions:
+        count = last - first  # a journal full to the block
+    ranges: list[tuple[int, bytes]] = []
     if cache is not None:
-        count = (resume[0] - jsb.start) % (last - first) if committed.transactions else 0
-        if resume[0] == jsb.start and committed.transactions:
-            count = last - first  # a journal full to the block
         if count * bs <= CACHE_MAX_BYTES:
             if hit:  # what the cached scan read is still there: copy only what follows it
                 assert known is not None
@@ -786,15 +824,9 @@ def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int]
                           for at, length in journal.ranges(jsb.start, count)]
             seen = (changes, changes.generation) if changes is not None else None
             cache.put(_Scanned(jsb_block, journal.runs, ranges, committed, resume, seen), hit)
-    covered = (sum(len(data) for _, data in ranges) // bs) if ranges else 0
-    if covered > scanned:
-        ranges, covered = [], 0
-    # The cached copies are the bytes read (shared, not copied again), then the rest.
-    block = jsb.start + covered
-    if block >= last:
-        block -= last - first
-    return committed, sequence, ranges + [(at, view[at:at + length]) for at, length
-                                          in journal.ranges(block, scanned - covered)]
+    if not ranges and count:  # else the cached copies are those bytes: shared, not copied
+        ranges = [(at, view[at:at + length]) for at, length in journal.ranges(jsb.start, count)]
+    return committed, sequence, ranges, resume[0]
 
 
 def _resolve(journal: _Journal, committed: _Committed, fs: _Filesystem, size: int
@@ -826,13 +858,13 @@ def _resolve(journal: _Journal, committed: _Committed, fs: _Filesystem, size: in
     return writes
 
 
-def _finish_superblock(done: Replay, fs: _Filesystem, replayed: int, now: int | None,
-                       crc: Callable[[int, bytes], int]) -> None:
-    """The ext4 superblock as e2fsck leaves it after its recovery: RECOVER cleared, write
-    time stamped, written kilobytes counted, checksum set. Refuses states whose superblock
-    (perhaps replayed just now) carries an orphan list: e2fsck's journal-only run would
-    release those inodes as well."""
-    sb = bytearray(_pread(done.fd, 1024, SUPERBLOCK_OFFSET))
+def _finished_superblock(replayed_sb: bytes, fs: _Filesystem, replayed: int, now: int | None,
+                         crc: Callable[[int, bytes], int]) -> bytes:
+    """The ext4 superblock as e2fsck leaves it after its recovery, from the one the replay
+    leaves: RECOVER cleared, write time stamped, written kilobytes counted, checksum set.
+    Refuses states whose superblock (perhaps replayed just now) carries an orphan list:
+    e2fsck's journal-only run would release those inodes as well."""
+    sb = bytearray(replayed_sb)
     if _LE16.unpack_from(sb, S_MAGIC)[0] != EXT4_MAGIC:
         raise NotHandled("the replayed superblock has no ext4 magic")
     ro_compat = _LE32.unpack_from(sb, S_FEATURE_RO_COMPAT)[0]
@@ -852,4 +884,4 @@ def _finish_superblock(done: Replay, fs: _Filesystem, replayed: int, now: int | 
         _LE64.pack_into(sb, S_KBYTES_WRITTEN, kbytes & 0xFFFFFFFFFFFFFFFF)
     if ro_compat & RO_COMPAT_METADATA_CSUM:
         _LE32.pack_into(sb, S_CHECKSUM, crc(0xFFFFFFFF, bytes(sb[:S_CHECKSUM])))
-    done.write(SUPERBLOCK_OFFSET, bytes(sb))
+    return bytes(sb)

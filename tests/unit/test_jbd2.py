@@ -469,30 +469,37 @@ def test_fsck_replays_in_process_or_falls_back_to_e2fsck_and_leaves_the_image(
     assert (ours.journal_replays_in_process, ours.undo_in_process) == (1, 2)
 
 
-def test_replay_reads_are_what_it_depends_on_with_the_bytes_before_it(tmp_path: Path) -> None:
+def test_a_plan_says_what_it_was_made_from_and_where_the_scan_stopped(
+        tmp_path: Path) -> None:
     image = Image(tmp_path / "fs.img")
     image.set_features(V3_64 | jbd2.JBD2_FEATURE_INCOMPAT_REVOKE)
     far = image.blocks_count - 10
-    image.write([[("data", far, _payload(1))], [("data", far + 1, _payload(2))],
-                 [("data", far + 2, _payload(3)), "nocommit"]])
+    committed = [[("data", far, _payload(1))], [("data", far + 1, _payload(2))]]
+    image.write([*committed, [("data", far + 2, _payload(3)), "nocommit"]])
     before = image.path.read_bytes()
     fd = os.open(image.path, os.O_RDWR)
     try:
-        done = jbd2.replay(fd, now=0)
+        plan = jbd2.plan(fd, now=0)
+        assert image.path.read_bytes() == before  # a plan writes nothing
+        done = plan.apply()
+        replayed = image.path.read_bytes()
         done.restore()
     finally:
         os.close(fd)
-    assert all(before[at:at + len(data)] == data for at, data in done.reads)
+    assert image.path.read_bytes() == before
+    assert replayed[far * image.bs:(far + 2) * image.bs] == _payload(1) + _payload(2)
+    assert all(before[at:at + len(data)] == data for at, data in plan.reads)
     covered = set()
-    for at, data in done.reads:
+    for at, data in plan.reads:
         covered.update(range(at // image.bs, (at + len(data) + image.bs - 1) // image.bs))
-    # The superblock, the journal superblock, both transactions, and the uncommitted one's
-    # descriptor, which ended the scan: a new commit there changes the replay.
+    # The superblock, the journal superblock and blocks 1-6 (two transactions: descriptor,
+    # copy, commit); not the uncommitted third (7-8), whose only part in the plan is that
+    # the scan stopped after block 6, which the outcome says.
     assert 1 in covered and image.offset(0) // image.bs in covered
-    # Blocks 1-6 hold two transactions (descriptor, copy, commit), 7-8 the third's
-    # descriptor and copy, 9 ended the scan.
-    assert {image.offset(j) // image.bs for j in range(1, 10)} <= covered
-    assert image.offset(12) // image.bs not in covered
+    assert {image.offset(j) // image.bs for j in range(1, 7)} <= covered
+    assert image.offset(7) // image.bs not in covered
+    assert plan.outcome == (len(before), 102, 7) == done.outcome
+    assert (plan.transactions, plan.blocks) == (2, 2)
 
 
 def test_scan_cache_with_a_record_of_writes_compares_only_what_was_written(
