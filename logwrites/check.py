@@ -247,13 +247,12 @@ class FsckChecker:
         with open(image, "rb", buffering=0) as f:
             superblock = os.pread(f.fileno(), _SUPERBLOCK_SIZE, _SUPERBLOCK_OFFSET)
         recovering = _needs_recovery(superblock)
-        argv = ("e2fsck", "-fn", str(image))
+        argv = self._argv(image)
         # An external journal's bytes are on another device, which is not compared.
         record = (self.readset_reuse and self._recorder_ok()
                   and not _ext4_journal_elsewhere(superblock))
-        if record and (self.in_process_replay or not recovering):
-            # Before any journal replay: a hit saves the replay too.
-            earlier = self._readset_cache().find(image, argv, before_replay=True,
+        if record and not recovering:
+            earlier = self._readset_cache().find(image, argv, before_replay=True, outcome=None,
                                                  changes=self._local.changes)
             if earlier is not None:
                 return self._reused(earlier, earlier.replay_out)
@@ -270,10 +269,13 @@ class FsckChecker:
             return self._reused(run.reused, run.replay_out)
         return _ext4_verdict(run.status, run.replay_out, run.output, None)
 
+    @staticmethod
+    def _argv(image: Path) -> tuple[str, ...]:
+        return ("e2fsck", "-fn", str(image))
+
     def _keep(self, image: Path, run: _Ext4Run) -> None:
         label = self._local.state or f"check #{self.fsck_runs}"
-        self._readset_cache().add(image, ("e2fsck", "-fn", str(image)), run, label,
-                                  self._local.changes)
+        self._readset_cache().add(image, self._argv(image), run, label, self._local.changes)
 
     def _reused(self, earlier: _ReadCheck, replay_out: str) -> tuple[str, str, str]:
         with self._counts:
@@ -325,21 +327,33 @@ class FsckChecker:
         fd = os.open(image, os.O_RDWR)
         try:
             try:
-                done = jbd2.replay(fd, now=self._replay_now, cache=self._journal_scans(),
-                                   changes=self._local.changes)
+                plan = jbd2.plan(fd, now=self._replay_now, cache=self._journal_scans(),
+                                 changes=self._local.changes)
             except jbd2.NotHandled as why:
                 log.debug("%s: journal left to e2fsck: %s", image, why)
                 return None
-            except OSError as err:  # its writes were put back, unless that failed too
-                out = f"in-process journal replay: {err}"
-                raise _Unrestored(("error", out, out), out) from None
-            except Exception as err:  # a bug, not the image's fault: its writes were put back
+            except OSError:
+                raise  # nothing was written: the caller reports the state as an error
+            except Exception as err:  # a bug, not the image's fault; nothing was written
                 log.warning("%s: in-process journal replay failed (%s); e2fsck recovers it",
                             image, err)
                 log.debug("traceback", exc_info=True)
                 return None
-            out1 = (f"in-process journal replay (logwrites.jbd2): {done.transactions} "
-                    f"transactions, {done.blocks} blocks\n")
+            out1 = (f"in-process journal replay (logwrites.jbd2): {plan.transactions} "
+                    f"transactions, {plan.blocks} blocks\n")
+            if record:
+                # The same plan from the same bytes, and e2fsck's reads unchanged: the same
+                # answer, with nothing written.
+                earlier = self._readset_cache().find(image, self._argv(image),
+                                                     before_replay=True, outcome=plan.outcome,
+                                                     changes=self._local.changes)
+                if earlier is not None:
+                    return _Ext4Run(earlier.status, out1, earlier.output, reused=earlier)
+            try:
+                done = plan.apply()
+            except OSError as err:  # its writes were put back, unless that failed too
+                out = f"in-process journal replay: {err}"
+                raise _Unrestored(("error", out, out), out) from None
             result = ("error", out1, "interrupted")
             try:
                 run = self._ext4_check(image, out1, record, replayed=True)
@@ -356,9 +370,9 @@ class FsckChecker:
         finally:
             os.close(fd)
         if run.after is not None:
-            # The journal's tail first: it changes with nearly every state, so comparing a
-            # changed image stops at once.
+            # The committed journal's end first: it changes most often.
             run.journal_reads = done.reads[::-1]
+            run.outcome = done.outcome
         self.journal_replays_in_process += 1
         self.undo_in_process += 1
         return run
@@ -396,7 +410,7 @@ class FsckChecker:
         answer is looked for first when the journal was `replayed` just now (an image before
         any replay was looked up already), else e2fsck runs under the read recorder and the
         ranges it read, with the bytes there, are kept in the run."""
-        argv = ["e2fsck", "-fn", str(image)]
+        argv = list(self._argv(image))
         if not record:
             status, output = self._e2fsck(argv)
             return _Ext4Run(status, replay_out, output)
@@ -584,8 +598,8 @@ class _Ext4Run:
     """One ext4 check: e2fsck's exit status and output and what the journal replay before it
     said; or the earlier check whose answer was `reused`. A recorded run also has `after`
     (the ranges e2fsck read and the bytes there: the image after its journal replay) and,
-    when its replay said what it read, `journal_reads` (what it read: the ranges of the
-    image, before the replay, that the replay depends on, with the bytes there)."""
+    when its replay said what it was made from, `journal_reads` (the ranges of the image,
+    before the replay, that the replay depends on, with the bytes there) and `outcome`."""
 
     status: int | None
     replay_out: str
@@ -593,6 +607,7 @@ class _Ext4Run:
     after: tuple[list[tuple[int, int]], list[bytes]] | None = None
     replayed: bool = False
     journal_reads: list[tuple[int, bytes]] | None = None
+    outcome: tuple[int, int, int] | None = None  # where the replay's scan stopped (jbd2.Plan)
     reused: _ReadCheck | None = None
 
 
@@ -684,6 +699,7 @@ class _ReadCheck:
     output: str
     label: str
     seen: tuple[ImageChanges, int] | None  # the image's record of writes, its generation then
+    outcome: tuple[int, int, int] | None  # the replay's (jbd2.Plan.outcome), None: no replay
 
 
 class ReadSetCache:
@@ -699,27 +715,32 @@ class ReadSetCache:
     range an earlier run read the bytes that run saw makes e2fsck read the same bytes in the
     same order (by induction over its reads) and answer the same: that answer is reused.
     That is the key *after* the journal replay. The in-process replay before it
-    (logwrites.jbd2) is a function of the bytes it reads (`Replay.read_ranges`), the size and
-    the checker's fixed write time, and so is every byte it writes; so the image e2fsck saw
-    is a function of the image before the replay at both read sets: the key *before* it,
-    which spares the replay as well. A new uncommitted transaction in the journal changes
-    the key before the replay and not the one after (the replay ignores it): both are kept.
+    (logwrites.jbd2) is worked out first (`jbd2.Plan`, nothing written): given where its
+    scan stopped (`Plan.outcome`, which the new journal past the last commit decides alone),
+    its writes are a function of the bytes it was made from (`Plan.reads`), the size and the
+    checker's fixed write time; so the image e2fsck saw is a function of the image before
+    the replay at both read sets, and of the outcome: the key *before* the replay, which
+    spares writing and undoing it as well. The key after it serves when the journal was
+    replayed by e2fsck, which does not say what it read.
     Compared byte for byte (pread, then `==`), never hashed; pass and fail answers alike."""
 
     def __init__(self, keep: int = READSET_KEEP) -> None:
         self._checks: deque[_ReadCheck] = deque(maxlen=keep)
 
     def find(self, image: Path, argv: tuple[str, ...], *, before_replay: bool,
+             outcome: tuple[int, int, int] | None = None,
              changes: ImageChanges | None = None) -> _ReadCheck | None:
         """The most recent run whose key (`before_replay` or after it) `image` holds
-        unchanged, or None. `changes` (the image's record of writes): a key before the
-        replay is compared only where the image was written since the run."""
+        unchanged, or None. Before the replay, the run's replay must have had the same
+        `outcome` (None: no replay). `changes` (the image's record of writes): a key before
+        the replay is compared only where the image was written since the run."""
         with open(image, "rb", buffering=0) as f:
             fd = f.fileno()
             size = os.fstat(fd).st_size
             for check in reversed(self._checks):
                 key = check.before if before_replay else check.after
-                if key is None or check.argv != argv or check.size != size:
+                if (key is None or check.argv != argv or check.size != size
+                        or (before_replay and check.outcome != outcome)):
                     continue
                 ranges, data = key
                 if ranges and os.pread(fd, ranges[0][1], ranges[0][0]) != data[0]:
@@ -760,7 +781,7 @@ class ReadSetCache:
         size = os.stat(image).st_size
         seen = (changes, changes.generation) if changes is not None else None
         self._checks.append(_ReadCheck(argv, size, run.after, before, run.status,
-                                       run.replay_out, run.output, label, seen))
+                                       run.replay_out, run.output, label, seen, run.outcome))
 
 
 def _chunked(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

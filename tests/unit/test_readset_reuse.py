@@ -268,9 +268,9 @@ def test_forked_e2fsck_answers_as_an_execd_one(image: Path, tmp_path: Path, fork
 
 def test_an_answer_is_reused_before_the_journal_replay_when_nothing_either_read_changed(
         tmp_path: Path) -> None:
-    """Keyed before the replay (what jbd2 read and what e2fsck read): a change elsewhere
-    spares the replay too; a new uncommitted transaction changes what the replay read but
-    not what it leaves, so the answer comes after the replay; a new commit runs e2fsck."""
+    """Keyed before the replay (what jbd2's plan was made from, where its scan stopped,
+    and what e2fsck read): a change elsewhere, or a new uncommitted transaction, spares the
+    replay's writes too; a new commit runs e2fsck."""
     _recorder()
     from logwrites import jbd2
     from logwrites.imagechanges import ImageChanges
@@ -303,14 +303,22 @@ def test_an_answer_is_reused_before_the_journal_replay_when_nothing_either_read_
                        env={"LW_STATE": "s2b"})[0].reused_from == "s1"
     changes.wrote(image.offset(1), 9 * image.bs)
     image.write([*two, [("data", far + 2, _payload(3)), "nocommit"]])
-    after_replay = check("s3")
-    assert after_replay.reused_from == "s1"
-    assert (checker.journal_replays_in_process, checker.fsck_runs) == (2, 1)
+    uncommitted = check("s3")
+    assert uncommitted.reused_from == "s1"
+    assert (checker.journal_replays_in_process, checker.fsck_runs) == (1, 1)
     changes.wrote(image.offset(1), 10 * image.bs)
     image.write([*two, [("data", far + 2, _payload(3))]])
     assert check("s4").reused_from is None
-    assert checker.fsck_runs == 2
+    assert (checker.journal_replays_in_process, checker.fsck_runs) == (2, 2)
     # A write the record is told of, back to the bytes s4 saw: reused, no replay.
     changes.wrote(free, image.bs)
     assert check("s5").reused_from == "s4"
-    assert (checker.journal_replays_in_process, checker.fsck_runs) == (3, 2)
+    assert (checker.journal_replays_in_process, checker.fsck_runs) == (2, 2)
+    # A journalled copy changed, the outcome the same: the bytes the plan was made from
+    # differ, so nothing is reused (jbd2 refuses the copy's checksum; e2fsck recovers).
+    changes.wrote(image.offset(2), image.bs)
+    _poke(image.path, image.offset(2) + 200, b"changed")
+    changed = check_state([checker], image.path, tmp_path / "copy", expect_fs=True,
+                          env={"LW_STATE": "s6"}, changes=changes)[0]
+    assert changed.reused_from is None and checker.journal_replays_in_process == 2
+    assert checker.fsck_runs == 3
