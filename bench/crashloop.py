@@ -317,6 +317,7 @@ def main() -> None:
         else:
             log, base = record_on_host(work, args.files, args.image_mb, args.write_kb)
         record_s = time.perf_counter() - t0
+        os.sync()  # the recording's writeback would otherwise land on the first pattern run
         logmap = LogMap.read(log)
         states = enumerate_states(logmap, ["prefix"], start=start_index(logmap))
         picked = sample(states, args.sample)
