@@ -332,8 +332,9 @@ class FsckChecker:
             except jbd2.NotHandled as why:
                 log.debug("%s: journal left to e2fsck: %s", image, why)
                 return None
-            except OSError:
-                raise  # nothing was written: the caller reports the state as an error
+            except OSError as err:  # nothing was written, but an image that cannot be read
+                out = f"in-process journal replay: {err}"  # is better rebuilt
+                raise _Unrestored(("error", out, out), out) from None
             except Exception as err:  # a bug, not the image's fault; nothing was written
                 log.warning("%s: in-process journal replay failed (%s); e2fsck recovers it",
                             image, err)
