@@ -536,3 +536,24 @@ def test_scan_cache_with_a_record_of_writes_compares_only_what_was_written(
         assert cache.hits == 3
     finally:
         os.close(fd)
+
+
+def test_scan_cache_keeps_one_map_per_file_and_size(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    a.write_bytes(b"A" * 8192)
+    b.write_bytes(b"B" * 8192)
+    cache = jbd2.ScanCache()
+    with open(a, "r+b") as fa, open(b, "rb") as fb:
+        with cache.view(fa.fileno(), 8192) as first:
+            assert first[:1] == b"A"
+        with cache.view(fa.fileno(), 8192) as again:
+            assert again is first  # kept: no fresh map and page faults per state
+        fa.write(b"Z")
+        fa.flush()
+        with cache.view(fa.fileno(), 8192) as again:
+            assert again is first and again[:1] == b"Z"  # a shared map sees every write
+        with cache.view(fb.fileno(), 8192) as other:
+            assert other is not first and other[:1] == b"B" and first.closed
+        fa.truncate(4096)
+        with cache.view(fa.fileno(), 4096) as shorter:
+            assert len(shorter) == 4096
