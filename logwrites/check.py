@@ -61,7 +61,7 @@ from typing import Final, Protocol
 from logwrites import jbd2
 from logwrites.errors import LogwritesError, UsageError
 from logwrites.forkserver import FORKSERVER_SO, ForkServer, ForkServerGone
-from logwrites.imagechanges import ImageChanges, Written
+from logwrites.imagechanges import ImageChanges
 from logwrites.statebuild import clone_file
 
 log = logging.getLogger(__name__)
@@ -247,15 +247,9 @@ class FsckChecker:
         with open(image, "rb", buffering=0) as f:
             superblock = os.pread(f.fileno(), _SUPERBLOCK_SIZE, _SUPERBLOCK_OFFSET)
         recovering = _needs_recovery(superblock)
-        argv = self._argv(image)
         # An external journal's bytes are on another device, which is not compared.
         record = (self.readset_reuse and self._recorder_ok()
                   and not _ext4_journal_elsewhere(superblock))
-        if record and not recovering:
-            earlier = self._readset_cache().find(image, argv, before_replay=True, outcome=None,
-                                                 changes=self._local.changes)
-            if earlier is not None:
-                return self._reused(earlier, earlier.replay_out)
         run: _Ext4Run | None = None
         if not recovering:
             run = self._ext4_check(image, "", record, replayed=False)
@@ -265,9 +259,7 @@ class FsckChecker:
             return self._ext4_replay_by_e2fsck(image, record)
         if run.after is not None:
             self._keep(image, run)  # the replay (if any) has been undone
-        if run.reused is not None:
-            return self._reused(run.reused, run.replay_out)
-        return _ext4_verdict(run.status, run.replay_out, run.output, None)
+        return self._answer(run)
 
     @staticmethod
     def _argv(image: Path) -> tuple[str, ...]:
@@ -277,11 +269,13 @@ class FsckChecker:
         label = self._local.state or f"check #{self.fsck_runs}"
         self._readset_cache().add(image, self._argv(image), run, label, self._local.changes)
 
-    def _reused(self, earlier: _ReadCheck, replay_out: str) -> tuple[str, str, str]:
-        with self._counts:
-            self.readset_reused += 1
-        self._local.reused = earlier.label
-        return _ext4_verdict(earlier.status, replay_out, earlier.output, earlier.label)
+    def _answer(self, run: _Ext4Run) -> tuple[str, str, str]:
+        """The run's verdict; a reused answer is counted and named."""
+        if run.reused is not None:
+            with self._counts:
+                self.readset_reused += 1
+            self._local.reused = run.reused.label
+        return _run_verdict(run)
 
     def _ext4_replay_by_e2fsck(self, image: Path, record: bool) -> tuple[str, str, str]:
         # Replay the journal (e2fsck: "journal_only: only replay the journal if required"), as
@@ -303,12 +297,9 @@ class FsckChecker:
                 # e2fsck does not say what its replay read: this run is kept for comparing
                 # images after their replay only.
                 run = self._ext4_check(image, out1, record, replayed=True)
-                if run.reused is not None:
-                    result = self._reused(run.reused, out1)
-                else:
-                    if run.after is not None:
-                        self._keep(image, run)
-                    result = _ext4_verdict(run.status, out1, run.output, None)
+                if run.after is not None:
+                    self._keep(image, run)
+                result = self._answer(run)
         finally:
             undone, out3 = self._undo(undo, image) if trusted else (None, "")
             undo.unlink(missing_ok=True)
@@ -358,10 +349,7 @@ class FsckChecker:
             result = ("error", out1, "interrupted")
             try:
                 run = self._ext4_check(image, out1, record, replayed=True)
-                reused = run.reused
-                result = (_ext4_verdict(reused.status, out1, reused.output, reused.label)
-                          if reused is not None else
-                          _ext4_verdict(run.status, out1, run.output, None))
+                result = _run_verdict(run)
             finally:
                 try:
                     done.restore()
@@ -408,19 +396,21 @@ class FsckChecker:
     def _ext4_check(self, image: Path, replay_out: str, record: bool, *,
                     replayed: bool) -> _Ext4Run:
         """`e2fsck -fn` on the image as it is (its journal recovered). `record`: an earlier
-        answer is looked for first when the journal was `replayed` just now (an image before
-        any replay was looked up already), else e2fsck runs under the read recorder and the
-        ranges it read, with the bytes there, are kept in the run."""
-        argv = list(self._argv(image))
+        answer is looked for first (under its key after the replay when the journal was
+        `replayed` just now; else the image is as it was before any replay: under that key),
+        else e2fsck runs under the read recorder and the ranges it read, with the bytes
+        there, are kept in the run."""
+        argv = self._argv(image)
         if not record:
-            status, output = self._e2fsck(argv)
+            status, output = self._e2fsck(list(argv))
             return _Ext4Run(status, replay_out, output)
         cache = self._readset_cache()
-        if replayed:
-            earlier = cache.find(image, tuple(argv), before_replay=False)
-            if earlier is not None:
-                return _Ext4Run(earlier.status, replay_out, earlier.output, reused=earlier)
-        status, output, ranges = self._e2fsck_recorded(argv, image)
+        earlier = (cache.find(image, argv, before_replay=False) if replayed else
+                   cache.find(image, argv, before_replay=True, outcome=None,
+                              changes=self._local.changes))
+        if earlier is not None:
+            return _Ext4Run(earlier.status, replay_out, earlier.output, reused=earlier)
+        status, output, ranges = self._e2fsck_recorded(list(argv), image)
         run = _Ext4Run(status, replay_out, output)
         if ranges is not None and status is not None:
             run.after = cache.read_ranges(image, ranges)
@@ -612,6 +602,13 @@ class _Ext4Run:
     reused: _ReadCheck | None = None
 
 
+def _run_verdict(run: _Ext4Run) -> tuple[str, str, str]:
+    reused = run.reused
+    if reused is not None:
+        return _ext4_verdict(reused.status, run.replay_out, reused.output, reused.label)
+    return _ext4_verdict(run.status, run.replay_out, run.output, None)
+
+
 def _ext4_verdict(status: int | None, replay_out: str, out2: str,
                   reused: str | None) -> tuple[str, str, str]:
     """(verdict, output, detail) for an `e2fsck -fn` status; `reused`: the state whose
@@ -746,14 +743,16 @@ class ReadSetCache:
                 ranges, data = key
                 if ranges and os.pread(fd, ranges[0][1], ranges[0][0]) != data[0]:
                     continue  # the piece that changes most often, first: most misses end here
+                ranges, data = ranges[1:], data[1:]
                 written = None
                 if (before_replay and changes is not None and check.seen is not None
                         and check.seen[0] is changes):
                     written = changes.since(check.seen[1])
                 if written is None:
-                    if _unchanged(fd, *key):
+                    if _unchanged(fd, ranges, data):
                         return check
-                elif _unchanged_where_written(fd, *key, written):
+                elif written.kept(zip((at for at, _ in ranges), data, strict=True),
+                                  lambda at, n: os.pread(fd, n, at)):
                     return check
         return None
 
@@ -793,17 +792,6 @@ def _chunked(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         for at in range(offset, offset + length, _READSET_CHUNK):
             out.append((at, min(_READSET_CHUNK, offset + length - at)))
     return out
-
-
-def _unchanged_where_written(fd: int, ranges: list[tuple[int, int]], data: list[bytes],
-                             written: Written) -> bool:
-    if not written:
-        return True
-    for (offset, length), then in zip(ranges, data, strict=True):
-        for at, n in written.within(offset, length):
-            if os.pread(fd, n, at) != then[at - offset:at - offset + n]:
-                return False
-    return True
 
 
 def _unchanged(fd: int, ranges: list[tuple[int, int]], data: list[bytes]) -> bool:

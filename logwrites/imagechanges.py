@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 KEEP: Final = 1 << 16  # writes remembered; asking about an older moment gets None
@@ -80,6 +80,13 @@ class Written:
             if lo < hi:
                 yield lo, hi - lo
             k += 1
+
+    def kept(self, pieces: Iterable[tuple[int, bytes]],
+             read: Callable[[int, int], bytes]) -> bool:
+        """Whether `read(offset, length)` still gives the bytes of `pieces` ((offset, bytes)
+        read earlier) wherever this set was written: all that can have changed."""
+        return all(read(at, n) == data[at - offset:at - offset + n]
+                   for offset, data in pieces for at, n in self.within(offset, len(data)))
 
 
 __all__ = ["ImageChanges", "Written", "merge_spans"]

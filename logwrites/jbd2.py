@@ -725,8 +725,7 @@ def _still_there(view: mmap.mmap, known: _Scanned, changes: ImageChanges | None)
         written = changes.since(known.seen[1])
     if written is None:
         return all(view[at:at + len(data)] == data for at, data in known.ranges)
-    return all(view[lo:lo + n] == data[lo - at:lo - at + n]
-               for at, data in known.ranges for lo, n in written.within(at, len(data)))
+    return written.kept(known.ranges, lambda at, n: view[at:at + n])
 
 
 def _scan(journal: _Journal, jsb: JournalSuper, crc: Callable[[int, bytes], int],

@@ -41,3 +41,18 @@ def test_within_finds_spans_on_both_sides_of_a_range() -> None:
     assert list(written.within(25, 30)) == [(25, 5), (40, 15)]
     assert list(written.within(5, 300)) == [(5, 5), (20, 10), (40, 60), (200, 10)]
     assert not Written([])
+
+
+def test_kept_compares_only_the_written_parts() -> None:
+    image = bytearray(b"a" * 100)
+    pieces = [(0, bytes(image[0:40])), (60, bytes(image[60:100]))]
+
+    def read(at: int, n: int) -> bytes:
+        return bytes(image[at:at + n])
+
+    image[50] = ord("x")  # outside every piece
+    image[70] = ord("y")  # inside one, but not where the set says it was written
+    assert Written([(45, 55), (10, 20)]).kept(pieces, read)
+    assert not Written([(65, 75)]).kept(pieces, read)
+    image[70] = ord("a")
+    assert Written([(65, 75)]).kept(pieces, read)
