@@ -29,6 +29,8 @@ SUPER_BLOCK: Final = struct.Struct("<QQQI")
 # sector, nr_sectors, flags, data_len; inline data (a mark's name) follows at offset 32.
 ENTRY_HEADER: Final = struct.Struct("<QQQQ")
 INLINE_OFFSET: Final = ENTRY_HEADER.size
+# The zeros after a header without inline data, for each sector size we write.
+_HEADER_TAILS: Final = {size: bytes(size - ENTRY_HEADER.size) for size in SECTOR_SIZES}
 
 
 class EntryFlag(enum.IntFlag):
@@ -169,6 +171,11 @@ def encode_entry_header(
     sector: int, nr_sectors: int, flags: int, sectorsize: int, inline: bytes = b""
 ) -> bytes:
     """One header block; `inline` (a mark's name) sits at offset 32 and sets `data_len`."""
+    if not inline:
+        # Every logged write takes this path: one allocation instead of three.
+        tail = _HEADER_TAILS.get(sectorsize)
+        if tail is not None:
+            return ENTRY_HEADER.pack(sector, nr_sectors, flags, 0) + tail
     block = bytearray(sectorsize)
     ENTRY_HEADER.pack_into(block, 0, sector, nr_sectors, flags, len(inline))
     block[INLINE_OFFSET : INLINE_OFFSET + len(inline)] = inline

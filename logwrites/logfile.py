@@ -45,6 +45,14 @@ _ZEROS: Final = bytes(1 << 20)
 # reserves: a big entry goes direct (O_DIRECT) and zeroing ahead of it would double what the
 # log's disk writes. Readers trust nr_entries, never the size, so the zeros beyond the last
 # entry are harmless, and `close()` gives the unused room back.
+# The zeros go in pieces of this many bytes, each on a boundary of its size: the page cache
+# gives a buffered write folios as big as the write (ext4's large folios, Linux 6.x), and every
+# later small append into a big folio walks all of its blocks (ext4_block_write_begin), as does
+# its writeback. Measured on this host, a 4.5 KiB append into room zeroed by 1 MiB writes took
+# 4.9-8.1 us of CPU, by 64 KiB ones 2.6-3.4 us; with an fdatasync after each, 24-31 against
+# 17-22 us. 4 KiB pieces cost more in system calls than the smaller folios save.
+ZERO_PIECE: Final = 64 << 10
+
 # One pwritev takes at most this many buffers (Linux UIO_MAXIOV); a batch is split beyond it.
 IOV_MAX: Final = 1024
 
@@ -187,13 +195,22 @@ class LogWriter:
         # Everything from `end` on is free: entries only ever end below it.
         start = max(self._allocated, end)
         try:
-            self._write(zero_payload(target - start), start, target - start)
+            self._zero(start, target)
         except (LogFullError, OSError):
             # No room for a whole stretch: stop reserving and let the writes themselves find
             # out whether the entry fits (they raise LogFullError). Zeros written are harmless.
             self._grow = False
             return
         self._allocated = target
+
+    def _zero(self, start: int, end: int) -> None:
+        """Write zeros from `start` to `end`, in aligned pieces of ZERO_PIECE bytes."""
+        piece = memoryview(_ZEROS)[:ZERO_PIECE]
+        at = start
+        while at < end:
+            take = min(at // ZERO_PIECE * ZERO_PIECE + ZERO_PIECE, end) - at
+            self._write([piece[:take]], at, take)
+            at += take
 
     def _write(self, buffers: list[Buffer], at: int, nbytes: int) -> None:
         """Write `buffers` (`nbytes` in all) at `at`, IOV_MAX buffers per system call."""

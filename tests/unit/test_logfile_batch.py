@@ -5,12 +5,13 @@ trust nr_entries) and `close()` gives it back."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from logwrites.format import EntryFlag
-from logwrites.logfile import IOV_MAX, LogFullError, LogReader, LogWriter
+from logwrites.logfile import IOV_MAX, ZERO_PIECE, LogFullError, LogReader, LogWriter
 
 DISCARD = int(EntryFlag.DISCARD)
 
@@ -112,3 +113,31 @@ def test_room_is_zeroed_ahead_of_small_entries_only(tmp_path: Path) -> None:
     assert log.stat().st_size == writer.bytes_used
     with LogReader(log) as reader:
         assert [e.nr_sectors for e in reader.entries()] == [512, 1]
+
+
+def test_room_is_zeroed_in_aligned_pieces(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Zeros start where the last entry ended (anywhere), go in pieces that end on
+    # ZERO_PIECE boundaries (small folios, see ZERO_PIECE), and reach exactly the next
+    # preallocation boundary.
+    log = tmp_path / "log"
+    with LogWriter.create(log, 512, preallocate=1 << 20) as writer:
+        writes: list[tuple[int, int]] = []
+        real_pwritev = os.pwritev
+
+        def pwritev(fd: int, buffers: list, at: int) -> int:
+            writes.append((at, sum(map(len, buffers))))
+            return real_pwritev(fd, buffers, at)
+
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        writer.append_write(0, 2, [b"\xa5" * 1024])
+        monkeypatch.undo()
+    *zeros, entry = writes                              # room first, then the entry
+    assert entry == (512, 1536)                         # after the super block
+    assert zeros[0] == (2048, ZERO_PIECE - 2048)
+    assert all(at % ZERO_PIECE == 0 and n == ZERO_PIECE for at, n in zeros[1:])
+    assert zeros[-1][0] + zeros[-1][1] == 1 << 20
+    with log.open("rb") as f:
+        f.seek(512)
+        assert f.read(512)[:8] == (0).to_bytes(8, "little")          # header: sector 0
+        assert f.read(1024) == b"\xa5" * 1024
