@@ -338,7 +338,7 @@ class LogWriter:
         shift = (1 + payload_blocks) * ss
         start, end = block * ss, self.next_block * ss
         self._reserve(end, shift)
-        self._write(zero_payload(shift), end, shift)
+        self._zero(end, end + shift)
         at = end
         while at > start:
             take = min(at - start, 1 << 20)
