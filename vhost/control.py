@@ -42,11 +42,14 @@ MAX_BACKLOG: Final = 8 << 20        # a subscriber this far behind is dropped
 
 
 class _Client:
-    __slots__ = ("held_mark", "inbuf", "later", "outbuf", "sock", "subscribed")
+    __slots__ = ("held_mark", "inbuf", "later", "outbuf", "skipping", "sock", "subscribed")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.inbuf = bytearray()
+        # An over-long line was refused: the rest of it, up to its newline, is dropped unread
+        # (one refusal per line, however the kernel splits what the client sent).
+        self.skipping = False
         self.outbuf = bytearray()
         self.subscribed = False
         self.later: list[dict[str, Any]] = []     # events due right after the reply
@@ -139,11 +142,16 @@ class ControlServer:
         while client is not None and fd in self.clients and client.held_mark is None:
             line, sep, rest = client.inbuf.partition(b"\n")
             if not sep:
-                if len(client.inbuf) > MAX_LINE:
+                if len(client.inbuf) > MAX_LINE or client.skipping:
                     client.inbuf.clear()
-                    self._send(client, {"ok": False, "error": "request line too long"})
+                    if not client.skipping:
+                        client.skipping = True
+                        self._send(client, {"ok": False, "error": "request line too long"})
                 break
             client.inbuf = bytearray(rest)
+            if client.skipping:
+                client.skipping = False     # the end of the refused line
+                continue
             if line.strip():
                 reply = self._request(client, bytes(line))
                 if reply is None:
