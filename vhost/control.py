@@ -142,11 +142,12 @@ class ControlServer:
         while client is not None and fd in self.clients and client.held_mark is None:
             line, sep, rest = client.inbuf.partition(b"\n")
             if not sep:
-                if len(client.inbuf) > MAX_LINE or client.skipping:
+                if client.skipping:
                     client.inbuf.clear()
-                    if not client.skipping:
-                        client.skipping = True
-                        self._send(client, {"ok": False, "error": "request line too long"})
+                elif len(client.inbuf) > MAX_LINE:
+                    client.inbuf.clear()
+                    client.skipping = True
+                    self._send(client, {"ok": False, "error": "request line too long"})
                 break
             client.inbuf = bytearray(rest)
             if client.skipping:
