@@ -290,6 +290,13 @@ def _reorder_sets(records: list[int], budget: int, rng: random.Random) -> Iterab
             yield picked
 
 
+def check_kinds(kinds: Iterable[str]) -> None:
+    """:raise UsageError: for a name that is not one of KINDS."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise UsageError(f"unknown state kinds {sorted(unknown)} (known: {', '.join(KINDS)})")
+
+
 def enumerate_states(
     logmap: LogMap,
     kinds: Iterable[str] = ("prefix", "reorder"),
@@ -305,9 +312,7 @@ def enumerate_states(
     The same log, kinds, start, budget and seed always give the same list.
     """
     kinds = set(kinds)
-    unknown = kinds - set(KINDS)
-    if unknown:
-        raise UsageError(f"unknown state kinds {sorted(unknown)} (known: {', '.join(KINDS)})")
+    check_kinds(kinds)
     states: dict[str, CrashState] = {}
     last = logmap.last_index
     if last < 0:

@@ -152,6 +152,15 @@ def test_bad_input_exits_2(txn, capsys, tmp_path) -> None:
     assert "Traceback" not in err and "--log and --base go together" in err
 
 
+def test_an_unknown_state_kind_is_refused_before_the_guest_records(capsys) -> None:
+    # One line and exit 2 at once, not after minutes of recording in a guest.
+    assert main(["crash-loop", "--states", "prefix,sideways"]) == 2
+    captured = capsys.readouterr()
+    assert "recording" not in captured.out + captured.err
+    assert captured.err.strip().splitlines() == [
+        "logwrites: unknown state kinds ['sideways'] (known: prefix, reorder, torn)"]
+
+
 def test_replay_state_rejects_other_options(txn, tmp_path, capsys) -> None:
     log, base = txn(barrier=True)
     assert main(["replay", str(log), str(base), "--state", "p:1", "--limit", "3"]) == 2
