@@ -43,6 +43,7 @@ from logwrites.crashstates import (
     SETUP_MARK,
     CrashState,
     LogMap,
+    check_kinds,
     enumerate_states,
     start_index,
 )
@@ -95,6 +96,16 @@ class LoopOptions:
     keep_failing: Path | None = None  # directory for the images of failing states
     command: str = "logwrites"        # how repro commands call us
     dedup: bool = True                # reuse image-only verdicts of provably identical states
+
+    def __post_init__(self) -> None:
+        """Refused when made, before anything is recorded: :raise UsageError:."""
+        if not self.kinds:
+            raise UsageError("--states: name at least one kind")
+        check_kinds(self.kinds)
+        if self.max_states < 1:
+            raise UsageError("--max-states must be at least 1")
+        if self.jobs < 1:
+            raise UsageError(f"--jobs {self.jobs}: must be at least 1")
 
 
 @dataclass(slots=True)
@@ -248,8 +259,6 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
     :raise UsageError: for options the log cannot satisfy. :raise LogFormatError: for a
         damaged log.
     """
-    if options.jobs < 1:
-        raise UsageError(f"--jobs {options.jobs}: must be at least 1")
     if not checkers:
         raise UsageError("no checker: give at least one --check")
     started = time.perf_counter()

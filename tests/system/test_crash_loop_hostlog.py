@@ -152,13 +152,20 @@ def test_bad_input_exits_2(txn, capsys, tmp_path) -> None:
     assert "Traceback" not in err and "--log and --base go together" in err
 
 
-def test_an_unknown_state_kind_is_refused_before_the_guest_records(capsys) -> None:
-    # One line and exit 2 at once, not after minutes of recording in a guest.
-    assert main(["crash-loop", "--states", "prefix,sideways"]) == 2
+@pytest.mark.parametrize(("option", "error"), [
+    (["--states", "prefix,sideways"],
+     "unknown state kinds ['sideways'] (known: prefix, reorder, torn)"),
+    (["--states", ","], "--states: name at least one kind"),
+    (["--max-states", "0"], "--max-states must be at least 1"),
+    (["--jobs", "0"], "--jobs 0: must be at least 1"),
+])
+def test_bad_loop_options_are_refused_before_the_guest_records(
+        capsys, option: list[str], error: str) -> None:
+    # One line and exit 2 at once, not after a recording in a guest.
+    assert main(["crash-loop", *option]) == 2
     captured = capsys.readouterr()
     assert "recording" not in captured.out + captured.err
-    assert captured.err.strip().splitlines() == [
-        "logwrites: unknown state kinds ['sideways'] (known: prefix, reorder, torn)"]
+    assert captured.err.strip().splitlines() == [f"logwrites: {error}"]
 
 
 def test_replay_state_rejects_other_options(txn, tmp_path, capsys) -> None:
