@@ -179,6 +179,24 @@ class LogWriter:
     def bytes_used(self) -> int:
         return self.next_block * self.sectorsize
 
+    @property
+    def room_end(self) -> int:
+        """Where the room the file already holds ahead of the entries ends (bytes, within
+        the size limit): a small entry ending at or below it is written as it is (`_reserve`
+        has nothing to do)."""
+        return self._allocated if self.max_bytes is None else min(self._allocated,
+                                                                  self.max_bytes)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def appended(self, entries: int, next_block: int) -> None:
+        """`entries` small entries were written into the room, up to `next_block`, by someone
+        else (the backend's C path for plain writes, vhost/blk.py): they follow the others."""
+        assert self.bytes_used <= next_block * self.sectorsize <= self.room_end
+        self.next_index += entries
+        self.next_block = next_block
+
     def _reserve(self, at: int, nbytes: int) -> None:
         """Make sure the log may hold `nbytes` more at `at`; ahead of a small append (below
         DIRECT_MIN: a big one may go direct, and zeros ahead of it would double what the log's

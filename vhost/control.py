@@ -265,7 +265,8 @@ class ControlServer:
                 "connected": self.server.connected, "wce": device.wce,
                 "sectorsize": device.sectorsize, "readonly": device.readonly,
                 "requests": device.requests(), "bytes_written": device.bytes_written,
-                "bytes_read": device.bytes_read, "unflushed": sink.unflushed,
+                "bytes_read": device.bytes_read, "served_in_c": device.served_in_c,
+                "unflushed": sink.unflushed,
                 "flushes": sink.flushes, "log_bytes": sink.log_bytes,
                 "held": device.held, "stop_at": self.stop_point.text if self.stop_point else None,
                 "log_full": device.log_full or (f"log full (paused): {self.paused_log_full}"

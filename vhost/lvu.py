@@ -43,6 +43,22 @@ fallocate: Final = lib.lw_fallocate
 start_writeback: Final = lib.lw_start_writeback
 buffer: Final = ffi.buffer
 new_request: Final = lambda: ffi.new("LwReq *")  # noqa: E731
+serve: Final = lib.lw_serve
+unpack: Final = ffi.unpack
+SERVE_EMPTY: Final = lib.LW_SERVE_EMPTY
+SERVE_PUBLISH: Final = lib.LW_SERVE_PUBLISH
+
+
+def new_fast() -> Any:
+    """The C path's state for plain requests (LwFast, see _lvu_glue.c), zeroed."""
+    fast = lib.lw_fast_new()
+    if fast == ffi.NULL:
+        raise MemoryError("LwFast")
+    return ffi.gc(fast, lib.free)
+
+
+def new_counter() -> Any:
+    return ffi.new("unsigned int *")
 
 REQ_OK: Final = lib.LW_REQ_OK
 REQ_NO_HEADER: Final = lib.LW_REQ_NO_HEADER

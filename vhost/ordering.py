@@ -270,6 +270,15 @@ class LogWritesSink(_LoggingSink):
         self._staged_blocks += blocks
         self._taken += 1
 
+    def staged_by_device(self, blocks: Sequence[int], next_block: int) -> None:
+        """Plain writes the device logged itself (vhost/blk.py's C path): records with flags
+        0, of `blocks` log blocks each, in completion order, in the file up to `next_block`;
+        staged as `completed` stages them."""
+        self.writer.appended(len(blocks), next_block)
+        self._staged.extend([(0, b) for b in blocks])
+        self._staged_blocks += sum(blocks)
+        self._taken += len(blocks)
+
     def retract(self) -> None:
         """The last record's request failed on the image after all: out of the list, and its
         room in the file is reused."""

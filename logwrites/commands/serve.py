@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if writer is not None:
                 writer.close()
-        requests = sum(device.counts)
+        requests = sum(device.requests().values())
         print(f"stopped: {requests} requests ({device.bytes_written} bytes written, "
               f"{device.bytes_read} read), {sink.entries} entries, {sink.flushes} flushes, "
               f"log {sink.log_bytes} bytes, {server.connections} connection(s), "
