@@ -197,6 +197,14 @@ class LogWriter:
         self.next_index += entries
         self.next_block = next_block
 
+    def counted(self, count: int) -> None:
+        """The first `count` entries were made durable and counted in the super block by
+        someone else (the backend's C path), the count's own sync deferred as
+        `commit(sync_count=False)` defers it."""
+        assert self.nr_entries <= count <= self.next_index
+        self.nr_entries = count
+        self._count_unsynced = True
+
     def _reserve(self, at: int, nbytes: int) -> None:
         """Make sure the log may hold `nbytes` more at `at`; ahead of a small append (below
         DIRECT_MIN: a big one may go direct, and zeros ahead of it would double what the log's

@@ -28,6 +28,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include "libvhost-user.h"
@@ -529,17 +531,22 @@ void lw_publish(LwDev *d, int qidx, unsigned int count)
     }
 }
 
-/* The plain requests' path, in C (see vhost/blk.py, "the hot path"): reads, and writes that
+/* The plain requests' path, in C (see vhost/blk.py, "the hot path"): reads, writes that
  * need nothing but the image and, in `logwrites` mode, one staged record at the end of the
- * log's zeroed room. lw_serve pops and serves such requests until the ring is empty, the batch
- * must be published, or it pops one it leaves to Python (anything else, anything that failed,
- * anything near a limit): Python then serves that request from the start, as if C had never
- * seen it (writing the same guest data to the same place again is harmless, and nothing of it
- * was counted). What C did is left in `f` for Python to take over: the records it staged and
- * the counters. */
+ * log's zeroed room, and FLUSHes. lw_serve pops and serves such requests until the ring is
+ * empty, the batch must be published, or it pops one it leaves to Python (anything else,
+ * anything near a limit, a write whose system call failed): Python then serves that request
+ * from the start, as if C had never seen it (writing the same guest data to the same place
+ * again is harmless, and nothing of it was counted). A FLUSH whose sync failed is not served
+ * again (a second fdatasync could succeed where the first lost the error): it is handed back
+ * with its errno. What C did is left in `f` for Python to take over: the records it staged,
+ * a FLUSH it logged, the counters. */
 #define LW_SERVE_EMPTY 0        /* the ring is empty */
 #define LW_SERVE_POPPED 1       /* `req` holds a popped request for Python */
 #define LW_SERVE_PUBLISH 2      /* the batch must be published now */
+#define LW_SERVE_FLUSHED 3      /* a FLUSH completed (filled): Python counts it, publishes */
+#define LW_SERVE_IMAGE_NOT_DURABLE 4   /* `req` is a FLUSH whose image sync failed (`error`) */
+#define LW_SERVE_LOG_NOT_DURABLE 5     /* `req` is a FLUSH whose log sync or count failed */
 #define LW_FAST_BATCH 64        /* = vhost/blk.py BATCH */
 #define LW_FAST_PUBLISH_AFTER (64 << 10)
 #define LW_ENTRY_MAX 4096       /* the largest sectorsize: one header block */
@@ -553,12 +560,19 @@ typedef struct LwFast {
                                    write cache on) */
     uint64_t write_max;         /* writes of fewer bytes are served here */
     uint64_t entry_max;         /* log entries of fewer bytes (else they go direct, in Python) */
+    bool flushes;               /* FLUSHes may be served here (no observer of the log, not
+                                   read-only, log not full) */
+    bool start_writeback;       /* sync_file_range works on the image */
     uint64_t next_block;        /* the log's next entry, in sectorsize blocks */
+    uint64_t next_index;        /* the log's next entry's index */
     uint64_t room_end;          /* the log's zeroed room ends here (bytes) */
     unsigned int staged;        /* records appended by C since Python last took them */
     uint32_t blocks[LW_FAST_BATCH];
-    uint64_t reads, writes_done, bytes_read, bytes_written;
-    uint8_t header[LW_ENTRY_MAX];
+    int error;                  /* errno of the failed sync (LW_SERVE_*_NOT_DURABLE) */
+    uint64_t reads, writes_done, flushes_done, bytes_read, bytes_written;
+    uint8_t header[LW_ENTRY_MAX];        /* a write's header block: zeros, sector and size go in */
+    uint8_t flush_header[LW_ENTRY_MAX];  /* the FLUSH entry (Python encodes it) */
+    uint8_t super_block[LW_ENTRY_MAX];   /* the super block (Python encodes it; count at 16) */
 } LwFast;
 
 LwFast *lw_fast_new(void)
@@ -615,10 +629,52 @@ static uint32_t lw_serve_one(LwFast *f, LwReq *req)
         }
         f->blocks[f->staged++] = (uint32_t)(entry / ss);
         f->next_block += entry / ss;
+        f->next_index++;
     }
     f->writes_done++;
     f->bytes_written += nbytes;
     return 1;
+}
+
+/* A FLUSH, as vhost/blk.py's _flush and LogWritesSink.flush_durable serve it when it carries
+ * every staged record (it always does when requests are served in pop order): start the
+ * image's writeback, append the FLUSH entry, sync the log, sync the image, then count the
+ * entries (the count's own sync rides on the next commit, as LogWriter.commit defers it). */
+static int lw_flush(LwFast *f)
+{
+    if (f->log_fd < 0) {
+        if (fdatasync(f->image_fd)) {
+            f->error = errno;
+            return LW_SERVE_IMAGE_NOT_DURABLE;
+        }
+        return LW_SERVE_FLUSHED;
+    }
+    uint64_t ss = f->sectorsize, at = f->next_block * ss, count = f->next_index + 1;
+    if (at + ss > f->room_end) {
+        return LW_SERVE_POPPED;
+    }
+    if (f->start_writeback && sync_file_range(f->image_fd, 0, 0, SYNC_FILE_RANGE_WRITE)) {
+        f->start_writeback = false;     /* best effort: fdatasync does all the work then */
+    }
+    if (pwrite(f->log_fd, f->flush_header, ss, at) != (ssize_t)ss) {
+        return LW_SERVE_POPPED;         /* nothing synced yet: Python appends it again */
+    }
+    if (fdatasync(f->log_fd)) {
+        f->error = errno;
+        return LW_SERVE_LOG_NOT_DURABLE;
+    }
+    if (fdatasync(f->image_fd)) {
+        f->error = errno;
+        return LW_SERVE_IMAGE_NOT_DURABLE;
+    }
+    lw_put_le64(f->super_block + 16, count);
+    if (pwrite(f->log_fd, f->super_block, ss, 0) != (ssize_t)ss) {
+        f->error = errno ? errno : EIO;
+        return LW_SERVE_LOG_NOT_DURABLE;
+    }
+    f->next_block++;
+    f->next_index++;
+    return LW_SERVE_FLUSHED;
 }
 
 int lw_serve(LwDev *d, int qidx, LwReq *req, LwFast *f, unsigned int *filled)
@@ -626,6 +682,14 @@ int lw_serve(LwDev *d, int qidx, LwReq *req, LwFast *f, unsigned int *filled)
     for (;;) {
         if (!lw_pop(d, qidx, req)) {
             return LW_SERVE_EMPTY;
+        }
+        if (req->type == VIRTIO_BLK_T_FLUSH && req->problem == LW_REQ_OK && f->flushes) {
+            int got = lw_flush(f);
+            if (got == LW_SERVE_FLUSHED) {
+                f->flushes_done++;
+                lw_fill(d, qidx, req, VIRTIO_BLK_S_OK, 1, (*filled)++);
+            }
+            return got;
         }
         uint64_t nbytes = req->len;
         uint32_t used_len = lw_serve_one(f, req);
@@ -645,7 +709,6 @@ bool lw_queue_started(LwDev *d, int qidx)
 }
 
 /* fallocate(2) with modes Python's os module does not offer (punch hole, zero range). */
-#include <fcntl.h>
 #include <linux/falloc.h>
 int lw_fallocate(int fd, int mode, uint64_t offset, uint64_t len)
 {

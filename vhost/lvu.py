@@ -46,7 +46,12 @@ new_request: Final = lambda: ffi.new("LwReq *")  # noqa: E731
 serve: Final = lib.lw_serve
 unpack: Final = ffi.unpack
 SERVE_EMPTY: Final = lib.LW_SERVE_EMPTY
+SERVE_POPPED: Final = lib.LW_SERVE_POPPED
 SERVE_PUBLISH: Final = lib.LW_SERVE_PUBLISH
+SERVE_FLUSHED: Final = lib.LW_SERVE_FLUSHED
+SERVE_IMAGE_NOT_DURABLE: Final = lib.LW_SERVE_IMAGE_NOT_DURABLE
+SERVE_LOG_NOT_DURABLE: Final = lib.LW_SERVE_LOG_NOT_DURABLE
+memmove: Final = ffi.memmove
 
 
 def new_fast() -> Any:

@@ -279,6 +279,18 @@ class LogWritesSink(_LoggingSink):
         self._staged_blocks += sum(blocks)
         self._taken += len(blocks)
 
+    def flushed_by_device(self, next_block: int) -> None:
+        """The device logged a FLUSH itself (vhost/blk.py's C path, only while no observer
+        listens), carrying every staged record: its entry ends at `next_block`, and every
+        entry is counted."""
+        writer = self.writer
+        first = writer.next_index - len(self._staged)
+        writer.appended(1, next_block)
+        writer.counted(writer.next_index)
+        self._dirty = False
+        self._log_staged(len(self._staged), first)
+        self._flushes += 1
+
     def retract(self) -> None:
         """The last record's request failed on the image after all: out of the list, and its
         room in the file is reused."""
@@ -415,6 +427,10 @@ class PassthroughSink:
     def completed(self, sector: int, nr_sectors: int, flags: int,
                   data: Sequence[Buffer] | None) -> None:
         pass
+
+    def flushed_by_device(self, next_block: int) -> None:
+        """The device synced the image for a FLUSH itself (vhost/blk.py's C path)."""
+        self._flushes += 1
 
     def batch_end(self) -> None:
         pass

@@ -5,6 +5,7 @@ which fails the first flush that reaches it with EIO: the backend's fdatasync of
 fails exactly as it would on a disk that lost its cache. The FLUSH must complete with IOERR
 and count nothing (its records are not durable on the image); the records wait in the
 unflushed list and the next FLUSH that succeeds logs them, each once.
+Both ways a FLUSH is served: in C (the default) and in Python (`LOGWRITES_PLAIN_IN_C=0`).
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def failing_flush_image(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("plain_in_c", ["1", "0"], ids=["flush-in-c", "flush-in-python"])
 def test_flush_with_failing_image_sync_is_ioerr_and_counts_nothing(
-        tmp_path: Path, failing_flush_image: Path) -> None:
+        tmp_path: Path, failing_flush_image: Path, plain_in_c: str) -> None:
     log = tmp_path / "log"
-    d = start(tmp_path, log, image=failing_flush_image)
+    d = start(tmp_path, log, image=failing_flush_image, env={"LOGWRITES_PLAIN_IN_C": plain_in_c})
     first, second = b"\x11" * BLOCK, b"\x22" * BLOCK
     try:
         with BlkFrontend(d.socket_path, timeout_s=20) as fe:

@@ -46,12 +46,14 @@ def small_fs(tmp_path: Path) -> Iterator:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def start(tmp_path: Path, log: Path, *extra: str, image: Path | None = None) -> LogwritesServe:
+def start(tmp_path: Path, log: Path, *extra: str, image: Path | None = None,
+          env: dict[str, str] | None = None) -> LogwritesServe:
     if image is None:
         image = tmp_path / "disk.img"
         with image.open("wb") as f:
             f.truncate(16 * MiB)
     daemon = LogwritesServe(image, tmp_path / "s.sock", log, tmp_path, extra_args=list(extra))
+    daemon.env.update(env or {})
     daemon.start()
     daemon.image = image
     daemon.control = tmp_path / "s.sock.control"

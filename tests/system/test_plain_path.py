@@ -2,10 +2,10 @@
 (`LOGWRITES_PLAIN_IN_C=0`): the same requests through the test front-end leave byte-identical
 logs and images, the same statuses, data and counters, and the C path did serve the plain ones.
 
-The workload mixes what C serves (reads, small writes into the log's zeroed room) with what it
-hands to Python in the middle of a batch: writes that cross the end of the room (about every
-200 records), big writes (the pipeline), FUA writes (write cache off), refused requests,
-discards, write-zeroes, flushes and marks.
+The workload mixes what C serves (reads, small writes into the log's zeroed room, FLUSHes) with
+what it hands to Python in the middle of a batch: writes that cross the end of the room (about
+every 200 records), big writes (the pipeline), FUA writes (write cache off), refused requests,
+discards, write-zeroes and marks.
 """
 
 from __future__ import annotations
