@@ -668,6 +668,7 @@ static int lw_flush(LwFast *f)
         return LW_SERVE_IMAGE_NOT_DURABLE;
     }
     lw_put_le64(f->super_block + 16, count);
+    errno = 0;                          /* a short write sets none */
     if (pwrite(f->log_fd, f->super_block, ss, 0) != (ssize_t)ss) {
         f->error = errno ? errno : EIO;
         return LW_SERVE_LOG_NOT_DURABLE;
