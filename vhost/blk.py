@@ -123,8 +123,7 @@ class BlkDevice:
 
     __slots__ = (
         "_bytes_read", "_bytes_written", "_fast", "_fast_sink", "_fast_writer", "_fd", "_filled",
-        "_fua",
-        "_id", "_io", "_pipe", "_req", "_writeback_unsupported", "_wrote_through", "conn",
+        "_fua", "_id", "_io", "_pipe", "_req", "_writeback_unsupported", "_wrote_through", "conn",
         "counts", "held", "log_full", "log_full_events", "num_queues", "on_log_full",
         "pause_until_resumed", "readonly", "sectorsize", "sink", "size", "started", "unlogged",
         "wce",
@@ -299,8 +298,8 @@ class BlkDevice:
         n = 0
         while True:
             if fast is not None and not pipe:
-                # Plain reads and writes are served in C until one is not (it is popped into
-                # `req` and served below, from the start) or the batch must be published.
+                # Plain requests are served in C until one is not (it is popped into `req` and
+                # served below, from the start) or the batch must be published.
                 self._sync_plain_path()
                 filled[0] = n
                 got = lvu.serve(dev, qidx, req, fast, filled)
@@ -310,18 +309,8 @@ class BlkDevice:
                 if got == lvu.SERVE_EMPTY:
                     break
                 if got != lvu.SERVE_POPPED:
-                    if got == lvu.SERVE_FLUSHED:
-                        self._fast_sink.flushed_by_device(fast.next_block)  # type: ignore[union-attr]
-                    elif got == lvu.SERVE_IMAGE_NOT_DURABLE:
-                        self.counts[C_FLUSH] += 1
-                        status, used_len = self._image_not_durable(
-                            OSError(fast.error, os.strerror(fast.error)))
-                        fill(dev, qidx, req, status, used_len, n)
-                        n += 1
-                    elif got == lvu.SERVE_LOG_NOT_DURABLE:
-                        # As LogWriter.commit raises it in Python: the log is not ours to trust.
-                        raise OSError(fast.error, f"log sync for a FLUSH: "
-                                                  f"{os.strerror(fast.error)}")
+                    if got != lvu.SERVE_PUBLISH:
+                        n = self._plain_flush_done(got, dev, qidx, req, n)
                     self._end_batch(dev, qidx, n)
                     n = 0
                     if self.held:
@@ -369,6 +358,25 @@ class BlkDevice:
             fast.next_block = writer.next_block
             fast.next_index = writer.next_index
             fast.room_end = writer.room_end
+
+    def _plain_flush_done(self, got: int, dev: object, qidx: int, req: object, n: int) -> int:
+        """Take over a FLUSH the C path served (`got`: how it ended); the batch's fill count
+        after it."""
+        fast: Any = self._fast
+        if got == lvu.SERVE_FLUSHED:                # C filled it
+            assert self._fast_sink is not None
+            self._fast_sink.flushed_by_device(fast.next_block)
+            return n
+        if got == lvu.SERVE_IMAGE_NOT_DURABLE:
+            self.counts[C_FLUSH] += 1
+            status, used_len = self._image_not_durable(OSError(fast.error,
+                                                               os.strerror(fast.error)))
+            lvu.fill(dev, qidx, req, status, used_len, n)
+            return n + 1
+        assert got == lvu.SERVE_LOG_NOT_DURABLE
+        # As LogWriter.commit raises it in Python: a log that cannot be synced is not ours
+        # to trust.
+        raise OSError(fast.error, f"log sync for a FLUSH: {os.strerror(fast.error)}")
 
     def _take_staged(self) -> None:
         """The records the C path staged join the sink's unflushed list."""
