@@ -580,6 +580,8 @@ LwFast *lw_fast_new(void)
     return calloc(1, sizeof(LwFast));
 }
 
+int lw_start_writeback(int fd);    /* below, with the other system calls */
+
 static void lw_put_le64(uint8_t *at, uint64_t v)
 {
     for (int i = 0; i < 8; i++) {
@@ -653,7 +655,7 @@ static int lw_flush(LwFast *f)
     if (at + ss > f->room_end) {
         return LW_SERVE_POPPED;
     }
-    if (f->start_writeback && sync_file_range(f->image_fd, 0, 0, SYNC_FILE_RANGE_WRITE)) {
+    if (f->start_writeback && lw_start_writeback(f->image_fd) < 0) {
         f->start_writeback = false;     /* best effort: fdatasync does all the work then */
     }
     if (pwrite(f->log_fd, f->flush_header, ss, at) != (ssize_t)ss) {

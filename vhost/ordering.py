@@ -284,7 +284,7 @@ class LogWritesSink(_LoggingSink):
         listens), carrying every staged record: its entry ends at `next_block`, and every
         entry is counted."""
         writer = self.writer
-        first = writer.next_index - len(self._staged)
+        first = self._first_staged()[0]
         writer.appended(1, next_block)
         writer.counted(writer.next_index)
         self._dirty = False
