@@ -30,10 +30,16 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <unistd.h>
+#include <sys/epoll.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include "libvhost-user.h"
 #include "standard-headers/linux/virtio_blk.h"
+
+typedef struct LwFast LwFast;
+typedef struct LwReq LwReq;
+
+#define LW_WATCH_MAX 64         /* libvhost-user watches one kick eventfd per queue */
 
 typedef struct LwDev {
     VuDev dev;                  /* first: a VuDev * from libvhost-user is our LwDev * */
@@ -59,9 +65,17 @@ typedef struct LwDev {
     struct LwExpect { uint16_t qidx; uint16_t head; uint64_t counter; } *expect;
     uint64_t duplicates;        /* resubmissions completed that way */
     uint64_t resubmitted;       /* resubmissions popped (handed to Python or not) */
+    /* libvhost-user's watches (the queues' kick eventfds), which lw_wait serves itself. */
+    unsigned int nwatch;
+    struct LwWatch { int fd; vu_watch_cb cb; void *data; } watch[LW_WATCH_MAX];
+    /* While lw_wait runs with them: the plain path's state and request for kicks served in
+     * C; NULL: every kick goes to Python. */
+    LwFast *kick_fast;
+    LwReq *kick_req;
+    bool upcalled;              /* Python ran since lw_wait began its round */
 } LwDev;
 
-typedef struct LwReq {
+struct LwReq {
     VuVirtqElement *elem;
     uint32_t type;
     uint64_t sector;            /* virtio's req_sector: 512-byte units */
@@ -74,7 +88,7 @@ typedef struct LwReq {
     uint16_t head;
     uint64_t counter;
     bool resubmitted;           /* from libvhost-user's resubmit list after a reconnect */
-} LwReq;
+};
 
 #define LW_REQ_OK 0
 #define LW_REQ_NO_HEADER 1      /* fewer than 16 driver-written bytes */
@@ -89,6 +103,7 @@ static void lw_py_set_watch(void *owner, int fd, int condition, void *cb, void *
 static void lw_py_remove_watch(void *owner, int fd);
 static void lw_py_queue_started(void *owner, int qidx, bool started);
 static void lw_py_kick(void *owner, int qidx);
+static void lw_py_kick_from(void *owner, int qidx, int got, unsigned int filled);
 static int lw_py_set_config(void *owner, const uint8_t *data, uint32_t offset,
                             uint32_t size, uint32_t flags);
 static void lw_py_queue_resumed(void *owner, int qidx, int resubmits);
@@ -97,17 +112,48 @@ static void lw_py_queue_resumed(void *owner, int qidx, int resubmits);
 
 static void lw_panic(VuDev *dev, const char *err)
 {
+    LW_OF(dev)->upcalled = true;
     lw_py_panic(LW_OF(dev)->owner, err);
 }
 
+static struct LwWatch *lw_watch_find(LwDev *d, int fd)
+{
+    for (unsigned int i = 0; i < d->nwatch; i++) {
+        if (d->watch[i].fd == fd) {
+            return &d->watch[i];
+        }
+    }
+    return NULL;
+}
+
+/* Python watches every fd (its loop's epoll set, its callbacks); the glue keeps its own table
+ * of libvhost-user's, so that lw_wait can serve them without Python. One the table has no room
+ * for is served through Python, as before. */
 static void lw_set_watch(VuDev *dev, int fd, int condition, vu_watch_cb cb, void *data)
 {
-    lw_py_set_watch(LW_OF(dev)->owner, fd, condition, (void *)cb, data);
+    LwDev *d = LW_OF(dev);
+    struct LwWatch *w = lw_watch_find(d, fd);
+    if (!w && d->nwatch < LW_WATCH_MAX) {
+        w = &d->watch[d->nwatch++];
+    }
+    if (w) {
+        w->fd = fd;
+        w->cb = cb;
+        w->data = data;
+    }
+    d->upcalled = true;
+    lw_py_set_watch(d->owner, fd, condition, (void *)cb, data);
 }
 
 static void lw_remove_watch(VuDev *dev, int fd)
 {
-    lw_py_remove_watch(LW_OF(dev)->owner, fd);
+    LwDev *d = LW_OF(dev);
+    struct LwWatch *w = lw_watch_find(d, fd);
+    if (w) {
+        *w = d->watch[--d->nwatch];
+    }
+    d->upcalled = true;
+    lw_py_remove_watch(d->owner, fd);
 }
 
 static uint64_t lw_get_features(VuDev *dev)
@@ -194,9 +240,17 @@ static int lw_process_msg(VuDev *dev, VhostUserMsg *vmsg, int *do_reply)
     return 0;
 }
 
+static void lw_kick_in_c(LwDev *d, int qidx);
+
 static void lw_queue_handler(VuDev *dev, int qidx)
 {
-    lw_py_kick(LW_OF(dev)->owner, qidx);
+    LwDev *d = LW_OF(dev);
+    if (d->kick_fast) {
+        lw_kick_in_c(d, qidx);
+        return;
+    }
+    d->upcalled = true;
+    lw_py_kick(d->owner, qidx);
 }
 
 static void lw_queue_set_started(VuDev *dev, int qidx, bool started)
@@ -207,6 +261,7 @@ static void lw_queue_set_started(VuDev *dev, int qidx, bool started)
         LW_OF(dev)->resume_check |= 1ULL << qidx;
     }
     vu_set_queue_handler(dev, &dev->vq[qidx], started ? lw_queue_handler : NULL);
+    LW_OF(dev)->upcalled = true;
     lw_py_queue_started(LW_OF(dev)->owner, qidx, started);
 }
 
@@ -222,6 +277,7 @@ static int lw_get_config(VuDev *dev, uint8_t *config, uint32_t len)
 static int lw_set_config(VuDev *dev, const uint8_t *data, uint32_t offset, uint32_t size,
                          uint32_t flags)
 {
+    LW_OF(dev)->upcalled = true;
     return lw_py_set_config(LW_OF(dev)->owner, data, offset, size, flags);
 }
 
@@ -254,6 +310,7 @@ bool lw_init(LwDev *d, uint16_t max_queues, int sock)
     d->disconnected = false;
     d->resume_check = 0;
     d->npending = 0;
+    d->nwatch = 0;
     return vu_init(&d->dev, max_queues, sock, lw_panic, NULL, lw_set_watch, lw_remove_watch,
                    &d->iface);
 }
@@ -385,6 +442,7 @@ int lw_pop(LwDev *d, int qidx, LwReq *req)
     VuVirtq *vq = &dev->vq[qidx];
     if (d->resume_check & (1ULL << qidx)) {
         d->resume_check &= ~(1ULL << qidx);
+        d->upcalled = true;
         lw_py_queue_resumed(d->owner, qidx, lw_resubmits(d, qidx));
     }
     for (;;) {
@@ -548,10 +606,11 @@ void lw_publish(LwDev *d, int qidx, unsigned int count)
 #define LW_SERVE_IMAGE_NOT_DURABLE 4   /* `req` is a FLUSH whose image sync failed (`error`) */
 #define LW_SERVE_LOG_NOT_DURABLE 5     /* `req` is a FLUSH whose log sync or count failed */
 #define LW_FAST_BATCH 64        /* = vhost/blk.py BATCH */
+#define LW_FAST_STAGED_MAX 1024 /* records staged by C before Python takes them */
 #define LW_FAST_PUBLISH_AFTER (64 << 10)
 #define LW_ENTRY_MAX 4096       /* the largest sectorsize: one header block */
 
-typedef struct LwFast {
+struct LwFast {
     int image_fd;
     int log_fd;                 /* -1: nothing is logged (passthrough) */
     uint64_t size;              /* the device's bytes */
@@ -567,13 +626,14 @@ typedef struct LwFast {
     uint64_t next_index;        /* the log's next entry's index */
     uint64_t room_end;          /* the log's zeroed room ends here (bytes) */
     unsigned int staged;        /* records appended by C since Python last took them */
-    uint32_t blocks[LW_FAST_BATCH];
+    uint32_t blocks[LW_FAST_STAGED_MAX];
     int error;                  /* errno of the failed sync (LW_SERVE_*_NOT_DURABLE) */
     uint64_t reads, writes_done, flushes_done, bytes_read, bytes_written;
+    uint64_t kicks;             /* kicks served wholly in C, Python asleep (lw_wait) */
     uint8_t header[LW_ENTRY_MAX];        /* a write's header block: zeros, sector and size go in */
     uint8_t flush_header[LW_ENTRY_MAX];  /* the FLUSH entry (Python encodes it) */
     uint8_t super_block[LW_ENTRY_MAX];   /* the super block (Python encodes it; count at 16) */
-} LwFast;
+};
 
 LwFast *lw_fast_new(void)
 {
@@ -606,7 +666,7 @@ static uint32_t lw_serve_one(LwFast *f, LwReq *req)
         return (uint32_t)nbytes + 1;
     }
     if (req->type != VIRTIO_BLK_T_OUT || !f->writes || !nbytes || nbytes >= f->write_max
-            || f->staged == LW_FAST_BATCH) {
+            || f->staged == LW_FAST_STAGED_MAX) {
         return 0;
     }
     uint64_t entry = ss + nbytes, at = f->next_block * ss;
@@ -704,6 +764,76 @@ int lw_serve(LwDev *d, int qidx, LwReq *req, LwFast *f, unsigned int *filled)
             return LW_SERVE_PUBLISH;
         }
     }
+}
+
+/* A kick while lw_wait has the plain path (see there): served like Python's kick serves it
+ * with lw_serve, published here, until the ring is empty. Anything else lw_serve returns (a
+ * request it popped for Python, a FLUSH, a failure) goes to Python's kick with the batch as
+ * it stands; so does the kick when the staged records near what the table holds. */
+static void lw_kick_in_c(LwDev *d, int qidx)
+{
+    LwFast *f = d->kick_fast;
+    unsigned int filled = 0;
+    while (f->staged + LW_FAST_BATCH <= LW_FAST_STAGED_MAX) {
+        int got = lw_serve(d, qidx, d->kick_req, f, &filled);
+        if (got == LW_SERVE_PUBLISH) {
+            lw_publish(d, qidx, filled);
+            filled = 0;
+            continue;
+        }
+        if (got == LW_SERVE_EMPTY) {
+            lw_publish(d, qidx, filled);
+            f->kicks++;
+            return;
+        }
+        d->upcalled = true;
+        lw_py_kick_from(d->owner, qidx, got, filled);
+        return;
+    }
+    lw_publish(d, qidx, filled);
+    d->upcalled = true;
+    lw_py_kick(d->owner, qidx);
+}
+
+#define LW_WAIT_EVENTS 16
+
+/* The serve loop's wait (vhost/server.py): block on its epoll set `epfd` and serve
+ * libvhost-user's watches (kicks) here as they fire; return when another fd is readable,
+ * with those fds in `fds` (at most `max`), for Python's callbacks. With `f` and `req` lent
+ * (the device's plain path, in sync with Python's state), a kick's plain requests are served
+ * wholly in C: at queue depth 1 a request then costs no Python at all. What C staged meanwhile
+ * Python takes when this returns, before anything else of its own runs; so the wait also
+ * returns (0, or the fds found so far) as soon as Python ran inside it (a kick left to it, a
+ * panic): its state may have moved, and the next wait lends the path in sync again. The
+ * epoll set is level-triggered, so events left unread come back at the next wait. -errno on
+ * failure; 0 when a signal interrupted (Python runs its handlers). */
+int lw_wait(LwDev *d, int epfd, int *fds, int max, LwFast *f, LwReq *req)
+{
+    struct epoll_event ev[LW_WAIT_EVENTS];
+    int want = max < LW_WAIT_EVENTS ? max : LW_WAIT_EVENTS, out = 0;
+    bool python_ran = false;
+    d->kick_fast = f;
+    d->kick_req = req;
+    d->upcalled = false;
+    while (!out && !python_ran) {
+        int n = epoll_wait(epfd, ev, want, -1);
+        if (n < 0) {
+            out = errno == EINTR ? 0 : -errno;
+            break;
+        }
+        for (int i = 0; i < n && !python_ran; i++) {
+            struct LwWatch *w = lw_watch_find(d, ev[i].data.fd);
+            if (!w) {
+                fds[out++] = ev[i].data.fd;
+                continue;
+            }
+            w->cb(&d->dev, VU_WATCH_IN, w->data);
+            python_ran = d->upcalled || d->disconnected || d->dev.broken;
+        }
+    }
+    d->kick_fast = NULL;
+    d->kick_req = NULL;
+    return out;
 }
 
 bool lw_queue_started(LwDev *d, int qidx)

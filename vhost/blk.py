@@ -287,30 +287,31 @@ class BlkDevice:
 
     # -- the hot path --------------------------------------------------------------------------
 
-    def kick(self, qidx: int) -> None:
-        """Serve queue `qidx` until it is empty (or a stop point holds it)."""
+    def kick(self, qidx: int, got: int = -1, n: int = 0) -> None:
+        """Serve queue `qidx` until it is empty (or a stop point holds it). `got` and `n`: the
+        C path began this kick itself (`lend_plain_path`) and left it here, with what
+        `lvu.serve` returned and the batch's fill count."""
         conn = self.conn
-        if self.held or conn is None or not conn.open:
+        assert conn is not None or got < 0
+        if got < 0 and (self.held or conn is None or not conn.open):
             return
         dev, req, pop, fill, handle = conn.dev, self._req, lvu.pop, lvu.fill, self._handle
         pipe = self._pipe if self.on_log_full == "fail" else None
-        fast, filled = self._fast, self._filled
-        n = 0
+        fast = self._fast
+        if fast is not None and fast.staged:
+            self._take_staged()
         while True:
             if fast is not None and not pipe:
                 # Plain requests are served in C until one is not (it is popped into `req` and
                 # served below, from the start) or the batch must be published.
-                self._sync_plain_path()
-                filled[0] = n
-                got = lvu.serve(dev, qidx, req, fast, filled)
-                n = filled[0]
-                if fast.staged:
-                    self._take_staged()
-                if got == lvu.SERVE_EMPTY:
+                if got < 0:
+                    got, n = self._serve_plain(dev, qidx, req, n)
+                served, got = got, -1
+                if served == lvu.SERVE_EMPTY:
                     break
-                if got != lvu.SERVE_POPPED:
-                    if got != lvu.SERVE_PUBLISH:
-                        n = self._plain_flush_done(got, dev, qidx, req, n)
+                if served != lvu.SERVE_POPPED:
+                    if served != lvu.SERVE_PUBLISH:
+                        n = self._plain_flush_done(served, dev, qidx, req, n)
                     self._end_batch(dev, qidx, n)
                     n = 0
                     if self.held:
@@ -344,6 +345,32 @@ class BlkDevice:
                 if self.held:
                     return
         self._end_batch(dev, qidx, n)
+
+    def _serve_plain(self, dev: object, qidx: int, req: object, n: int) -> tuple[int, int]:
+        """`lvu.serve` on the batch of `n` filled entries: what it returned, and the fill count
+        after it."""
+        fast, filled = self._fast, self._filled
+        self._sync_plain_path()
+        filled[0] = n
+        got = lvu.serve(dev, qidx, req, fast, filled)
+        if fast.staged:
+            self._take_staged()
+        return got, filled[0]
+
+    def lend_plain_path(self) -> tuple[Any, Any] | None:
+        """The C path's state and request, for kicks served wholly in C while the serve loop
+        waits (`lvu.Connection.wait`); None when every kick must come here: no C path, a stop
+        point holds the queues, or the connection is gone."""
+        fast, conn = self._fast, self.conn
+        if fast is None or self.held or conn is None or not conn.open:
+            return None
+        self._sync_plain_path()
+        return fast, self._req
+
+    def take_back_plain_path(self) -> None:
+        """The records C staged while lent join the sink, before anything else looks at it."""
+        if self._fast.staged:
+            self._take_staged()
 
     def _sync_plain_path(self) -> None:
         """Tell the C path what Python may have changed since it last ran: whether writes may
@@ -717,6 +744,11 @@ class BlkDevice:
         """Requests the C path served (plain reads and writes)."""
         fast = self._fast
         return 0 if fast is None else fast.reads + fast.writes_done + fast.flushes_done
+
+    @property
+    def kicks_in_c(self) -> int:
+        """Kicks served wholly in C while the serve loop waited, Python asleep."""
+        return 0 if self._fast is None else self._fast.kicks
 
     @property
     def bytes_read(self) -> int:

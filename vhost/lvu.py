@@ -26,6 +26,7 @@ connection reports the resubmissions libvhost-user found (`on_queue_resumed`) an
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import Any, Final, Protocol
@@ -105,6 +106,9 @@ PROTOCOL_F_MQ: Final = lib.VHOST_USER_PROTOCOL_F_MQ
 PROTOCOL_F_CONFIG: Final = lib.VHOST_USER_PROTOCOL_F_CONFIG
 PROTOCOL_F_INFLIGHT_SHMFD: Final = lib.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
 
+# Ready fds one `Connection.wait` returns at most (the glue takes 16 events per epoll_wait).
+READY_MAX: Final = 16
+
 # (qidx, head, counter) of a popped request: what libvhost-user's in-flight region knows it by.
 Identity = tuple[int, int, int]
 
@@ -122,7 +126,16 @@ class Device(Protocol):
 
     def queue_started(self, qidx: int, started: bool) -> None: ...
 
-    def kick(self, qidx: int) -> None: ...
+    def kick(self, qidx: int, got: int = -1, filled: int = 0) -> None:
+        """Serve queue `qidx`; `got` and `filled`: where the C path left the kick it began
+        (`Connection.wait`), or -1 and 0."""
+
+    def lend_plain_path(self) -> tuple[Any, Any] | None:
+        """The plain path's state and request (LwFast *, LwReq *), in sync, for kicks served
+        in C during `Connection.wait`; None to serve them all through `kick`."""
+
+    def take_back_plain_path(self) -> None:
+        """After `Connection.wait`: take over what C served meanwhile."""
 
     def set_config(self, offset: int, data: bytes) -> bool: ...
 
@@ -164,6 +177,7 @@ class Connection:
         self.on_queue_resumed: Callable[[int, list[tuple[int, int]]], None] | None = None
         if inflight:
             protocol_features |= 1 << PROTOCOL_F_INFLIGHT_SHMFD
+        self._ready = ffi.new("int[]", READY_MAX)
         self._handle = ffi.new_handle(self)      # kept alive as long as C may call back
         self._watch: dict[int, tuple[Any, Any]] = {}
         self.dev = lib.lw_new(self._handle)
@@ -188,6 +202,25 @@ class Connection:
         if not ok or self.dev.disconnected or self.dev.dev.broken:
             self.disconnected = True
         _raise_remembered()
+
+    def wait(self, epfd: int) -> list[int]:
+        """Block on the serve loop's epoll set `epfd` until an fd other than libvhost-user's
+        is readable, serving kicks meanwhile (in C, with the device's plain path lent): the
+        fds for the loop's callbacks; [] when Python ran in between (look again) or a signal
+        came."""
+        device = self.device
+        lent = device.lend_plain_path()
+        fast, req = lent if lent is not None else (ffi.NULL, ffi.NULL)
+        ready = self._ready
+        n = lib.lw_wait(self.dev, epfd, ready, READY_MAX, fast, req)
+        if lent is not None:
+            device.take_back_plain_path()
+        if self.dev.disconnected or self.dev.dev.broken:
+            self.disconnected = True
+        _raise_remembered()
+        if n < 0:
+            raise OSError(-n, f"epoll_wait: {os.strerror(-n)}")
+        return ffi.unpack(ready, n) if n else []
 
     def _fire(self, fd: int) -> None:
         cb, data = self._watch[fd]
@@ -298,6 +331,11 @@ def lw_py_queue_started(owner: Any, qidx: int, started: bool) -> None:
 @ffi.def_extern(onerror=_remember_failure)
 def lw_py_kick(owner: Any, qidx: int) -> None:
     ffi.from_handle(owner).device.kick(qidx)
+
+
+@ffi.def_extern(onerror=_remember_failure)
+def lw_py_kick_from(owner: Any, qidx: int, got: int, filled: int) -> None:
+    ffi.from_handle(owner).device.kick(qidx, got, filled)
 
 
 @ffi.def_extern(onerror=_remember_failure)

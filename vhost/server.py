@@ -59,10 +59,17 @@ class EventLoop:
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(fd)
 
-    def run_once(self, timeout: float | None) -> None:
+    def run_once(self, timeout: float | None,
+                 wait: Callable[[int], list[int]] | None = None) -> None:
+        """Call back every readable fd once. `wait` (with no timeout): waits on the epoll set
+        instead of `poll` (`Connection.wait`, which serves kicks in C) and returns the ready
+        fds."""
         callbacks = self._callbacks
-        ready = [(fd, callbacks.get(fd))
-                 for fd, _ in self._epoll.poll(-1 if timeout is None else timeout)]
+        if wait is not None and timeout is None:
+            ready = [(fd, callbacks.get(fd)) for fd in wait(self._epoll.fileno())]
+        else:
+            ready = [(fd, callbacks.get(fd))
+                     for fd, _ in self._epoll.poll(-1 if timeout is None else timeout)]
         for fd, callback in ready:
             # An earlier callback of this round may have unwatched or replaced this fd.
             if callback is not None and callbacks.get(fd) is callback:
@@ -139,7 +146,8 @@ class Server:
                                              self.socket_mode)
             on_ready()
             while self._stop_signal is None:
-                self.loop.run_once(None)
+                conn = self.conn
+                self.loop.run_once(None, conn.wait if conn is not None and conn.open else None)
                 conn = self.conn
                 if conn is not None and conn.disconnected:
                     self._disconnected()
