@@ -597,12 +597,13 @@ void lw_publish(LwDev *d, int qidx, unsigned int count)
  * from the start, as if C had never seen it (writing the same guest data to the same place
  * again is harmless, and nothing of it was counted). A FLUSH whose sync failed is not served
  * again (a second fdatasync could succeed where the first lost the error): it is handed back
- * with its errno. What C did is left in `f` for Python to take over: the records it staged,
- * a FLUSH it logged, the counters. */
+ * with its errno. What C did is left in `f` for Python to take over: the entries it appended
+ * in order (`blocks`: a record's log blocks, 0 for a FLUSH, which carried every record before
+ * it), the counters. */
 #define LW_SERVE_EMPTY 0        /* the ring is empty */
 #define LW_SERVE_POPPED 1       /* `req` holds a popped request for Python */
 #define LW_SERVE_PUBLISH 2      /* the batch must be published now */
-#define LW_SERVE_FLUSHED 3      /* a FLUSH completed (filled): Python counts it, publishes */
+#define LW_SERVE_FLUSHED 3      /* a FLUSH completed (filled): the batch is published */
 #define LW_SERVE_IMAGE_NOT_DURABLE 4   /* `req` is a FLUSH whose image sync failed (`error`) */
 #define LW_SERVE_LOG_NOT_DURABLE 5     /* `req` is a FLUSH whose log sync or count failed */
 #define LW_FAST_BATCH 64        /* = vhost/blk.py BATCH */
@@ -625,8 +626,8 @@ struct LwFast {
     uint64_t next_block;        /* the log's next entry, in sectorsize blocks */
     uint64_t next_index;        /* the log's next entry's index */
     uint64_t room_end;          /* the log's zeroed room ends here (bytes) */
-    unsigned int staged;        /* records appended by C since Python last took them */
-    uint32_t blocks[LW_FAST_STAGED_MAX];
+    unsigned int staged;        /* entries appended by C since Python last took them */
+    uint32_t blocks[LW_FAST_STAGED_MAX];    /* their log blocks in order; 0: a FLUSH */
     int error;                  /* errno of the failed sync (LW_SERVE_*_NOT_DURABLE) */
     uint64_t reads, writes_done, flushes_done, bytes_read, bytes_written;
     uint64_t kicks;             /* kicks served wholly in C, Python asleep (lw_wait) */
@@ -709,6 +710,7 @@ static int lw_flush(LwFast *f)
             f->error = errno;
             return LW_SERVE_IMAGE_NOT_DURABLE;
         }
+        f->blocks[f->staged++] = 0;
         return LW_SERVE_FLUSHED;
     }
     uint64_t ss = f->sectorsize, at = f->next_block * ss, count = f->next_index + 1;
@@ -737,6 +739,7 @@ static int lw_flush(LwFast *f)
     }
     f->next_block++;
     f->next_index++;
+    f->blocks[f->staged++] = 0;
     return LW_SERVE_FLUSHED;
 }
 
@@ -746,7 +749,8 @@ int lw_serve(LwDev *d, int qidx, LwReq *req, LwFast *f, unsigned int *filled)
         if (!lw_pop(d, qidx, req)) {
             return LW_SERVE_EMPTY;
         }
-        if (req->type == VIRTIO_BLK_T_FLUSH && req->problem == LW_REQ_OK && f->flushes) {
+        if (req->type == VIRTIO_BLK_T_FLUSH && req->problem == LW_REQ_OK && f->flushes
+                && f->staged < LW_FAST_STAGED_MAX) {
             int got = lw_flush(f);
             if (got == LW_SERVE_FLUSHED) {
                 f->flushes_done++;
@@ -768,15 +772,15 @@ int lw_serve(LwDev *d, int qidx, LwReq *req, LwFast *f, unsigned int *filled)
 
 /* A kick while lw_wait has the plain path (see there): served like Python's kick serves it
  * with lw_serve, published here, until the ring is empty. Anything else lw_serve returns (a
- * request it popped for Python, a FLUSH, a failure) goes to Python's kick with the batch as
- * it stands; so does the kick when the staged records near what the table holds. */
+ * request it popped for Python, a failed sync) goes to Python's kick with the batch as it
+ * stands; so does the kick when the entries C appended near what the table holds. */
 static void lw_kick_in_c(LwDev *d, int qidx)
 {
     LwFast *f = d->kick_fast;
     unsigned int filled = 0;
     while (f->staged + LW_FAST_BATCH <= LW_FAST_STAGED_MAX) {
         int got = lw_serve(d, qidx, d->kick_req, f, &filled);
-        if (got == LW_SERVE_PUBLISH) {
+        if (got == LW_SERVE_PUBLISH || got == LW_SERVE_FLUSHED) {
             lw_publish(d, qidx, filled);
             filled = 0;
             continue;

@@ -24,10 +24,18 @@ until the ring is empty, the batch must be published, or it pops a request it le
 room's end): that one is served here from the start, as if C had never seen it. A FLUSH whose
 sync failed comes back with its errno and is answered here as `_flush` answers it (it is not
 synced again: a second fdatasync could succeed where the first lost the error). After each
-call the records C staged, and a FLUSH it logged, are taken into the sink. Measured with the
-test front-end, a logged 4 KiB write cost 33 us of backend CPU in Python and 23 us this way;
-`LOGWRITES_PLAIN_IN_C=0` serves everything in Python (tests/system/test_plain_path.py checks
-that both leave the same log, image and answers).
+call the entries C appended (staged records, and FLUSHes that carried every record before
+them) are taken into the sink, in order. Measured with the test front-end, a logged 4 KiB
+write cost 33 us of backend CPU in Python and 23 us this way; `LOGWRITES_PLAIN_IN_C=0` serves
+everything in Python (tests/system/test_plain_path.py checks that both leave the same log,
+image and answers).
+
+While the serve loop waits (vhost/server.py, `lvu.Connection.wait`), the C path is lent to the
+glue (`lend_plain_path`, in sync with the state here): a kick whose requests are all plain is
+then served and published in C without Python waking at all, which at queue depth 1 is every
+request. Whatever C hands back (a request for Python, a failed FLUSH) comes to `kick` with the
+batch as it stands, and the wait returns; what C appended meanwhile is taken into the sink
+(`take_back_plain_path`) before any other Python code runs.
 
 Every record reaches the log file when its request completes (in `logwrites` mode uncounted
 until a FLUSH carries it), so when the log cannot take an entry (LogFullError: its filesystem
@@ -104,6 +112,8 @@ COUNTER_NAMES: Final = ("in", "out", "flush", "get_id", "discard", "write_zeroes
 _IOERR: Final = (V.S_IOERR, 1)
 _UNSUPP: Final = (V.S_UNSUPP, 1)
 _OK: Final = (V.S_OK, 1)
+# What the C path returns for a FLUSH whose sync failed (answered in Python).
+_FLUSH_FAILED: Final = (lvu.SERVE_IMAGE_NOT_DURABLE, lvu.SERVE_LOG_NOT_DURABLE)
 
 
 class _ImageNotDurable(Exception):
@@ -310,8 +320,8 @@ class BlkDevice:
                 if served == lvu.SERVE_EMPTY:
                     break
                 if served != lvu.SERVE_POPPED:
-                    if served != lvu.SERVE_PUBLISH:
-                        n = self._plain_flush_done(served, dev, qidx, req, n)
+                    if served in _FLUSH_FAILED:
+                        n = self._plain_flush_failed(served, dev, qidx, req, n)
                     self._end_batch(dev, qidx, n)
                     n = 0
                     if self.held:
@@ -386,14 +396,11 @@ class BlkDevice:
             fast.next_index = writer.next_index
             fast.room_end = writer.room_end
 
-    def _plain_flush_done(self, got: int, dev: object, qidx: int, req: object, n: int) -> int:
-        """Take over a FLUSH the C path served (`got`: how it ended); the batch's fill count
-        after it."""
+    def _plain_flush_failed(self, got: int, dev: object, qidx: int, req: object, n: int
+                            ) -> int:
+        """Answer a FLUSH whose sync failed in the C path (`got`: which one); the batch's fill
+        count after it."""
         fast: Any = self._fast
-        if got == lvu.SERVE_FLUSHED:                # C filled it
-            assert self._fast_sink is not None
-            self._fast_sink.flushed_by_device(fast.next_block)
-            return n
         if got == lvu.SERVE_IMAGE_NOT_DURABLE:
             self.counts[C_FLUSH] += 1
             status, used_len = self._image_not_durable(OSError(fast.error,
@@ -406,12 +413,31 @@ class BlkDevice:
         raise OSError(fast.error, f"log sync for a FLUSH: {os.strerror(fast.error)}")
 
     def _take_staged(self) -> None:
-        """The records the C path staged join the sink's unflushed list."""
+        """What the C path appended since Python last looked joins the sink, in order: runs of
+        staged records, and the FLUSHes that carried every record before them (a 0)."""
         fast: Any = self._fast
-        sink = self.sink
-        assert isinstance(sink, LogWritesSink)
-        sink.staged_by_device(lvu.unpack(fast.blocks, fast.staged), fast.next_block)
+        sink, writer = self._fast_sink, self._fast_writer
+        assert sink is not None
+        appended = lvu.unpack(fast.blocks, fast.staged)
         fast.staged = 0
+        if writer is None:                      # passthrough: only FLUSHes
+            for _ in appended:
+                sink.flushed_by_device(0)
+            return
+        assert isinstance(sink, LogWritesSink)
+        start = 0
+        if 0 in appended:
+            block = writer.next_block
+            for i, blocks in enumerate(appended):
+                if blocks == 0:
+                    if i > start:
+                        block += sum(appended[start:i])
+                        sink.staged_by_device(appended[start:i], block)
+                    block += 1
+                    sink.flushed_by_device(block)
+                    start = i + 1
+        if start < len(appended):
+            sink.staged_by_device(appended[start:], fast.next_block)
 
     def _big_write(self, req: object) -> tuple[list, int, int, int, int] | None:
         """(buffers, offset, bytes, sector, sectors) of a valid big write for the pipeline;

@@ -12,7 +12,10 @@ which `dispatch()` turns into `disconnected`. An exception inside a callback can
 it is remembered and re-raised when the C call that led to it returns.
 
 The glue also holds virtio-blk's config space and parses requests (header, status byte), so
-the device's hot path calls `pop`/`fill`/`publish` straight into C.
+the device's hot path calls `pop`/`fill`/`publish` straight into C. The serve loop waits
+through `Connection.wait` (the glue's `lw_wait`): libvhost-user's watches, the kick eventfds,
+are served in C as they fire, with the device's plain path lent for the kick's requests, and
+only the loop's other fds return to Python.
 
 In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) is always offered: QEMU then keeps
 libvhost-user's in-flight region across a backend restart and the restarted backend resubmits

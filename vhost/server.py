@@ -37,6 +37,8 @@ class EventLoop:
 
     `select.epoll` directly: at queue depth 1 every request is one wake-up, and `selectors`
     spends a few microseconds of Python on each (keys, maps, tuples) for nothing we use.
+    While a front-end is connected the wait itself is in C (`Connection.wait`): the kick
+    eventfds are served there, and only the other fds come back here.
     """
 
     def __init__(self) -> None:
