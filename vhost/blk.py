@@ -378,7 +378,8 @@ class BlkDevice:
         return fast, self._req
 
     def take_back_plain_path(self) -> None:
-        """The records C staged while lent join the sink, before anything else looks at it."""
+        """What C appended while lent (records, FLUSHes) joins the sink, before anything else
+        looks at it."""
         if self._fast.staged:
             self._take_staged()
 
