@@ -607,7 +607,7 @@ void lw_publish(LwDev *d, int qidx, unsigned int count)
 #define LW_SERVE_IMAGE_NOT_DURABLE 4   /* `req` is a FLUSH whose image sync failed (`error`) */
 #define LW_SERVE_LOG_NOT_DURABLE 5     /* `req` is a FLUSH whose log sync or count failed */
 #define LW_FAST_BATCH 64        /* = vhost/blk.py BATCH */
-#define LW_FAST_STAGED_MAX 1024 /* records staged by C before Python takes them */
+#define LW_FAST_STAGED_MAX 1024 /* entries C appends before Python takes them */
 #define LW_FAST_PUBLISH_AFTER (64 << 10)
 #define LW_ENTRY_MAX 4096       /* the largest sectorsize: one header block */
 
@@ -832,7 +832,7 @@ int lw_wait(LwDev *d, int epfd, int *fds, int max, LwFast *f, LwReq *req)
                 continue;
             }
             w->cb(&d->dev, VU_WATCH_IN, w->data);
-            python_ran = d->upcalled || d->disconnected || d->dev.broken;
+            python_ran = d->upcalled;   /* a panic too: vu_panic calls lw_panic */
         }
     }
     d->kick_fast = NULL;

@@ -218,8 +218,8 @@ class Connection:
         n = lib.lw_wait(self.dev, epfd, ready, READY_MAX, fast, req)
         if lent is not None:
             device.take_back_plain_path()
-        if self.dev.disconnected or self.dev.dev.broken:
-            self.disconnected = True
+        # A panic in a kick (the one way a kick breaks the connection) already set
+        # `disconnected` through lw_py_panic.
         _raise_remembered()
         if n < 0:
             raise OSError(-n, f"epoll_wait: {os.strerror(-n)}")
