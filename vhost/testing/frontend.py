@@ -43,6 +43,7 @@ from vhost.testing.protocol import (
     bit,
 )
 from vhost.testing.virtqueue import (
+    ALLOC_ALIGN,
     DESC,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -58,6 +59,7 @@ SECTOR_SIZE: Final = 512                      # virtio-blk's request unit, whate
 OUTHDR: Final = struct.Struct("<IIQ")         # type, ioprio, sector
 SEGMENT: Final = struct.Struct("<QII")        # sector, num_sectors, flags (discard/write-zeroes)
 ID_BYTES: Final = 20                          # VIRTIO_BLK_ID_BYTES
+PAGE: Final = 4096
 POISON: Final = 0xA5                          # fills device-writable buffers before submission
 WRITE_ZEROES_FLAG_UNMAP: Final = 1
 # A made-up front-end virtual address for the memory region: libvhost-user translates ring
@@ -230,6 +232,13 @@ class Layout:
 
 
 DEFAULT_LAYOUT: Final = Layout()
+
+
+def _buffer_align(nbytes: int) -> int:
+    """Where a buffer starts in guest memory: a page for a page or more, as Linux's block
+    layer hands them over (the backend's O_DIRECT log writes go straight from them), else the
+    allocator's own alignment."""
+    return PAGE if nbytes >= PAGE else ALLOC_ALIGN
 
 
 def _cut(stream: bytes, cuts: Iterable[int]) -> list[bytes]:
@@ -508,7 +517,7 @@ class BlkFrontend:
         try:
             for part in parts:
                 if isinstance(part, int):
-                    gpa = self.memory.alloc(max(part, 1))
+                    gpa = self.memory.alloc(max(part, 1), align=_buffer_align(part))
                     allocations.append(gpa)
                     # Poison the whole allocation: a device writing past the buffer shows.
                     whole = self.memory.allocated_length(gpa)
@@ -517,7 +526,7 @@ class BlkFrontend:
                     in_buffers.append((gpa, part))
                     tails.append((gpa + part, whole - part))
                 else:
-                    gpa = self.memory.alloc(max(len(part), 1))
+                    gpa = self.memory.alloc(max(len(part), 1), align=_buffer_align(len(part)))
                     allocations.append(gpa)
                     self.memory.write(gpa, part)
                     descs.append(RawDesc(gpa, len(part), 0))

@@ -27,7 +27,7 @@ VRING_DESC_F_NEXT: Final = 1
 VRING_DESC_F_WRITE: Final = 2
 VRING_DESC_F_INDIRECT: Final = 4
 
-_ALLOC_ALIGN: Final = 64
+ALLOC_ALIGN: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +56,9 @@ class GuestMemory:
         self.map.close()
         os.close(self.fd)
 
-    def alloc(self, nbytes: int, align: int = _ALLOC_ALIGN) -> int:
+    def alloc(self, nbytes: int, align: int = ALLOC_ALIGN) -> int:
         """Reserve `nbytes` and return their gpa. :raise FrontendError: if memory is full."""
-        length = max(_ALLOC_ALIGN, -(-nbytes // _ALLOC_ALIGN) * _ALLOC_ALIGN)
+        length = max(ALLOC_ALIGN, -(-nbytes // ALLOC_ALIGN) * ALLOC_ALIGN)
         for i, (start, free_len) in enumerate(self._free):
             offset = -(-start // align) * align
             if offset + length <= start + free_len:
