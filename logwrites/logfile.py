@@ -190,10 +190,16 @@ class LogWriter:
     def fileno(self) -> int:
         return self._fd
 
+    def direct_fileno(self) -> int:
+        """The O_DIRECT descriptor big entries go through; -1 where the filesystem has none."""
+        return self._direct_fd
+
     def appended(self, entries: int, next_block: int) -> None:
-        """`entries` small entries were written into the room, up to `next_block`, by someone
-        else (the backend's C path for plain writes, vhost/blk.py): they follow the others."""
-        assert self.bytes_used <= next_block * self.sectorsize <= self.room_end
+        """`entries` entries were written up to `next_block` by someone else (the backend's C
+        path, vhost/blk.py): small ones into the room, big ones direct, perhaps past it (as
+        `_append` writes them); they follow the others."""
+        end = next_block * self.sectorsize
+        assert self.bytes_used <= end and (self.max_bytes is None or end <= self.max_bytes)
         self.next_index += entries
         self.next_block = next_block
 

@@ -29,6 +29,8 @@
 #include <string.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <unistd.h>
 #include <sys/epoll.h>
 #include <sys/stat.h>
@@ -631,6 +633,14 @@ struct LwFast {
     int error;                  /* errno of the failed sync (LW_SERVE_*_NOT_DURABLE) */
     uint64_t reads, writes_done, flushes_done, bytes_read, bytes_written;
     uint64_t kicks;             /* kicks served wholly in C, Python asleep (lw_wait) */
+    /* Big writes (vhost/pipeline.py's, in C): see "Big writes in flight" below. */
+    bool big_writes;            /* logged big writes may be served here (on_log_full fail) */
+    int log_direct_fd;          /* an O_DIRECT descriptor on the log; -1: none */
+    uint64_t log_limit;         /* the log may not grow past this many bytes */
+    uint64_t errors;            /* requests C completed with IOERR (a big write not logged) */
+    int big_failed;             /* 0, or why big writes were not logged (LW_BIG_LOG_*) */
+    uint64_t big_unlogged;      /* big writes completed IOERR since Python last looked */
+    struct LwBig *big;          /* the log thread and its slots; NULL until first needed */
     uint8_t header[LW_ENTRY_MAX];        /* a write's header block: zeros, sector and size go in */
     uint8_t flush_header[LW_ENTRY_MAX];  /* the FLUSH entry (Python encodes it) */
     uint8_t super_block[LW_ENTRY_MAX];   /* the super block (Python encodes it; count at 16) */
@@ -638,7 +648,20 @@ struct LwFast {
 
 LwFast *lw_fast_new(void)
 {
-    return calloc(1, sizeof(LwFast));
+    LwFast *f = calloc(1, sizeof(LwFast));
+    if (f) {
+        f->log_direct_fd = -1;
+        f->log_limit = UINT64_MAX;
+    }
+    return f;
+}
+
+static void lw_big_stop(LwFast *f);
+
+void lw_fast_free(LwFast *f)
+{
+    lw_big_stop(f);
+    free(f);
 }
 
 int lw_start_writeback(int fd);    /* below, with the other system calls */
@@ -650,12 +673,19 @@ static void lw_put_le64(uint8_t *at, uint64_t v)
     }
 }
 
+/* Whether `req` is well formed and inside the device, in whole sectors. */
+static bool lw_in_range(LwFast *f, LwReq *req)
+{
+    uint64_t offset = req->sector * 512, nbytes = req->len, ss = f->sectorsize;
+    return req->problem == LW_REQ_OK && req->sector <= (UINT64_MAX >> 9)
+        && !(offset % ss) && !(nbytes % ss) && offset <= f->size && nbytes <= f->size - offset;
+}
+
 /* Serve `req` here if it is plain; its used length, or 0 to leave it to Python. */
 static uint32_t lw_serve_one(LwFast *f, LwReq *req)
 {
     uint64_t offset = req->sector * 512, nbytes = req->len, ss = f->sectorsize;
-    if (req->problem != LW_REQ_OK || req->sector > (UINT64_MAX >> 9)
-            || offset % ss || nbytes % ss || offset > f->size || nbytes > f->size - offset) {
+    if (!lw_in_range(f, req)) {
         return 0;
     }
     if (req->type == VIRTIO_BLK_T_IN) {
@@ -743,12 +773,303 @@ static int lw_flush(LwFast *f)
     return LW_SERVE_FLUSHED;
 }
 
+/* Big writes in flight (vhost/pipeline.py's pipeline, in C, for the same reasons: a logged MiB
+ * is a copy into the image's page cache and an O_DIRECT write of about a millisecond to the
+ * log's disk, and the disks should never wait for the guest). The device's thread pops a big
+ * write, writes it to the image and hands it to the log thread, which appends its record
+ * (header block and payload, straight from the guest's buffers) in pop order; the device's
+ * thread pops on meanwhile and completes each in pop order once its record is in the log, one
+ * used entry published at a time. So the log's records are in completion order, a record is
+ * logged only after its image write succeeded (none is ever taken back), and the guest's
+ * buffers stay the device's until the request completes. Anything else popped meanwhile waits
+ * until every big write in flight completed (it is served alone, in pop order), and lw_serve
+ * never returns with one in flight: the log's end (next_block) has one writer at a time.
+ *
+ * A write whose image write failed is handed to Python from the start, as for plain writes
+ * (it fails there again and is reported). When the log cannot take a record (its size limit,
+ * its filesystem full: LW_BIG_LOG_FULL; any other error: LW_BIG_LOG_BROKEN), that request and
+ * every one behind it complete IOERR unlogged (they are on the image: none may be logged after
+ * a hole in completion order), writes stop being served here, and `big_failed` tells Python,
+ * which makes the device log-full (or gives up on the log) before it serves anything else. */
+#define LW_BIG_DEPTH 8          /* = vhost/pipeline.py DEPTH */
+#define LW_BIG_LOGGED 0
+#define LW_BIG_LOG_FULL 1       /* size limit (error 0), ENOSPC, EDQUOT, EFBIG, short write */
+#define LW_BIG_LOG_BROKEN 2     /* any other error writing the log (`error`) */
+#define LW_IOV_MAX 1024         /* Linux UIO_MAXIOV */
+#define LW_ALIGN 4096
+
+struct LwBigSlot {
+    LwReq req;                  /* the popped request; its element is freed when completed */
+    uint32_t blocks;            /* the record's log blocks: header and payload */
+    int result;                 /* LW_BIG_*, set by the log thread */
+    int error;
+};
+
+struct LwBig {
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t work;        /* the log thread waits for a slot */
+    pthread_cond_t done;        /* the device's thread waits for the oldest record */
+    bool quit;
+    bool log_waits, device_waits;    /* a signal is sent only to a thread that waits */
+    /* Sequence numbers: written to the image (and queued), logged, completed. */
+    unsigned int queued, logged, completed;
+    uint64_t at;                /* where the log thread appends next (bytes) */
+    int broken;                 /* LW_BIG_LOG_*: every later record fails the same way */
+    int broken_error;
+    uint8_t *headers;           /* a header block per slot, aligned for O_DIRECT */
+    struct LwBigSlot slot[LW_BIG_DEPTH];
+};
+
+/* The record of slot `s` at `at`: LW_BIG_LOGGED, or why not (`*error`). */
+static int lw_big_append(LwFast *f, struct LwBigSlot *s, uint8_t *header, uint64_t at,
+                         int *error)
+{
+    uint64_t ss = f->sectorsize, entry = (uint64_t)s->blocks * ss;
+    *error = 0;
+    if (at > f->log_limit || entry > f->log_limit - at) {
+        return LW_BIG_LOG_FULL;
+    }
+    struct iovec iov[LW_IOV_MAX];
+    lw_put_le64(header, s->req.sector * 512 / ss);
+    lw_put_le64(header + 8, s->req.len / ss);      /* flags, data_len: 0, as zeroed */
+    iov[0].iov_base = header;
+    iov[0].iov_len = ss;
+    memcpy(&iov[1], s->req.iov, s->req.niov * sizeof(struct iovec));
+    ssize_t n = -1;
+    errno = EINVAL;
+    if (f->log_direct_fd >= 0) {
+        n = pwritev(f->log_direct_fd, iov, s->req.niov + 1, at);
+    }
+    if (n < 0 && errno == EINVAL) {
+        /* No O_DIRECT here, or buffers it cannot take as they are: through the page cache. */
+        n = pwritev(f->log_fd, iov, s->req.niov + 1, at);
+    }
+    if (n == (ssize_t)entry) {
+        return LW_BIG_LOGGED;
+    }
+    if (n >= 0) {
+        *error = ENOSPC;                /* the filesystem ran out of room part-way */
+        return LW_BIG_LOG_FULL;
+    }
+    *error = errno;
+    return errno == ENOSPC || errno == EDQUOT || errno == EFBIG ? LW_BIG_LOG_FULL
+                                                               : LW_BIG_LOG_BROKEN;
+}
+
+static void *lw_big_log_thread(void *arg)
+{
+    LwFast *f = arg;
+    struct LwBig *b = f->big;
+    pthread_mutex_lock(&b->lock);
+    for (;;) {
+        while (b->logged == b->queued && !b->quit) {
+            b->log_waits = true;
+            pthread_cond_wait(&b->work, &b->lock);
+            b->log_waits = false;
+        }
+        if (b->logged == b->queued) {
+            break;
+        }
+        unsigned int i = b->logged % LW_BIG_DEPTH;
+        struct LwBigSlot *s = &b->slot[i];
+        uint64_t at = b->at;
+        int result = b->broken, error = b->broken_error;
+        pthread_mutex_unlock(&b->lock);
+        if (!result) {
+            result = lw_big_append(f, s, b->headers + i * LW_ALIGN, at, &error);
+        }
+        pthread_mutex_lock(&b->lock);
+        s->result = result;
+        s->error = error;
+        if (result == LW_BIG_LOGGED) {
+            b->at += (uint64_t)s->blocks * f->sectorsize;
+        } else {
+            b->broken = result;
+            b->broken_error = error;
+        }
+        b->logged++;
+        if (b->device_waits) {
+            pthread_cond_signal(&b->done);
+        }
+    }
+    pthread_mutex_unlock(&b->lock);
+    return NULL;
+}
+
+/* The log thread, started on the first big write; false if it cannot be (Python serves). */
+static bool lw_big_ready(LwFast *f)
+{
+    if (f->big) {
+        return true;
+    }
+    struct LwBig *b = calloc(1, sizeof(*b));
+    if (!b) {
+        return false;
+    }
+    if (posix_memalign((void **)&b->headers, LW_ALIGN, LW_BIG_DEPTH * LW_ALIGN)) {
+        free(b);
+        return false;
+    }
+    memset(b->headers, 0, LW_BIG_DEPTH * LW_ALIGN);
+    pthread_mutex_init(&b->lock, NULL);
+    pthread_cond_init(&b->work, NULL);
+    pthread_cond_init(&b->done, NULL);
+    f->big = b;
+    /* Signals are Python's, on its main thread: the log thread takes none. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int failed = pthread_create(&b->thread, NULL, lw_big_log_thread, f);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (failed) {
+        f->big = NULL;
+        free(b->headers);
+        free(b);
+        return false;
+    }
+    return true;
+}
+
+static void lw_big_stop(LwFast *f)
+{
+    struct LwBig *b = f->big;
+    if (!b) {
+        return;
+    }
+    pthread_mutex_lock(&b->lock);
+    b->quit = true;
+    pthread_cond_signal(&b->work);
+    pthread_mutex_unlock(&b->lock);
+    pthread_join(b->thread, NULL);
+    pthread_mutex_destroy(&b->lock);
+    pthread_cond_destroy(&b->work);
+    pthread_cond_destroy(&b->done);
+    free(b->headers);
+    free(b);
+    f->big = NULL;
+}
+
+static unsigned int lw_big_inflight(LwFast *f)
+{
+    return f->big ? f->big->queued - f->big->completed : 0;
+}
+
+/* Whether `req` is a big write for the pipeline: a logged write whose entry goes direct (or
+ * that is served in Python otherwise), with room in C's table for its record. */
+static bool lw_big_takes(LwFast *f, LwReq *req)
+{
+    uint64_t nbytes = req->len;
+    return req->type == VIRTIO_BLK_T_OUT && f->big_writes && f->writes && f->log_fd >= 0
+        && (nbytes >= f->write_max || f->sectorsize + nbytes >= f->entry_max)
+        && req->niov < LW_IOV_MAX && lw_in_range(f, req)
+        && f->staged + lw_big_inflight(f) < LW_FAST_STAGED_MAX;
+}
+
+/* Complete the oldest big write in flight and publish it at once. */
+static void lw_big_complete_oldest(LwDev *d, int qidx, LwFast *f)
+{
+    struct LwBig *b = f->big;
+    pthread_mutex_lock(&b->lock);
+    while (b->logged == b->completed) {
+        b->device_waits = true;
+        pthread_cond_wait(&b->done, &b->lock);
+        b->device_waits = false;
+    }
+    pthread_mutex_unlock(&b->lock);
+    /* The slot is the device thread's again: the log thread is done with it. */
+    struct LwBigSlot *s = &b->slot[b->completed % LW_BIG_DEPTH];
+    uint8_t status = VIRTIO_BLK_S_OK;
+    if (s->result == LW_BIG_LOGGED) {
+        f->blocks[f->staged++] = s->blocks;
+        f->next_block += s->blocks;
+        f->next_index++;
+        f->bytes_written += s->req.len;
+    } else {
+        status = VIRTIO_BLK_S_IOERR;
+        f->errors++;
+        f->big_unlogged++;
+        if (!f->big_failed) {
+            f->big_failed = s->result;
+            f->error = s->error;
+        }
+        f->writes = false;      /* nothing more until Python made the device log-full */
+        f->flushes = false;
+    }
+    lw_fill(d, qidx, &s->req, status, 1, 0);
+    lw_publish(d, qidx, 1);
+    b->completed++;
+}
+
+static void lw_big_drain(LwDev *d, int qidx, LwFast *f)
+{
+    while (lw_big_inflight(f)) {
+        lw_big_complete_oldest(d, qidx, f);
+    }
+}
+
+/* Write `req` to the image and put it in flight; false (nothing in flight added, `req` still
+ * the caller's) if the image write failed or the log thread cannot start. */
+static bool lw_big_start(LwDev *d, int qidx, LwFast *f, LwReq *req)
+{
+    if (!lw_big_ready(f)) {
+        return false;
+    }
+    struct LwBig *b = f->big;
+    if (b->queued - b->completed == LW_BIG_DEPTH) {
+        lw_big_complete_oldest(d, qidx, f);
+        if (!f->writes) {
+            return false;       /* that one was not logged: this one must not touch the image */
+        }
+    }
+    uint64_t nbytes = req->len;
+    if (pwritev(f->image_fd, req->iov, req->niov, req->sector * 512) != (ssize_t)nbytes) {
+        return false;
+    }
+    struct LwBigSlot *s = &b->slot[b->queued % LW_BIG_DEPTH];
+    s->req = *req;
+    s->blocks = (uint32_t)(1 + nbytes / f->sectorsize);
+    req->elem = NULL;
+    f->writes_done++;
+    pthread_mutex_lock(&b->lock);
+    if (b->queued == b->completed) {
+        /* A new run: the log's end is where the device's thread left it, and a failure of an
+         * earlier run was reported (big_failed). */
+        b->at = f->next_block * f->sectorsize;
+        b->broken = 0;
+        b->broken_error = 0;
+    }
+    b->queued++;
+    if (b->log_waits) {
+        pthread_cond_signal(&b->work);
+    }
+    pthread_mutex_unlock(&b->lock);
+    return true;
+}
+
 int lw_serve(LwDev *d, int qidx, LwReq *req, LwFast *f, unsigned int *filled)
 {
     for (;;) {
         if (!lw_pop(d, qidx, req)) {
+            if (lw_big_inflight(f)) {
+                /* The guest refills while the others are still in flight. */
+                lw_big_complete_oldest(d, qidx, f);
+                continue;
+            }
             return LW_SERVE_EMPTY;
         }
+        if (lw_big_takes(f, req)) {
+            if (*filled) {
+                lw_publish(d, qidx, *filled);
+                *filled = 0;
+            }
+            if (lw_big_start(d, qidx, f, req)) {
+                continue;
+            }
+            lw_big_drain(d, qidx, f);
+            return LW_SERVE_POPPED;
+        }
+        lw_big_drain(d, qidx, f);       /* anything else is served alone, in pop order */
         if (req->type == VIRTIO_BLK_T_FLUSH && req->problem == LW_REQ_OK && f->flushes
                 && f->staged < LW_FAST_STAGED_MAX) {
             int got = lw_flush(f);
@@ -772,20 +1093,23 @@ int lw_serve(LwDev *d, int qidx, LwReq *req, LwFast *f, unsigned int *filled)
 
 /* A kick while lw_wait has the plain path (see there): served like Python's kick serves it
  * with lw_serve, published here, until the ring is empty. Anything else lw_serve returns (a
- * request it popped for Python, a failed sync) goes to Python's kick with the batch as it
- * stands; so does the kick when the entries C appended near what the table holds. */
+ * request it popped for Python, a failed sync, a big write the log could not take) goes to
+ * Python's kick with the batch as it stands; so does the kick when the entries C appended near
+ * what the table holds. */
 static void lw_kick_in_c(LwDev *d, int qidx)
 {
     LwFast *f = d->kick_fast;
     unsigned int filled = 0;
     while (f->staged + LW_FAST_BATCH <= LW_FAST_STAGED_MAX) {
         int got = lw_serve(d, qidx, d->kick_req, f, &filled);
-        if (got == LW_SERVE_PUBLISH || got == LW_SERVE_FLUSHED) {
+        /* A big write the log could not take: Python makes the device log-full first. */
+        bool on = !f->big_failed;
+        if (on && (got == LW_SERVE_PUBLISH || got == LW_SERVE_FLUSHED)) {
             lw_publish(d, qidx, filled);
             filled = 0;
             continue;
         }
-        if (got == LW_SERVE_EMPTY) {
+        if (on && got == LW_SERVE_EMPTY) {
             lw_publish(d, qidx, filled);
             f->kicks++;
             return;

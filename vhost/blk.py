@@ -202,9 +202,14 @@ class BlkDevice:
         fast.size = self.size
         fast.sectorsize = self.sectorsize
         fast.entry_max = DIRECT_MIN
-        # Logged big writes go through the pipeline (or the worker), in Python.
+        # Logged writes of this size or more go through the big writes' pipeline (C's, or
+        # vhost/pipeline.py's where C hands one back).
         fast.write_max = PARALLEL_MIN if writer is not None else 1 << 63
         fast.log_fd = writer.fileno() if writer is not None else -1
+        if writer is not None:
+            fast.log_direct_fd = writer.direct_fileno()
+            if writer.max_bytes is not None:
+                fast.log_limit = writer.max_bytes
         fast.start_writeback = True
         ss = self.sectorsize
         lvu.memmove(fast.flush_header, encode_entry_header(0, 0, FLUSH, ss), ss)
@@ -308,8 +313,8 @@ class BlkDevice:
         dev, req, pop, fill, handle = conn.dev, self._req, lvu.pop, lvu.fill, self._handle
         pipe = self._pipe if self.on_log_full == "fail" else None
         fast = self._fast
-        if fast is not None and fast.staged:
-            self._take_staged()
+        if fast is not None and (fast.staged or fast.big_failed):
+            self._take_over()
         while True:
             if fast is not None and not pipe:
                 # Plain requests are served in C until one is not (it is popped into `req` and
@@ -363,8 +368,8 @@ class BlkDevice:
         self._sync_plain_path()
         filled[0] = n
         got = lvu.serve(dev, qidx, req, fast, filled)
-        if fast.staged:
-            self._take_staged()
+        if fast.staged or fast.big_failed:
+            self._take_over()
         return got, filled[0]
 
     def lend_plain_path(self) -> tuple[Any, Any] | None:
@@ -380,8 +385,9 @@ class BlkDevice:
     def take_back_plain_path(self) -> None:
         """What C appended while lent (records, FLUSHes) joins the sink, before anything else
         looks at it."""
-        if self._fast.staged:
-            self._take_staged()
+        fast = self._fast
+        if fast.staged or fast.big_failed:
+            self._take_over()
 
     def _sync_plain_path(self) -> None:
         """Tell the C path what Python may have changed since it last ran: whether writes may
@@ -389,6 +395,7 @@ class BlkDevice:
         fast: Any = self._fast
         serving = not self.readonly and self.log_full is None
         fast.writes = serving and not self._fua
+        fast.big_writes = self._pipe is not None and self.on_log_full == "fail"
         # An observer hears of every FLUSH entry (stop points, event subscribers): in Python.
         fast.flushes = serving and self.sink.observer is None
         writer = self._fast_writer
@@ -412,6 +419,33 @@ class BlkDevice:
         # As LogWriter.commit raises it in Python: a log that cannot be synced is not ours
         # to trust.
         raise OSError(fast.error, f"log sync for a FLUSH: {os.strerror(fast.error)}")
+
+    def _take_over(self) -> None:
+        """What the C path did since Python last looked: the entries it appended, then the
+        big writes it could not log."""
+        fast: Any = self._fast
+        if fast.staged:
+            self._take_staged()
+        if fast.big_failed:
+            self._big_writes_unlogged()
+
+    def _big_writes_unlogged(self) -> None:
+        """The log could not take a big write's record in C: that write and those in flight
+        behind it completed IOERR, on the image but not in the log (as vhost/pipeline.py's
+        fail)."""
+        fast: Any = self._fast
+        writer = self._fast_writer
+        assert writer is not None
+        failed, err, unlogged = fast.big_failed, fast.error, fast.big_unlogged
+        fast.big_failed = 0
+        fast.big_unlogged = 0
+        if failed == lvu.BIG_LOG_BROKEN:
+            # As LogWriter raises it in Python: a log that cannot be written is not ours to
+            # trust.
+            raise OSError(err, f"log write of a big record: {os.strerror(err)}")
+        reason = (os.strerror(err) if err else
+                  f"size limit of {writer.max_bytes} bytes reached")
+        self._full(LogFullError(writer.path, reason), unlogged + self.sink.unflushed)
 
     def _take_staged(self) -> None:
         """What the C path appended since Python last looked joins the sink, in order: runs of
@@ -764,6 +798,7 @@ class BlkDevice:
             counts[C_IN] += self._fast.reads
             counts[C_OUT] += self._fast.writes_done
             counts[C_FLUSH] += self._fast.flushes_done
+            counts[C_ERROR] += self._fast.errors
         return dict(zip(COUNTER_NAMES, counts, strict=True))
 
     @property

@@ -55,15 +55,18 @@ SERVE_PUBLISH: Final = lib.LW_SERVE_PUBLISH
 SERVE_FLUSHED: Final = lib.LW_SERVE_FLUSHED
 SERVE_IMAGE_NOT_DURABLE: Final = lib.LW_SERVE_IMAGE_NOT_DURABLE
 SERVE_LOG_NOT_DURABLE: Final = lib.LW_SERVE_LOG_NOT_DURABLE
+BIG_LOG_FULL: Final = lib.LW_BIG_LOG_FULL
+BIG_LOG_BROKEN: Final = lib.LW_BIG_LOG_BROKEN
 memmove: Final = ffi.memmove
 
 
 def new_fast() -> Any:
-    """The C path's state for plain requests (LwFast, see _lvu_glue.c), zeroed."""
+    """The C path's state for plain requests and big writes (LwFast, see _lvu_glue.c);
+    freeing it stops its log thread."""
     fast = lib.lw_fast_new()
     if fast == ffi.NULL:
         raise MemoryError("LwFast")
-    return ffi.gc(fast, lib.free)
+    return ffi.gc(fast, lib.lw_fast_free)
 
 
 def new_counter() -> Any:

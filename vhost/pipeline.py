@@ -1,5 +1,9 @@
 """Big writes in flight together, in `logwrites` mode: the disks never wait for the guest.
 
+The same pipeline runs in C (vhost/_lvu_glue.c, "Big writes in flight"), which serves big
+writes by default; this one serves them where C does not: `LOGWRITES_PLAIN_IN_C=0`, or a write
+C handed back (its image write failed, C's table of appended entries is full).
+
 Served one at a time, a logged 1 MiB write is its image copy and its O_DIRECT log append side
 by side, then a gap before the next one starts: waiting for the image copy to finish,
 completing, publishing, popping the next request (measured under fio's 1 MiB writes at queue
