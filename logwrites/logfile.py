@@ -259,7 +259,7 @@ class LogWriter:
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise LogFullError(self.path, os.strerror(err.errno)) from err
-            raise
+            raise OSError(err.errno, f"log write to {self.path}: {err.strerror}") from err
 
     def _write_direct(self, header: bytes, payload: Sequence[Buffer], at: int,
                       nbytes: int) -> bool:
@@ -278,7 +278,7 @@ class LogWriter:
                 return False
             if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise LogFullError(self.path, os.strerror(err.errno)) from err
-            raise
+            raise OSError(err.errno, f"log write to {self.path}: {err.strerror}") from err
         if written != nbytes:
             raise LogFullError(self.path, f"short write ({written} of {nbytes} bytes)")
         return True
@@ -416,19 +416,25 @@ class LogWriter:
                              f"{self.next_index} appended")
         if count == self.nr_entries:
             if sync_count and self._count_unsynced:
-                os.fdatasync(self._fd)
+                self._sync()
                 self._count_unsynced = False
             if before_count is not None:
                 before_count()
             return
-        os.fdatasync(self._fd)
+        self._sync()
         if before_count is not None:
             before_count()
         os.pwrite(self._fd, encode_super(count, self.sectorsize), 0)
         self.nr_entries = count
         if sync_count:
-            os.fdatasync(self._fd)
+            self._sync()
         self._count_unsynced = not sync_count
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as err:
+            raise OSError(err.errno, f"log sync of {self.path}: {err.strerror}") from err
 
     def close(self) -> None:
         """Sync a deferred count and give back the room reserved beyond the last entry."""
@@ -436,7 +442,7 @@ class LogWriter:
             return
         try:
             if self._count_unsynced:
-                os.fdatasync(self._fd)
+                self._sync()
                 self._count_unsynced = False
             st = os.fstat(self._fd)
             if stat.S_ISREG(st.st_mode) and st.st_size > self.bytes_used:

@@ -138,6 +138,7 @@ class Server:
         old_handlers = {sig: signal.signal(sig, self._on_signal)
                         for sig in (signal.SIGINT, signal.SIGTERM)}
         self.started_at = time.monotonic()
+        clean = False
         try:
             self._wake = wake_r
             self.loop.watch(wake_r.fileno(), lambda fd: self._drain(wake_r))
@@ -155,8 +156,9 @@ class Server:
                     self._disconnected()
                     if self.once:
                         break
+            clean = True
         finally:
-            self._shutdown()
+            self._shutdown(clean)
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
@@ -172,8 +174,9 @@ class Server:
             while sock.recv(4096):
                 pass
 
-    def _shutdown(self) -> None:
-        """Clean stop: no more requests, the volatile tail and the end mark, durable."""
+    def _shutdown(self, clean: bool = True) -> None:
+        """Clean stop: no more requests, the volatile tail and the end mark, durable. After a
+        failure (`clean` False: a log that could not be written or synced), neither."""
         if self.conn is not None:
             conn, self.conn = self.conn, None
             attach = getattr(self.sink, "attach", None)
@@ -182,7 +185,12 @@ class Server:
             conn.close()
         self.device.conn = None
         try:
-            if self.device.log_full is None:
+            if not clean:
+                # Serving stopped on a failure: past its last counted entry the log may not
+                # describe the image (writes that failed on the log reached it), so no volatile
+                # tail and no end mark claim a clean, complete log.
+                log.warning("stopped on a failure: the log ends at its last counted entry")
+            elif self.device.log_full is None:
                 self.sink.close()
             else:
                 # The log stopped describing the image at its last FLUSH: no volatile tail

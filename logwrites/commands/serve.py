@@ -17,6 +17,7 @@ Every command-line error is one line on stderr and exit status 2 (cli.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import stat
 import sys
@@ -175,9 +176,15 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             server.serve(ready)
-        finally:
+        except BaseException:
             if writer is not None:
-                writer.close()
+                # Best effort: the failure that stopped serving (a log that cannot be written,
+                # say) is the one to report, not a second one from the same log.
+                with contextlib.suppress(OSError):
+                    writer.close()
+            raise
+        if writer is not None:
+            writer.close()
         requests = sum(device.requests().values())
         print(f"stopped: {requests} requests ({device.bytes_written} bytes written, "
               f"{device.bytes_read} read), {sink.entries} entries, {sink.flushes} flushes, "
