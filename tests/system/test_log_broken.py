@@ -10,6 +10,7 @@ log thread and vhost/pipeline.py's); the FLUSH's log sync on C's path and Python
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,45 +72,49 @@ def stopped_with_one_line(d: LogwritesServe, code: int | None, what: str) -> Non
     assert "Traceback" not in d.stderr_tail()
 
 
+def fails_after(tmp_path: Path, shim: Path, what: str, in_c: bool, first: list,
+                after: Callable[[BlkFrontend], None], message: str) -> None:
+    """Serve `first` (all OK), make the log's disk fail, run `after`, which must lose the
+    backend; then the backend must have stopped with one line naming `message`."""
+    d, trigger = failing(tmp_path, shim, what, in_c)
+    try:
+        with BlkFrontend(d.socket_path, timeout_s=10) as fe:
+            assert [r.status for r in fe.run(first)] == [Status.OK] * len(first)
+            trigger.touch()
+            with pytest.raises((BackendGone, CompletionTimeout)):
+                after(fe)
+    finally:
+        code = stopped_by_itself(d)
+    stopped_with_one_line(d, code, message)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("in_c", [True, False], ids=["in-c", "in-python"])
 def test_big_record_write_error_stops_the_backend(tmp_path: Path, shim: Path,
                                                   in_c: bool) -> None:
-    d, trigger = failing(tmp_path, shim, "write", in_c)
-    try:
-        with BlkFrontend(d.socket_path, timeout_s=10) as fe:
-            done = fe.run([big(0), big(1), flush_parts()])
-            assert [r.status for r in done] == [Status.OK] * 3
-            trigger.touch()
-            statuses: list[Status] = []
-            with pytest.raises((BackendGone, CompletionTimeout)):
-                for i in range(2, 6):
-                    statuses += [r.status for r in fe.run([big(i), big(i + 10)])]
-            assert Status.OK not in statuses
-    finally:
-        code = stopped_by_itself(d)
-    stopped_with_one_line(d, code, "log write")
+    statuses: list[Status] = []
+
+    def big_writes(fe: BlkFrontend) -> None:
+        for i in range(2, 6):
+            statuses.extend(r.status for r in fe.run([big(i), big(i + 10)]))
+
+    fails_after(tmp_path, shim, "write", in_c, [big(0), big(1), flush_parts()], big_writes,
+                "log write")
+    assert Status.OK not in statuses
     # Valid up to its count: the two writes and the FLUSH that counted them, nothing after.
-    assert kinds(log := tmp_path / "log") == [("write", 0, BIG // 512, 1),
-                                              ("write", BIG // 512, BIG // 512, 2), ("flush",)]
-    assert log.exists()
+    assert kinds(tmp_path / "log") == [("write", 0, BIG // 512, 1),
+                                       ("write", BIG // 512, BIG // 512, 2), ("flush",)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("in_c", [True, False], ids=["in-c", "in-python"])
 def test_log_sync_error_fails_the_flush_and_stops_the_backend(tmp_path: Path, shim: Path,
                                                               in_c: bool) -> None:
-    d, trigger = failing(tmp_path, shim, "sync", in_c)
-    try:
-        with BlkFrontend(d.socket_path, timeout_s=10) as fe:
-            done = fe.run([write_parts(0, b"\x01" * 4096), flush_parts()])
-            assert [r.status for r in done] == [Status.OK] * 2
-            trigger.touch()
-            assert fe.write(8, b"\x02" * 4096).status == Status.OK
-            with pytest.raises((BackendGone, CompletionTimeout)):
-                fe.flush()      # never OK: the log could not be made durable
-    finally:
-        code = stopped_by_itself(d)
-    stopped_with_one_line(d, code, "log sync")
+    def write_and_flush(fe: BlkFrontend) -> None:
+        assert fe.write(8, b"\x02" * 4096).status == Status.OK
+        fe.flush()          # never OK: the log could not be made durable
+
+    fails_after(tmp_path, shim, "sync", in_c, [write_parts(0, b"\x01" * 4096), flush_parts()],
+                write_and_flush, "log sync")
     # The count never moved past the FLUSH that succeeded.
     assert kinds(tmp_path / "log") == [("write", 0, 8, 1), ("flush",)]
