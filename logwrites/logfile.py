@@ -194,6 +194,16 @@ class LogWriter:
         """The O_DIRECT descriptor big entries go through; -1 where the filesystem has none."""
         return self._direct_fd
 
+    def size_limit_reached(self) -> LogFullError:
+        return LogFullError(self.path, f"size limit of {self.max_bytes} bytes reached")
+
+    def write_failed(self, err: int) -> LogFullError | OSError:
+        """What errno `err` from a write of the log means: a full log (its filesystem has no
+        room), or one that cannot be written and is not ours to trust."""
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return LogFullError(self.path, os.strerror(err))
+        return OSError(err, f"log write to {self.path}: {os.strerror(err)}")
+
     def appended(self, entries: int, next_block: int) -> None:
         """`entries` entries were written up to `next_block` by someone else (the backend's C
         path, vhost/blk.py): small ones into the room, big ones direct, perhaps past it (as
@@ -218,7 +228,7 @@ class LogWriter:
         `preallocate`)."""
         end = at + nbytes
         if self.max_bytes is not None and end > self.max_bytes:
-            raise LogFullError(self.path, f"size limit of {self.max_bytes} bytes reached")
+            raise self.size_limit_reached()
         if end <= self._allocated or not self._grow or nbytes >= DIRECT_MIN:
             return
         target = (end // self._preallocate + 1) * self._preallocate
@@ -257,9 +267,7 @@ class LogWriter:
                     raise LogFullError(self.path, f"short write ({written} of {want} bytes)")
                 at += written
         except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise LogFullError(self.path, os.strerror(err.errno)) from err
-            raise OSError(err.errno, f"log write to {self.path}: {err.strerror}") from err
+            raise self.write_failed(err.errno) from err
 
     def _write_direct(self, header: bytes, payload: Sequence[Buffer], at: int,
                       nbytes: int) -> bool:
@@ -276,9 +284,7 @@ class LogWriter:
         except OSError as err:
             if err.errno == errno.EINVAL:
                 return False
-            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise LogFullError(self.path, os.strerror(err.errno)) from err
-            raise OSError(err.errno, f"log write to {self.path}: {err.strerror}") from err
+            raise self.write_failed(err.errno) from err
         if written != nbytes:
             raise LogFullError(self.path, f"short write ({written} of {nbytes} bytes)")
         return True

@@ -638,7 +638,8 @@ struct LwFast {
     int log_direct_fd;          /* an O_DIRECT descriptor on the log; -1: none */
     uint64_t log_limit;         /* the log may not grow past this many bytes */
     uint64_t errors;            /* requests C completed with IOERR (a big write not logged) */
-    int big_failed;             /* 0, or why big writes were not logged (LW_BIG_LOG_*) */
+    int big_failed;             /* 0, or why big writes were not logged: an errno, or
+                                   LW_BIG_SIZE_LIMIT (Python says what it means) */
     uint64_t big_unlogged;      /* big writes completed IOERR since Python last looked */
     struct LwBig *big;          /* the log thread and its slots; NULL until first needed */
     uint8_t header[LW_ENTRY_MAX];        /* a write's header block: zeros, sector and size go in */
@@ -681,6 +682,19 @@ static bool lw_in_range(LwFast *f, LwReq *req)
         && !(offset % ss) && !(nbytes % ss) && offset <= f->size && nbytes <= f->size - offset;
 }
 
+/* A write's record in `iov`: its header block (`header`: zeros but for the sector and size
+ * put in here; flags and data_len stay 0), then the guest's buffers. Returns the count. */
+static int lw_record_iov(LwFast *f, LwReq *req, uint8_t *header, struct iovec *iov)
+{
+    uint64_t ss = f->sectorsize;
+    lw_put_le64(header, req->sector * 512 / ss);
+    lw_put_le64(header + 8, req->len / ss);
+    iov[0].iov_base = header;
+    iov[0].iov_len = ss;
+    memcpy(&iov[1], req->iov, req->niov * sizeof(struct iovec));
+    return (int)req->niov + 1;
+}
+
 /* Serve `req` here if it is plain; its used length, or 0 to leave it to Python. */
 static uint32_t lw_serve_one(LwFast *f, LwReq *req)
 {
@@ -709,15 +723,10 @@ static uint32_t lw_serve_one(LwFast *f, LwReq *req)
         return 0;
     }
     if (f->log_fd >= 0) {
-        /* The record, staged (counted by the FLUSH that carries it): header, then payload. */
+        /* The record, staged (counted by the FLUSH that carries it). */
         struct iovec iov[VIRTQUEUE_MAX_SIZE + 1];
-        /* flags and data_len stay 0, as does the rest of the block (calloc) */
-        lw_put_le64(f->header, offset / ss);
-        lw_put_le64(f->header + 8, nbytes / ss);
-        iov[0].iov_base = f->header;
-        iov[0].iov_len = ss;
-        memcpy(&iov[1], req->iov, req->niov * sizeof(struct iovec));
-        if (pwritev(f->log_fd, iov, req->niov + 1, at) != (ssize_t)entry) {
+        if (pwritev(f->log_fd, iov, lw_record_iov(f, req, f->header, iov), at)
+                != (ssize_t)entry) {
             return 0;
         }
         f->blocks[f->staged++] = (uint32_t)(entry / ss);
@@ -787,22 +796,21 @@ static int lw_flush(LwFast *f)
  *
  * A write whose image write failed is handed to Python from the start, as for plain writes
  * (it fails there again and is reported). When the log cannot take a record (its size limit,
- * its filesystem full: LW_BIG_LOG_FULL; any other error: LW_BIG_LOG_BROKEN), that request and
- * every one behind it complete IOERR unlogged (they are on the image: none may be logged after
- * a hole in completion order), writes stop being served here, and `big_failed` tells Python,
- * which makes the device log-full (or gives up on the log) before it serves anything else. */
+ * or an error writing it), that request and every one behind it complete IOERR unlogged (they
+ * are on the image: none may be logged after a hole in completion order), writes stop being
+ * served here, and `big_failed` tells Python why; Python decides what the error means (a full
+ * log, or one not to trust: LogWriter.write_failed) before it serves anything else. */
 #define LW_BIG_DEPTH 8          /* = vhost/pipeline.py DEPTH */
 #define LW_BIG_LOGGED 0
-#define LW_BIG_LOG_FULL 1       /* size limit (error 0), ENOSPC, EDQUOT, EFBIG, short write */
-#define LW_BIG_LOG_BROKEN 2     /* any other error writing the log (`error`) */
+#define LW_BIG_SIZE_LIMIT (-1)  /* the record would grow the log past `log_limit` */
 #define LW_IOV_MAX 1024         /* Linux UIO_MAXIOV */
 #define LW_ALIGN 4096
 
 struct LwBigSlot {
     LwReq req;                  /* the popped request; its element is freed when completed */
     uint32_t blocks;            /* the record's log blocks: header and payload */
-    int result;                 /* LW_BIG_*, set by the log thread */
-    int error;
+    int result;                 /* set by the log thread: LW_BIG_LOGGED, an errno or
+                                   LW_BIG_SIZE_LIMIT */
 };
 
 struct LwBig {
@@ -815,46 +823,33 @@ struct LwBig {
     /* Sequence numbers: written to the image (and queued), logged, completed. */
     unsigned int queued, logged, completed;
     uint64_t at;                /* where the log thread appends next (bytes) */
-    int broken;                 /* LW_BIG_LOG_*: every later record fails the same way */
-    int broken_error;
+    int broken;                 /* why a record failed: every later one fails the same way */
     uint8_t *headers;           /* a header block per slot, aligned for O_DIRECT */
     struct LwBigSlot slot[LW_BIG_DEPTH];
 };
 
-/* The record of slot `s` at `at`: LW_BIG_LOGGED, or why not (`*error`). */
-static int lw_big_append(LwFast *f, struct LwBigSlot *s, uint8_t *header, uint64_t at,
-                         int *error)
+/* The record of slot `s` at `at`: LW_BIG_LOGGED, or why not (an errno, LW_BIG_SIZE_LIMIT). */
+static int lw_big_append(LwFast *f, struct LwBigSlot *s, uint8_t *header, uint64_t at)
 {
     uint64_t ss = f->sectorsize, entry = (uint64_t)s->blocks * ss;
-    *error = 0;
     if (at > f->log_limit || entry > f->log_limit - at) {
-        return LW_BIG_LOG_FULL;
+        return LW_BIG_SIZE_LIMIT;
     }
     struct iovec iov[LW_IOV_MAX];
-    lw_put_le64(header, s->req.sector * 512 / ss);
-    lw_put_le64(header + 8, s->req.len / ss);      /* flags, data_len: 0, as zeroed */
-    iov[0].iov_base = header;
-    iov[0].iov_len = ss;
-    memcpy(&iov[1], s->req.iov, s->req.niov * sizeof(struct iovec));
+    int niov = lw_record_iov(f, &s->req, header, iov);
     ssize_t n = -1;
     errno = EINVAL;
     if (f->log_direct_fd >= 0) {
-        n = pwritev(f->log_direct_fd, iov, s->req.niov + 1, at);
+        n = pwritev(f->log_direct_fd, iov, niov, at);
     }
     if (n < 0 && errno == EINVAL) {
         /* No O_DIRECT here, or buffers it cannot take as they are: through the page cache. */
-        n = pwritev(f->log_fd, iov, s->req.niov + 1, at);
+        n = pwritev(f->log_fd, iov, niov, at);
     }
     if (n == (ssize_t)entry) {
         return LW_BIG_LOGGED;
     }
-    if (n >= 0) {
-        *error = ENOSPC;                /* the filesystem ran out of room part-way */
-        return LW_BIG_LOG_FULL;
-    }
-    *error = errno;
-    return errno == ENOSPC || errno == EDQUOT || errno == EFBIG ? LW_BIG_LOG_FULL
-                                                               : LW_BIG_LOG_BROKEN;
+    return n >= 0 ? ENOSPC : errno;     /* short: the filesystem ran out of room part-way */
 }
 
 static void *lw_big_log_thread(void *arg)
@@ -874,19 +869,17 @@ static void *lw_big_log_thread(void *arg)
         unsigned int i = b->logged % LW_BIG_DEPTH;
         struct LwBigSlot *s = &b->slot[i];
         uint64_t at = b->at;
-        int result = b->broken, error = b->broken_error;
+        int result = b->broken;
         pthread_mutex_unlock(&b->lock);
         if (!result) {
-            result = lw_big_append(f, s, b->headers + i * LW_ALIGN, at, &error);
+            result = lw_big_append(f, s, b->headers + i * LW_ALIGN, at);
         }
         pthread_mutex_lock(&b->lock);
         s->result = result;
-        s->error = error;
         if (result == LW_BIG_LOGGED) {
             b->at += (uint64_t)s->blocks * f->sectorsize;
         } else {
             b->broken = result;
-            b->broken_error = error;
         }
         b->logged++;
         if (b->device_waits) {
@@ -991,7 +984,6 @@ static void lw_big_complete_oldest(LwDev *d, int qidx, LwFast *f)
         f->big_unlogged++;
         if (!f->big_failed) {
             f->big_failed = s->result;
-            f->error = s->error;
         }
         f->writes = false;      /* nothing more until Python made the device log-full */
         f->flushes = false;
@@ -1037,7 +1029,6 @@ static bool lw_big_start(LwDev *d, int qidx, LwFast *f, LwReq *req)
          * earlier run was reported (big_failed). */
         b->at = f->next_block * f->sectorsize;
         b->broken = 0;
-        b->broken_error = 0;
     }
     b->queued++;
     if (b->log_waits) {

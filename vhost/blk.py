@@ -432,20 +432,19 @@ class BlkDevice:
     def _big_writes_unlogged(self) -> None:
         """The log could not take a big write's record in C: that write and those in flight
         behind it completed IOERR, on the image but not in the log (as vhost/pipeline.py's
-        fail)."""
+        fail). A full log makes the device log-full; any other error is raised, as LogWriter
+        raises it in Python."""
         fast: Any = self._fast
         writer = self._fast_writer
         assert writer is not None
-        failed, err, unlogged = fast.big_failed, fast.error, fast.big_unlogged
+        failed, unlogged = fast.big_failed, fast.big_unlogged
         fast.big_failed = 0
         fast.big_unlogged = 0
-        if failed == lvu.BIG_LOG_BROKEN:
-            # As LogWriter raises it in Python: a log that cannot be written is not ours to
-            # trust.
-            raise OSError(err, f"log write of a big record: {os.strerror(err)}")
-        reason = (os.strerror(err) if err else
-                  f"size limit of {writer.max_bytes} bytes reached")
-        self._full(LogFullError(writer.path, reason), unlogged + self.sink.unflushed)
+        problem = (writer.size_limit_reached() if failed == lvu.BIG_SIZE_LIMIT
+                   else writer.write_failed(failed))
+        if not isinstance(problem, LogFullError):
+            raise problem
+        self._full(problem, unlogged + self.sink.unflushed)
 
     def _take_staged(self) -> None:
         """What the C path appended since Python last looked joins the sink, in order: runs of
