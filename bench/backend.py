@@ -11,9 +11,10 @@ CPU time per request (utime+stime from /proc, over fio's request count; blklogwr
 QEMU, so it has none of its own), its wake-ups per request (voluntary + involuntary context
 switches from /proc/PID/status) and its peak memory. Under TCG the guest is often the
 bottleneck: CPU per request is the figure that shows the backend's own cost. Contenders run back
-to back in each of `--rounds` rounds; each figure is the best of the rounds (the machine's cores
-are shared, so the worst round measures the neighbours). Ends with one verdict line per goal of
-issue 7. No asserts.
+to back in each of `--rounds` rounds, every other round in reverse order (the same backend ran
+up to 1.15x faster second than first in a pair); each figure is the best of the rounds (the
+machine's cores are shared, so the worst round measures the neighbours). Ends with one verdict
+line per goal of issue 7. No asserts.
 
 Two goals need runs of their own. Memory: job `write-10x-ram` writes ten times the guest's RAM
 (1 MiB sequential writes looping over the fio area, an fsync every 64 writes) through the
@@ -44,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -451,6 +453,12 @@ def print_log_disk(figures: dict, mib_s: float) -> None:
     print(line)
 
 
+def round_order(contenders: Sequence[str], round_number: int) -> list[str]:
+    """The contenders of one round: in order, reversed every other round, so that no contender
+    always runs right after the same neighbour or always on a guest image just warmed up."""
+    return list(contenders) if round_number % 2 == 0 else list(reversed(contenders))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", type=int, default=5, help="seconds per timed fio job")
@@ -469,8 +477,8 @@ def main() -> int:
     jobs = tuple(args.job) if args.job else ALL_JOBS
     guest = default_guest()
     runs: dict[str, list[dict]] = {}
-    for _ in range(args.rounds):
-        for contender in args.only or CONTENDERS:
+    for round_number in range(args.rounds):
+        for contender in round_order(args.only or CONTENDERS, round_number):
             with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp:
                 runs.setdefault(contender, []).append(
                     asyncio.run(measure(contender, guest, Path(tmp), args.runtime,
@@ -488,7 +496,7 @@ def main() -> int:
         return 0
     print(f"{env['qemu']}, accel {env['accel']}, {env['cores']} cores, guest "
           f"{env['guest_memory_mib']} MiB and {args.cpus} CPU, runtime {args.runtime} s per "
-          f"timed job, best of {args.rounds} rounds")
+          f"timed job, best of {args.rounds} rounds (every other one in reverse order)")
     ref = figures.get("qemu-storage-daemon", {}).get("jobs", {})
     blw = figures.get("blklogwrites", {}).get("jobs", {})
     one_queue = figures.get("logwrites", {}).get("jobs", {})
