@@ -112,10 +112,13 @@ static void lw_py_queue_resumed(void *owner, int qidx, int resubmits);
 
 #define LW_OF(vudev) ((LwDev *)(vudev))
 
+/* Every call into Python goes through here: lw_wait must know that Python ran (its state may
+ * have moved while C held the plain path). */
+#define LW_UPCALL(d, fn, ...) ((d)->upcalled = true, fn((d)->owner, __VA_ARGS__))
+
 static void lw_panic(VuDev *dev, const char *err)
 {
-    LW_OF(dev)->upcalled = true;
-    lw_py_panic(LW_OF(dev)->owner, err);
+    LW_UPCALL(LW_OF(dev), lw_py_panic, err);
 }
 
 static struct LwWatch *lw_watch_find(LwDev *d, int fd)
@@ -143,8 +146,7 @@ static void lw_set_watch(VuDev *dev, int fd, int condition, vu_watch_cb cb, void
         w->cb = cb;
         w->data = data;
     }
-    d->upcalled = true;
-    lw_py_set_watch(d->owner, fd, condition, (void *)cb, data);
+    LW_UPCALL(d, lw_py_set_watch, fd, condition, (void *)cb, data);
 }
 
 static void lw_remove_watch(VuDev *dev, int fd)
@@ -154,8 +156,7 @@ static void lw_remove_watch(VuDev *dev, int fd)
     if (w) {
         *w = d->watch[--d->nwatch];
     }
-    d->upcalled = true;
-    lw_py_remove_watch(d->owner, fd);
+    LW_UPCALL(d, lw_py_remove_watch, fd);
 }
 
 static uint64_t lw_get_features(VuDev *dev)
@@ -251,8 +252,7 @@ static void lw_queue_handler(VuDev *dev, int qidx)
         lw_kick_in_c(d, qidx);
         return;
     }
-    d->upcalled = true;
-    lw_py_kick(d->owner, qidx);
+    LW_UPCALL(d, lw_py_kick, qidx);
 }
 
 static void lw_queue_set_started(VuDev *dev, int qidx, bool started)
@@ -263,8 +263,7 @@ static void lw_queue_set_started(VuDev *dev, int qidx, bool started)
         LW_OF(dev)->resume_check |= 1ULL << qidx;
     }
     vu_set_queue_handler(dev, &dev->vq[qidx], started ? lw_queue_handler : NULL);
-    LW_OF(dev)->upcalled = true;
-    lw_py_queue_started(LW_OF(dev)->owner, qidx, started);
+    LW_UPCALL(LW_OF(dev), lw_py_queue_started, qidx, started);
 }
 
 static int lw_get_config(VuDev *dev, uint8_t *config, uint32_t len)
@@ -279,8 +278,7 @@ static int lw_get_config(VuDev *dev, uint8_t *config, uint32_t len)
 static int lw_set_config(VuDev *dev, const uint8_t *data, uint32_t offset, uint32_t size,
                          uint32_t flags)
 {
-    LW_OF(dev)->upcalled = true;
-    return lw_py_set_config(LW_OF(dev)->owner, data, offset, size, flags);
+    return LW_UPCALL(LW_OF(dev), lw_py_set_config, data, offset, size, flags);
 }
 
 LwDev *lw_new(void *owner)
@@ -444,8 +442,7 @@ int lw_pop(LwDev *d, int qidx, LwReq *req)
     VuVirtq *vq = &dev->vq[qidx];
     if (d->resume_check & (1ULL << qidx)) {
         d->resume_check &= ~(1ULL << qidx);
-        d->upcalled = true;
-        lw_py_queue_resumed(d->owner, qidx, lw_resubmits(d, qidx));
+        LW_UPCALL(d, lw_py_queue_resumed, qidx, lw_resubmits(d, qidx));
     }
     for (;;) {
         bool resubmitted = vq->resubmit_list && vq->resubmit_num > 0;
@@ -641,6 +638,7 @@ struct LwFast {
     int big_failed;             /* 0, or why big writes were not logged: an errno, or
                                    LW_BIG_SIZE_LIMIT (Python says what it means) */
     uint64_t big_unlogged;      /* big writes completed IOERR since Python last looked */
+    uint64_t big_done;          /* big writes completed OK, logged by the log thread */
     struct LwBig *big;          /* the log thread and its slots; NULL until first needed */
     uint8_t header[LW_ENTRY_MAX];        /* a write's header block: zeros, sector and size go in */
     uint8_t flush_header[LW_ENTRY_MAX];  /* the FLUSH entry (Python encodes it) */
@@ -978,6 +976,7 @@ static void lw_big_complete_oldest(LwDev *d, int qidx, LwFast *f)
         f->next_block += s->blocks;
         f->next_index++;
         f->bytes_written += s->req.len;
+        f->big_done++;
     } else {
         status = VIRTIO_BLK_S_IOERR;
         f->errors++;
@@ -1105,13 +1104,11 @@ static void lw_kick_in_c(LwDev *d, int qidx)
             f->kicks++;
             return;
         }
-        d->upcalled = true;
-        lw_py_kick_from(d->owner, qidx, got, filled);
+        LW_UPCALL(d, lw_py_kick_from, qidx, got, filled);
         return;
     }
     lw_publish(d, qidx, filled);
-    d->upcalled = true;
-    lw_py_kick(d->owner, qidx);
+    LW_UPCALL(d, lw_py_kick, qidx);
 }
 
 #define LW_WAIT_EVENTS 16

@@ -807,6 +807,11 @@ class BlkDevice:
         return 0 if fast is None else fast.reads + fast.writes_done + fast.flushes_done
 
     @property
+    def big_writes_in_c(self) -> int:
+        """Big writes C's pipeline served (they count in `served_in_c` too)."""
+        return 0 if self._fast is None else self._fast.big_done
+
+    @property
     def kicks_in_c(self) -> int:
         """Kicks served wholly in C while the serve loop waited, Python asleep."""
         return 0 if self._fast is None else self._fast.kicks

@@ -266,7 +266,7 @@ class ControlServer:
                 "sectorsize": device.sectorsize, "readonly": device.readonly,
                 "requests": device.requests(), "bytes_written": device.bytes_written,
                 "bytes_read": device.bytes_read, "served_in_c": device.served_in_c,
-                "kicks_in_c": device.kicks_in_c,
+                "kicks_in_c": device.kicks_in_c, "big_writes_in_c": device.big_writes_in_c,
                 "unflushed": sink.unflushed,
                 "flushes": sink.flushes, "log_bytes": sink.log_bytes,
                 "held": device.held, "stop_at": self.stop_point.text if self.stop_point else None,

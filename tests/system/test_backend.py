@@ -276,6 +276,8 @@ def test_four_queues_fio_verify(guest, tmp_path: Path) -> None:
             # The guest's plain requests were served in C, most kicks without waking Python
             # (fio's verify and the replay below check what they wrote).
             assert status["served_in_c"] >= 4 * 1024 and status["kicks_in_c"] > 100
+            # ...and the 1 MiB writes by C's big writes' pipeline (see the records below).
+            assert status["big_writes_in_c"] >= 24
             queues.append(int(result.reports["queues"]))
             await m.quit()
 
