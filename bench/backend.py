@@ -419,9 +419,10 @@ def print_memory_job(figures: dict) -> None:
         print(line)
 
 
-def log_disk_mib_s(directory: Path, seconds: float = 3.0) -> float:
+def log_disk_mib_s(directory: Path, seconds: float) -> float:
     """The log's disk, alone: 1 MiB O_DIRECT appends to a fresh file where the contenders put
-    their logs, as the backend logs big writes (each logged MiB of the 1 MiB job is one)."""
+    their logs, as the backend logs big writes (each logged MiB of the 1 MiB job is one), for
+    as long as the job runs."""
     size = 1 << 20
     buf = mmap.mmap(-1, size)               # page-aligned, as O_DIRECT wants
     buf.write(os.urandom(4096) * (size // 4096))
@@ -484,7 +485,7 @@ def main() -> int:
                     asyncio.run(measure(contender, guest, Path(tmp), args.runtime,
                                         args.size_mib, jobs, args.guest_mib, args.cpus)))
     figures = {contender: best_of(rounds) for contender, rounds in runs.items()}
-    disk_mib_s = (log_disk_mib_s(Path(tempfile.gettempdir()))
+    disk_mib_s = (log_disk_mib_s(Path(tempfile.gettempdir()), args.runtime)
                   if "seqwrite-1m-qd4" in jobs else None)
     first = next(iter(figures.values()))
     env = {"qemu": qemu_version(), "cores": os.cpu_count(), "python": platform.python_version(),
