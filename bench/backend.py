@@ -11,8 +11,8 @@ CPU time per request (utime+stime from /proc, over fio's request count; blklogwr
 QEMU, so it has none of its own), its wake-ups per request (voluntary + involuntary context
 switches from /proc/PID/status) and its peak memory. Under TCG the guest is often the
 bottleneck: CPU per request is the figure that shows the backend's own cost. Contenders run back
-to back in each of `--rounds` rounds, every other round in reverse order (the same backend ran
-up to 1.15x faster second than first in a pair); each figure is the best of the rounds (the
+to back in each of `--rounds` rounds, every other round in reverse order (no contender always
+runs in the same place, after the same neighbour); each figure is the best of the rounds (the
 machine's cores are shared, so the worst round measures the neighbours). Ends with one verdict
 line per goal of issue 7. No asserts.
 

@@ -808,7 +808,8 @@ class BlkDevice:
 
     @property
     def big_writes_in_c(self) -> int:
-        """Big writes C's pipeline served (they count in `served_in_c` too)."""
+        """Big writes C's pipeline logged and completed OK (each counts in `served_in_c` too,
+        from its image write on)."""
         return 0 if self._fast is None else self._fast.big_done
 
     @property
