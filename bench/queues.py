@@ -75,6 +75,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=4, help="runs of each backend")
     parser.add_argument("--queues", type=int, default=4, help="queues the other backend offers")
     args = parser.parse_args()
+    if min(args.requests, args.runs) < 1 or args.queues < 2:
+        parser.error("--requests and --runs must be at least 1, --queues at least 2")
     figures: dict[int, list[dict[str, float]]] = {1: [], args.queues: []}
     for run in range(args.runs):
         for queues in (1, args.queues) if run % 2 == 0 else (args.queues, 1):
