@@ -204,6 +204,10 @@ class LogWriter:
             return LogFullError(self.path, os.strerror(err))
         return OSError(err, f"log write to {self.path}: {os.strerror(err)}")
 
+    def sync_failed(self, err: int) -> OSError:
+        """A log whose sync failed with errno `err`: it is not ours to trust."""
+        return OSError(err, f"log sync of {self.path}: {os.strerror(err)}")
+
     def appended(self, entries: int, next_block: int) -> None:
         """`entries` entries were written up to `next_block` by someone else (the backend's C
         path, vhost/blk.py): small ones into the room, big ones direct, perhaps past it (as
@@ -440,7 +444,7 @@ class LogWriter:
         try:
             os.fdatasync(self._fd)
         except OSError as err:
-            raise OSError(err.errno, f"log sync of {self.path}: {err.strerror}") from err
+            raise self.sync_failed(err.errno) from err
 
     def close(self) -> None:
         """Sync a deferred count and give back the room reserved beyond the last entry."""

@@ -416,9 +416,10 @@ class BlkDevice:
             lvu.fill(dev, qidx, req, status, used_len, n)
             return n + 1
         assert got == lvu.SERVE_LOG_NOT_DURABLE
-        # As LogWriter.commit raises it in Python: a log that cannot be synced is not ours
-        # to trust.
-        raise OSError(fast.error, f"log sync for a FLUSH: {os.strerror(fast.error)}")
+        # As LogWriter.commit raises it in Python.
+        writer = self._fast_writer
+        assert writer is not None
+        raise writer.sync_failed(fast.error)
 
     def _take_over(self) -> None:
         """What the C path did since Python last looked: the entries it appended, then the
