@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from guests.build import default_guest
 from qmp.backend import BackendError, ControlClient, ServeBackend, StorageDaemon
@@ -74,6 +74,7 @@ SAMPLE_INTERVAL_S: Final = 0.1
 MEMORY_LIMIT_MIB: Final = 100
 MQ_IOPS_FLOOR, MQ_CPU_CEILING = 0.9, 1.1  # "within noise" for the multiqueue goal
 TICKS = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -454,7 +455,7 @@ def print_log_disk(figures: dict, mib_s: float) -> None:
     print(line)
 
 
-def round_order(contenders: Sequence[str], round_number: int) -> list[str]:
+def round_order(contenders: Sequence[T], round_number: int) -> list[T]:
     """The contenders of one round: in order, reversed every other round, so that no contender
     always runs right after the same neighbour or always on a guest image just warmed up."""
     return list(contenders) if round_number % 2 == 0 else list(reversed(contenders))

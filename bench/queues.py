@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.backend import cpu_seconds
+from bench.backend import cpu_seconds, round_order
 from vhost.testing.daemons import LogwritesServe
 from vhost.testing.frontend import BlkFrontend, read_parts
 
@@ -79,7 +79,7 @@ def main() -> int:
         parser.error("--requests and --runs must be at least 1, --queues at least 2")
     figures: dict[int, list[dict[str, float]]] = {1: [], args.queues: []}
     for run in range(args.runs):
-        for queues in (1, args.queues) if run % 2 == 0 else (args.queues, 1):
+        for queues in round_order((1, args.queues), run):
             got = measure(queues, args.requests)
             figures[queues].append(got)
             print(f"{queues} queue(s) offered: write {got['write']:5.1f} µs  "
@@ -87,8 +87,9 @@ def main() -> int:
     for kind in ("write", "read"):
         one = statistics.median(r[kind] for r in figures[1])
         many = statistics.median(r[kind] for r in figures[args.queues])
+        ratio = f"x{many / one:.2f}" if one else "no ratio (too few requests for the CPU clock)"
         print(f"{kind}: median {one:.1f} µs with 1 queue, {many:.1f} µs with {args.queues}: "
-              f"x{many / one:.2f}")
+              f"{ratio}")
     return 0
 
 
