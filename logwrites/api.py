@@ -28,6 +28,7 @@ from logwrites.loop import (
     existing_recording,
     run_loop,
 )
+from logwrites.recordingdir import RecordingDir
 from logwrites.report import failure_lines, junit_xml, write_html_report
 
 
@@ -43,10 +44,14 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
                out: str | os.PathLike[str] | None = None,
                junit: str | os.PathLike[str] | None = None,
                workdir: str | os.PathLike[str] | None = None,
+               keep_recording: bool = False,
                on_progress: ProgressCallback | None = None) -> LoopResult:
     """Record `workload` (a built-in name or a script path, with arguments: "txnlog
     --no-barrier") in the guest, or take `log` + `base`; check every crash state with `checks`
-    (default: fsck and the workload's own checker); return the results.
+    (default: fsck and the workload's own checker); return the results. A recording made
+    here stays (in `out`/recording, or a directory of its own in `workdir`) when a state failed
+    or could not be checked, since every repro names its log and base image; without `out` it
+    is removed when every state passed, unless `keep_recording`.
 
     :raise UsageError: bad arguments. :raise LogwritesError: the recording failed.
     """
@@ -81,10 +86,12 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
                           jobs=jobs or os.cpu_count() or 1, from_start=from_start,
                           start_mark=start_mark, shrink=shrink, keep_failing=keep)
     with tempfile.TemporaryDirectory(prefix="logwrites-api-", dir=workdir) as tmp:
-        rec_dir = Path(out) / "recording" if out else Path(
-            tempfile.mkdtemp(prefix="logwrites-recording-", dir=workdir))
-        recording = recorder(rec_dir)
+        home = RecordingDir.for_loop(Path(out) if out else None,
+                                     Path(workdir) if workdir else None)
+        recording = home.record(recorder)
         result = run_loop(recording, checkers, options, Path(tmp) / "states", on_progress)
+    if log is None:
+        home.settle(every_state_passed=result.exit_status == 0, keep=keep_recording)
     if out:
         write_html_report(result, Path(out))
     if junit:

@@ -77,6 +77,8 @@ def summary_object(result: LoopResult) -> dict[str, Any]:
         "start_entry": result.start,
         "log": str(result.recording.log),
         "base_image": str(result.recording.base_image),
+        # False where every state passed and the scratch recording was removed.
+        "recording_kept": result.recording.log.exists(),
         "fs": result.recording.fs,
         "workload": result.recording.workload,
         "jobs": result.jobs,

@@ -31,6 +31,7 @@ from logwrites.check import FILESYSTEMS, Checker, needs_guest, parse_checker, re
 from logwrites.crashstates import DEFAULT_MAX_STATES, KINDS
 from logwrites.errors import UsageError
 from logwrites.loop import LoopOptions, LoopResult, Recorder, existing_recording, run_loop
+from logwrites.recordingdir import RecordingDir
 from logwrites.report import (
     failure_lines,
     json_lines,
@@ -81,6 +82,9 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--junit", type=Path, default=None, help="write JUnit XML here")
     p.add_argument("--workdir", type=Path, default=None,
                    help="scratch directory (default: a temporary one)")
+    p.add_argument("--keep-recording", action="store_true",
+                   help="keep the recording when every state passed (without --out it is "
+                        "removed then; it is always kept when a state fails)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -173,13 +177,11 @@ def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResu
     err = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="logwrites-loop-", dir=args.workdir) as tmp:
         workdir = Path(tmp)
-        # The recording outlives the run: every repro line points at its log and base image.
-        keep_dir = (args.out / "recording") if args.out else Path(
-            tempfile.mkdtemp(prefix="logwrites-recording-", dir=args.workdir))
+        home = RecordingDir.for_loop(args.out, args.workdir)
         if args.log is None:
-            err.print(f"recording {workload.name} in the guest into {keep_dir} ...",
+            err.print(f"recording {workload.name} in the guest into {home.path} ...",
                       markup=False, highlight=False)
-        recording = recorder(keep_dir)
+        recording = home.record(recorder)
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                       MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                       TimeRemainingColumn(), console=err, transient=args.json) as progress:
@@ -189,6 +191,12 @@ def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResu
                 progress.update(task, completed=done, total=total)
 
             result = run_loop(recording, checkers, options, workdir / "states", on_progress)
+    # Every repro line names the recording's log and base image: it stays while one is printed.
+    if home.scratch and args.log is None:
+        kept = home.settle(every_state_passed=result.exit_status == 0, keep=args.keep_recording)
+        err.print(f"recording kept in {home.path}" if kept else
+                  "every state passed: recording removed (--keep-recording keeps it)",
+                  markup=False, highlight=False)
     page = write_html_report(result, args.out) if args.out else None
     if args.junit:
         args.junit.write_text(junit_xml(result))

@@ -86,9 +86,16 @@ def test_ext4_guest_checker_reads_back_fsynced_files(tmp_path: Path, capsys) -> 
     # A guest boots per state (tens of seconds under TCG): only the states from the last
     # round's marks on, prefix kind.
     checker = PROJECT / "guests" / "checkers" / "fs-default-guest"
-    status, objs = run_json(capsys, "--fs", "ext4", "--image-size", "64M", "--states", "prefix",
-                            "--start-mark", "rename-fsync-3", "--check", "fsck",
-                            "--check", f"guest:{checker}", "--jobs", "1")
-    states = objs[:-1]
+    status = main(["crash-loop", "--json", "--fs", "ext4", "--image-size", "64M", "--states",
+                   "prefix", "--start-mark", "rename-fsync-3", "--check", "fsck",
+                   "--check", f"guest:{checker}", "--jobs", "1", "--workdir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    objs = [json.loads(line) for line in out.splitlines()]
+    states, summary = objs[:-1], objs[-1]
     assert states and all(f"guest:{checker}" in o["checker"] for o in states)
     assert status == 0, [o for o in states if o["verdict"] != "pass"]
+    # Every state passed and no --out was given: the recording (two 64 MiB images and the
+    # log) went with the loop's scratch files.
+    assert summary["recording_kept"] is False
+    assert not Path(summary["log"]).exists() and list(tmp_path.iterdir()) == []
+    assert "every state passed: recording removed" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,9 @@ def test_json_lines_keys_and_summary(result) -> None:
     objs = [json.loads(line) for line in json_lines(result)]
     summary = objs.pop()
     assert summary["summary"] is True and summary["states"] == len(objs)
+    # The log was the caller's: it is kept, and no scratch directory was left beside it.
+    assert summary["recording_kept"] is True
+    assert not list(Path(summary["log"]).parent.glob("logwrites-recording-*"))
     assert summary["fail"] == sum(o["verdict"] == "fail" for o in objs)
     for o in objs:
         assert list(o)[:8] == ["id", "kind", "entry", "dropped", "verdict", "checker",

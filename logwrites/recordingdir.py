@@ -1,0 +1,57 @@
+"""Where a crash loop's recording (log, base image, consoles) lives, and whether it outlives
+the loop.
+
+With `--out` it goes into the report's directory and stays: the report points at it. Otherwise
+it goes into a scratch directory that is kept only while something needs it: a failing or
+unchecked state (every repro line names its log and base image), a recording that broke (its
+console logs say why), or a user who asked to keep it. A loop whose every state passed leaves
+nothing behind, so a loop run again and again in CI does not fill the disk (each recording
+holds two disk images and the log).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from logwrites.loop import Recorder, Recording
+
+SCRATCH_PREFIX = "logwrites-recording-"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingDir:
+    path: Path
+    scratch: bool           # made for this loop alone: it may go when the loop is done
+
+    @classmethod
+    def for_loop(cls, out: Path | None, workdir: Path | None) -> RecordingDir:
+        """The report's `recording/` under `out`, or a new scratch directory in `workdir` (the
+        system's temporary directory when None)."""
+        if out is not None:
+            return cls(Path(out) / "recording", scratch=False)
+        return cls(Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=workdir)), scratch=True)
+
+    def settle(self, *, every_state_passed: bool, keep: bool) -> bool:
+        """After the loop: remove a scratch recording that no state needs, unless `keep`.
+        Whether the recording is still there."""
+        if self.scratch and every_state_passed and not keep:
+            shutil.rmtree(self.path, ignore_errors=True)
+        return self.path.exists()
+
+    def record(self, recorder: Recorder) -> Recording:
+        """Run `recorder` into this directory; whether it returns or raises, a scratch
+        directory it left empty goes."""
+        try:
+            return recorder(self.path)
+        finally:
+            self.drop_if_empty()
+
+    def drop_if_empty(self) -> None:
+        """After recording: a scratch directory left empty (the log was the user's, or the
+        recording broke before writing anything) goes. One with files stays; after a recording
+        that broke, its console logs say why."""
+        if self.scratch and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
