@@ -55,12 +55,12 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
 
     :raise UsageError: bad arguments. :raise LogwritesError: the recording failed.
     """
-    from logwrites.commands.crash_loop import default_checks, resolve_workload
+    from logwrites.commands.crash_loop import checker_specs, resolve_workload
 
     fs_name = None if fs == "none" else fs
     script, args = (None, []) if log is not None else resolve_workload(
         os.fspath(workload) if workload is not None else None, fs)
-    specs = list(checks) if checks is not None else default_checks(fs, script)
+    specs = checker_specs(list(checks) if checks is not None else None, fs, script)
     require_tools(fs_name if "fsck" in specs else None)
     runner = None
     ns = _namespace(fs=fs, kernel=kernel, mkfs_opts=mkfs_opts, image_size=image_size,

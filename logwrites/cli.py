@@ -50,6 +50,14 @@ def _configure_logging(verbosity: int) -> None:
                         stream=sys.stderr)
 
 
+def describe_error(err: Exception) -> str:
+    """One line for the user: an OS error as 'PATH: reason' (not '[Errno N] reason: 'PATH'')."""
+    if isinstance(err, OSError) and err.strerror:
+        names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+        return ": ".join([*names, err.strerror]) if names else err.strerror
+    return str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # a reader such as `head` went away: not our failure
         return EXIT_OK
     except (LogwritesError, OSError) as err:
-        print(f"logwrites: {err}", file=sys.stderr)
+        print(f"logwrites: {describe_error(err)}", file=sys.stderr)
         log.debug("traceback", exc_info=True)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -503,6 +503,9 @@ class LogReader:
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self.bytes_read = 0  # log bytes read so far, for tests and benchmarks
         try:
+            if stat.S_ISDIR(os.fstat(self._fd).st_mode):
+                # Opening one succeeds; the read would fail without naming the path.
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(self.path))
             self.size = os.lseek(self._fd, 0, os.SEEK_END)
             head = os.pread(self._fd, 4096, 0)
             self.bytes_read += len(head)

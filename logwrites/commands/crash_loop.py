@@ -120,8 +120,21 @@ def default_checks(fs: str, workload: Path | None) -> list[str]:
     return checks
 
 
+def checker_specs(given: list[str] | None, fs: str, workload: Path | None) -> list[str]:
+    """The checks to run: those given, or the defaults for `fs` and `workload`.
+
+    :raise UsageError: when that leaves none (raw disk, a workload without a checker of its
+        own), before anything is recorded.
+    """
+    specs = list(given) if given is not None else default_checks(fs, workload)
+    if not specs:
+        raise UsageError("no checker: give at least one --check (with --fs none and no "
+                         "built-in checker for the workload, there is no default)")
+    return specs
+
+
 def build_checkers(args: argparse.Namespace, workload: Path | None) -> list[Checker]:
-    specs = args.check or default_checks(args.fs, workload)
+    specs = checker_specs(args.check, args.fs, workload)
     fs = None if args.fs == "none" else args.fs
     require_tools(fs if "fsck" in specs else None)
     runner = None
@@ -171,9 +184,9 @@ def print_table(console: Console, result: LoopResult) -> None:
 def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResult, Path | None]:
     workload, workload_args = (resolve_workload(args.workload, args.fs)
                                if args.log is None else (None, []))
+    recorder = make_recorder(args, workload or Path("."), workload_args)
     checkers = build_checkers(args, workload)
     options = loop_options(args)
-    recorder = make_recorder(args, workload or Path("."), workload_args)
     err = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="logwrites-loop-", dir=args.workdir) as tmp:
         workdir = Path(tmp)

@@ -158,6 +158,10 @@ def test_bad_input_exits_2(txn, capsys, tmp_path) -> None:
     (["--states", ","], "--states: name at least one kind"),
     (["--max-states", "0"], "--max-states must be at least 1"),
     (["--jobs", "0"], "--jobs 0: must be at least 1"),
+    # fs-default's own checker is for ext4: on the raw disk nothing would judge the states.
+    (["--fs", "none", "--workload", "fs-default"],
+     "no checker: give at least one --check (with --fs none and no built-in checker for the "
+     "workload, there is no default)"),
 ])
 def test_bad_loop_options_are_refused_before_the_guest_records(
         capsys, option: list[str], error: str) -> None:

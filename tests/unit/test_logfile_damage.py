@@ -142,7 +142,17 @@ def test_damaged_log_through_a_subprocess(make_log, damage: Callable[[Path, int]
 def test_a_missing_log_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(tmp_path / "nope.log")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "No such file" in err
+    assert err == f"logwrites: {tmp_path / 'nope.log'}: No such file or directory\n"
+
+
+@pytest.mark.parametrize("command", ["inspect", "replay"])
+def test_a_directory_for_a_log_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        command: str) -> None:
+    # Opening a directory succeeds; the first read fails, and would not name it.
+    args = [command, str(tmp_path)] + ([str(tmp_path / "t.img")] if command == "replay" else [])
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"logwrites: {tmp_path}: Is a directory\n"
+    assert not (tmp_path / "t.img").exists()
 
 
 def test_an_empty_file_is_not_a_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
