@@ -88,7 +88,8 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
     sock_dir = Path(tempfile.mkdtemp(prefix="lw-rec-"))  # unix socket paths must stay short
     script = workload_script(workload, workload_args)
     try:
-        async with ServeBackend(image, log_path, sock_dir) as backend:
+        # The directory is the recording's: a log left by an earlier one goes with its image.
+        async with ServeBackend(image, log_path, sock_dir, overwrite=True) as backend:
             async with Machine(guest, run_dir, disk_socket=backend.socket,  # type: ignore[arg-type]
                                control_socket=backend.control, accel=accel,
                                name="record") as machine:

@@ -102,7 +102,8 @@ class _Subprocess:
 class ServeBackend(_Subprocess):
     """`logwrites serve IMAGE --socket SOCK --log LOG --control CTRL ...` (DESIGN §8).
 
-    With `resume`, it continues LOG (`--resume`) instead of creating it; `kill()` then
+    A LOG that holds a log (or other bytes) is refused unless `overwrite` (a new log over it)
+    or `resume`. With `resume`, it continues LOG (`--resume`) instead of creating it; `kill()` then
     `restart()` is a backend crash and its restart on the same image, log and sockets, which a
     QEMU whose disk chardev reconnects (Machine's default) follows by itself.
     """
@@ -111,13 +112,14 @@ class ServeBackend(_Subprocess):
 
     def __init__(self, image: Path, log_path: Path, run_dir: Path, *, mode: str = "logwrites",
                  sector_size: int = 512, num_queues: int = 1, writethrough: bool = False,
-                 resume: bool = False, verbose: bool = False,
+                 resume: bool = False, overwrite: bool = False, verbose: bool = False,
                  extra_args: Sequence[str] = ()) -> None:
         super().__init__(run_dir, run_dir / "disk.sock", run_dir / "control.sock")
         self.image, self.log_path, self.mode = image, log_path, mode
         self.sector_size, self.num_queues = sector_size, num_queues
         self.writethrough, self.extra_args = writethrough, tuple(extra_args)
         self.resume = resume
+        self.overwrite = overwrite      # a new log over what LOG holds (`--overwrite`)
         self.verbose = verbose          # -v: INFO lines (resubmissions, ...) in serve.log
         self.ready_line = ""
         self._drainer: asyncio.Future[None] | None = None
@@ -158,6 +160,8 @@ class ServeBackend(_Subprocess):
             argv.append("--writethrough")
         if self.resume:
             argv.append("--resume")
+        elif self.overwrite:
+            argv.append("--overwrite")
         return argv + list(self.extra_args)
 
     async def _wait_started(self) -> None:

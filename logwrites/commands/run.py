@@ -93,7 +93,8 @@ async def _run(args: argparse.Namespace, crash_at: tuple[str, str] | None) -> in
                    check=True)
     backend: ServeBackend | StorageDaemon
     if args.backend == "serve":
-        backend = ServeBackend(image, out / "log", out, mode=args.mode)
+        # A run again into the same --out starts afresh, as its images do.
+        backend = ServeBackend(image, out / "log", out, mode=args.mode, overwrite=True)
     else:
         backend = StorageDaemon(image, out)
     crash = args.crash or ("power-cut" if crash_at else "shutdown")

@@ -23,8 +23,8 @@ import stat
 import sys
 from pathlib import Path
 
-from logwrites.errors import UsageError
-from logwrites.format import SECTOR_SIZES
+from logwrites.errors import LogFormatError, UsageError
+from logwrites.format import SECTOR_SIZES, SUPER_BLOCK, decode_super
 
 # The log's room is zeroed this far ahead of its small entries, so a guest FLUSH's fdatasync of
 # the log does not also write its inode back (see LogWriter's `preallocate`).
@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "write in a dm-log-writes log.")
     p.add_argument("image", type=Path, help="the data image (raw file or block device)")
     p.add_argument("--socket", type=Path, required=True, help="vhost-user socket to listen on")
-    p.add_argument("--log", type=Path, help="the log file (created; required unless "
-                                            "--mode passthrough)")
+    p.add_argument("--log", type=Path, help="the log file or block device (created; "
+                                            "required unless --mode passthrough)")
     p.add_argument("--control", type=Path,
                    help="control socket (JSON lines; default SOCK.control beside SOCK)")
     p.add_argument("--mode", choices=("logwrites", "immediate", "passthrough"),
@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue LOG after its last counted entry (a restarted backend on the "
                         "same image) instead of creating it; completed writes a killed backend "
                         "had not logged yet come back from LOG.pending (--pending-journal)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new log over an existing one (without it, a LOG that holds "
+                        "anything is refused: it may be an earlier recording, or the image)")
     p.add_argument("--pending-journal", action="store_true",
                    help="keep the unflushed list in LOG.pending too (one more write per "
                         "request) so that a killed backend restarted with --resume loses none "
@@ -72,6 +75,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--once", action="store_true",
                    help="exit when the first front-end disconnects")
     p.set_defaults(run=run)
+
+
+def _refuse_to_overwrite(log: Path) -> None:
+    """:raise UsageError: when `log` holds something a new log would destroy: a log with
+    entries (file or block device), or a regular file with bytes that are not a log (an image
+    given by mistake). A new path, an empty file, a log without entries or a device without a
+    log is fine."""
+    try:
+        st = log.stat()
+    except FileNotFoundError:
+        return
+    regular = stat.S_ISREG(st.st_mode)
+    if not (regular and st.st_size) and not stat.S_ISBLK(st.st_mode):
+        return
+    with open(log, "rb") as f:
+        head = f.read(SUPER_BLOCK.size)
+    try:
+        entries: int | None = decode_super(head).nr_entries
+    except LogFormatError:
+        entries = None
+    if entries:
+        raise UsageError(f"--log {log} holds a log of {entries} "
+                         f"{'entry' if entries == 1 else 'entries'}: --resume continues it, "
+                         f"--overwrite starts a new log over it")
+    if entries is None and regular:
+        raise UsageError(f"--log {log} holds {st.st_size} bytes that are not a log: "
+                         f"--overwrite replaces them with a new log")
 
 
 def _image_size(fd: int) -> int:
@@ -122,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
     if args.log is not None and args.log.exists() and args.image.exists() \
             and args.log.resolve() == args.image.resolve():
         raise UsageError(f"--log {args.log} is the image itself")
+    if args.log is not None and args.mode != "passthrough" and not (args.resume
+                                                                    or args.overwrite):
+        _refuse_to_overwrite(args.log)
     # One check (and at most one warning) per directory: both sockets usually share one.
     for sock in {sock.parent: sock for sock in (control, args.socket)}.values():
         _check_socket_dir(sock)

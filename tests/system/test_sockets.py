@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_log
 from tests.system.test_backend_control import Control
 from vhost.testing.daemons import LogwritesServe, logwrites_path
 from vhost.testing.frontend import BlkFrontend, Status
@@ -124,6 +125,11 @@ CLI_ERRORS = {
                    "--num-queues", "0"], "--num-queues"),
     "long serial": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "{tmp}/l",
                      "--serial", "x" * 21], "--serial"),
+    # A new log would destroy what these hold: an earlier recording, or an image.
+    "log holds an earlier log": (["serve", "{img}", "--socket", "{tmp}/s", "--log",
+                                  "{earlier}"], "holds a log of 2 entries: --resume"),
+    "log holds an image": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "{odd}"],
+                           "holds 4608 bytes that are not a log: --overwrite"),
 }
 
 
@@ -134,8 +140,11 @@ def test_serve_command_line_errors_are_one_line_exit_2(tmp_path: Path, case: str
     odd.write_bytes(bytes(4096 + 512))
     tiny = tmp_path / "tiny.img"
     tiny.write_bytes(bytes(100))
+    earlier = write_log(tmp_path / "earlier.log", [("w", 1, 1, 7), ("m", "done")])
+    kept = {path: path.read_bytes() for path in (earlier, odd)}
     argv, expect = CLI_ERRORS[case]
-    argv = [a.format(tmp=tmp_path, img=img, odd=odd, tiny=tiny) for a in argv]
+    argv = [a.format(tmp=tmp_path, img=img, odd=odd, tiny=tiny, earlier=earlier)
+            for a in argv]
     done = subprocess.run([logwrites_path(), *argv], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2, (case, done.stdout, done.stderr)
@@ -144,3 +153,17 @@ def test_serve_command_line_errors_are_one_line_exit_2(tmp_path: Path, case: str
     assert expect in lines[0], (case, lines[0])
     assert done.stdout == ""
     assert not (tmp_path / "s").exists()
+    assert {path: path.read_bytes() for path in kept} == kept
+
+
+def test_overwrite_starts_a_new_log_over_an_earlier_one(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "log", [("w", 1, 1, 7), ("m", "earlier")])
+    with LogwritesServe(image(tmp_path), tmp_path / "s.sock", log, tmp_path,
+                        extra_args=["--overwrite"]) as d, BlkFrontend(d.socket_path) as fe:
+        assert fe.write(8, b"\x09" * 4096).status == Status.OK
+        assert fe.flush().status == Status.OK
+    done = subprocess.run([logwrites_path(), "inspect", "--json", str(log)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    entries = [json.loads(line) for line in done.stdout.splitlines()]
+    assert "earlier" not in done.stdout
+    assert [(e["sector"], e["nr_sectors"]) for e in entries if not e["flags"]] == [(8, 8)]
