@@ -2,7 +2,8 @@
 one queue offered against four, the front-end starting one (as a one-CPU guest does).
 
 No guest: the test front-end (`vhost/testing/frontend.py`) sends 4 KiB writes, then 4 KiB
-reads, one at a time (queue depth 1, a kick each), to `logwrites serve` in logwrites mode.
+reads, then 4 KiB writes each followed by a FLUSH (a quarter as many pairs), one request at a
+time (queue depth 1, a kick each), to `logwrites serve` in logwrites mode.
 Runs alternate between the two backends, each order in turn, so both see the same host.
 In `bench/backend.py` the same comparison goes through a TCG guest and QEMU, whose cost per
 request moves from run to run; this one measures only what the backend does with the queues.
@@ -31,6 +32,7 @@ from vhost.testing.frontend import BlkFrontend, read_parts
 BLOCK = 4096
 AREA_SECTORS = 200 << 11            # 200 MiB of the 256 MiB image, in 512-byte sectors
 WARM_UP = 200
+FLUSH_PAIRS_DIVISOR = 4             # write+FLUSH pairs per run: a quarter of --requests
 
 
 def per_request(pid: int, requests: int, serve_one: Callable[[int], object]) -> float:
@@ -64,9 +66,13 @@ def measure_in(run_dir: Path, queues: int, requests: int) -> dict[str, float]:
             write = per_request(pid, requests, lambda i: fe.write(i * 8 % AREA_SECTORS, data))
             read = per_request(pid, requests,
                                lambda i: fe.run_one(read_parts(i * 8 % AREA_SECTORS, BLOCK)))
+            # A FLUSH syncs the log and the image: fewer pairs, each two requests.
+            pairs = max(1, requests // FLUSH_PAIRS_DIVISOR)
+            flushed = per_request(pid, pairs, lambda i: (fe.write(i * 8 % AREA_SECTORS, data),
+                                                         fe.flush())) / 2
     finally:
         daemon.stop()
-    return {"write": write, "read": read}
+    return {"write": write, "read": read, "write+flush": flushed}
 
 
 def main() -> int:
@@ -83,8 +89,9 @@ def main() -> int:
             got = measure(queues, args.requests)
             figures[queues].append(got)
             print(f"{queues} queue(s) offered: write {got['write']:5.1f} µs  "
-                  f"read {got['read']:5.1f} µs of backend CPU per request", flush=True)
-    for kind in ("write", "read"):
+                  f"read {got['read']:5.1f} µs  write+flush {got['write+flush']:5.1f} µs of "
+                  "backend CPU per request", flush=True)
+    for kind in ("write", "read", "write+flush"):
         one = statistics.median(r[kind] for r in figures[1])
         many = statistics.median(r[kind] for r in figures[args.queues])
         ratio = f"x{many / one:.2f}" if one else "no ratio (too few requests for the CPU clock)"
