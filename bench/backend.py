@@ -230,10 +230,16 @@ async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int
                            disks=disks, num_queues=queues, memory_mb=guest_mib,
                            cpus=cpus) as m:
             pid = backend.proc.pid if backend and backend.proc else None
+            failed_first = ""
             for name in jobs:
+                if name == MEMORY_JOB and (contender not in MEMORY_CONTENDERS or pid is None):
+                    continue
+                if failed_first:
+                    # A job that failed (a disk that stopped answering is killed at its
+                    # timeout) leaves the disk suspect: the rest would each wait as long.
+                    results[name] = {"error": f"not run: {failed_first} failed before it"}
+                    continue
                 if name == MEMORY_JOB:
-                    if contender not in MEMORY_CONTENDERS or pid is None:
-                        continue
                     write_mib = 10 * m.memory_mb
                     script, timeout_s = memory_job(size_mib, write_mib), write_mib // 5 + 300
                 else:
@@ -246,6 +252,7 @@ async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int
                 used, woke = cpu_seconds(pid) - before, wakeups(pid) - woke
                 if result is None or not result.ok:
                     results[name] = {"error": (result.stderr if result else "no result")[-300:]}
+                    failed_first = name
                     continue
                 iops, requests, written = fio_figures(result.reports["fio"])
                 ok = bool(pid and requests)
