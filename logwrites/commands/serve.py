@@ -139,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--serial {args.serial!r}: at most 20 bytes")
     if args.mode != "passthrough" and args.log is None:
         raise UsageError(f"--mode {args.mode} needs --log LOG")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the log and --overwrite starts a new one: one or "
+                         "the other")
     if args.resume and (args.log is None or not args.log.exists()):
         raise UsageError(f"--resume: no log {args.log} to resume")
     control = args.control or args.socket.with_name(args.socket.name + ".control")

@@ -130,6 +130,8 @@ CLI_ERRORS = {
                                   "{earlier}"], "holds a log of 2 entries: --resume"),
     "log holds an image": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "{odd}"],
                            "holds 4608 bytes that are not a log: --overwrite"),
+    "resume and overwrite": (["serve", "{img}", "--socket", "{tmp}/s", "--log", "{earlier}",
+                              "--resume", "--overwrite"], "one or the other"),
 }
 
 
