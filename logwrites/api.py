@@ -60,7 +60,7 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     fs_name = None if fs == "none" else fs
     script, args = (None, []) if log is not None else resolve_workload(
         os.fspath(workload) if workload is not None else None, fs)
-    specs = checker_specs(list(checks) if checks is not None else None, fs, script)
+    specs = checker_specs(checks, fs, script)
     require_tools(fs_name if "fsck" in specs else None)
     runner = None
     ns = _namespace(fs=fs, kernel=kernel, mkfs_opts=mkfs_opts, image_size=image_size,

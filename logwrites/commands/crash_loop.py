@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -120,7 +121,7 @@ def default_checks(fs: str, workload: Path | None) -> list[str]:
     return checks
 
 
-def checker_specs(given: list[str] | None, fs: str, workload: Path | None) -> list[str]:
+def checker_specs(given: Sequence[str] | None, fs: str, workload: Path | None) -> list[str]:
     """The checks to run: those given, or the defaults for `fs` and `workload`.
 
     :raise UsageError: when that leaves none (raw disk, a workload without a checker of its
