@@ -44,8 +44,9 @@ def per_request(pid: int, requests: int, serve_one: Callable[[int], object]) -> 
 
 
 def measure(queues: int, requests: int) -> dict[str, float]:
-    """One backend offering `queues` queues: CPU per 4 KiB write and per 4 KiB read. Its files
-    go when it is done, so the next run does not share the host with their writeback."""
+    """One backend offering `queues` queues: CPU per 4 KiB write, per 4 KiB read and per
+    request of a write+FLUSH pair. Its files go when it is done, so the next run does not share
+    the host with their writeback."""
     with tempfile.TemporaryDirectory(prefix="lw-bench-queues-") as tmp:
         return measure_in(Path(tmp), queues, requests)
 
@@ -77,7 +78,9 @@ def measure_in(run_dir: Path, queues: int, requests: int) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20000, help="writes, then reads, per run")
+    parser.add_argument("--requests", type=int, default=20000,
+                        help="writes, then reads, per run (and a quarter as many write+FLUSH "
+                             "pairs)")
     parser.add_argument("--runs", type=int, default=4, help="runs of each backend")
     parser.add_argument("--queues", type=int, default=4, help="queues the other backend offers")
     args = parser.parse_args()
