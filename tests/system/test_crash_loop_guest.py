@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from logwrites.cli import main
+from logwrites.crashstates import SETUP_MARK, LogMap
 from tests.conftest import PROJECT
 
 TXN_CHECK = PROJECT / "guests" / "checkers" / "txnlog"
@@ -67,6 +68,13 @@ def test_txnlog_with_barrier_passes_every_kind(tmp_path: Path, capsys) -> None:
                             str(tmp_path / "r"))
     assert status == 0, [o for o in objs if o.get("verdict") == "fail"]
     assert {o["kind"] for o in objs[:-1]} == {"prefix", "reorder", "torn"}
+    # Again into the same report: the earlier recording's log is replaced (serve would refuse
+    # a log with entries unless told to overwrite it), not appended to.
+    status, again = run_json(capsys, "--fs", "none", "--workload", "txnlog 4", "--image-size",
+                             "16M", "--states", "prefix", "--out", str(tmp_path / "r"))
+    assert status == 0 and again[-1]["recording_kept"] is True
+    marks = [e.mark for e in LogMap.read(Path(again[-1]["log"])).entries if e.is_mark]
+    assert marks[0] == SETUP_MARK and marks.count(SETUP_MARK) == 1, marks
 
 
 @pytest.mark.slow
