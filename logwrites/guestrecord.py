@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Final
 
 from logwrites.check import GuestRunner
+from logwrites.crashstates import SETUP_MARK  # where the states start: the recorder marks it
 from logwrites.errors import LogwritesError, UsageError
 from logwrites.loop import Recorder, Recording
 
 log = logging.getLogger(__name__)
 
-SETUP_MARK: Final = "mkfs"
 # ext4's lazy initialisation would zero inode tables and the journal from a kernel thread
 # after mount, in the middle of the workload's epochs: do it inside mkfs instead.
 DEFAULT_MKFS_OPTS: Final = {"ext4": "-E lazy_itable_init=0,lazy_journal_init=0"}
