@@ -39,7 +39,7 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
                from_start: bool = False, start_mark: str | None = None, shrink: bool = True,
                log: str | os.PathLike[str] | None = None,
                base: str | os.PathLike[str] | None = None,
-               mkfs_opts: str | None = None, image_size: str = "128M",
+               mkfs_opts: str | None = None, image_size: str | None = None,
                kernel: str | os.PathLike[str] | None = None, timeout_s: float = 300.0,
                out: str | os.PathLike[str] | None = None,
                junit: str | os.PathLike[str] | None = None,
@@ -51,7 +51,8 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     (default: fsck and the workload's own checker); return the results. A recording made
     here stays (in `out`/recording, or a directory of its own in `workdir`) when a state failed
     or could not be checked, since every repro names its log and base image; without `out` it
-    is removed when every state passed, unless `keep_recording`.
+    is removed when every state passed, unless `keep_recording`. The disk under test is
+    `image_size` ("64M"), by default 128M, or 320M for xfs (mkfs.xfs wants 300 MiB).
 
     :raise UsageError: bad arguments. :raise LogwritesError: the recording failed.
     """

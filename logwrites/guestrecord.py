@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import shlex
 import shutil
 import tempfile
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 # ext4's lazy initialisation would zero inode tables and the journal from a kernel thread
 # after mount, in the middle of the workload's epochs: do it inside mkfs instead.
 DEFAULT_MKFS_OPTS: Final = {"ext4": "-E lazy_itable_init=0,lazy_journal_init=0"}
+# mkfs.xfs refuses a data section under 300 MiB (xfsprogs 5.19 on); ext4 and btrfs fit in 128.
+DEFAULT_IMAGE_SIZE: Final = "128M"
+DEFAULT_IMAGE_SIZE_BY_FS: Final = {"xfs": "320M"}
+# "mke2fs 1.47.0 (5-Feb-2023)", "btrfs-progs v6.2": what a tool prints before its reason.
+VERSION_BANNER: Final = re.compile(r"[\w.-]+ v?\d+(\.\d+)+( \(.*\))?$")
 
 
 class RecordError(LogwritesError):
@@ -48,6 +54,21 @@ def parse_size(text: str) -> int:
         return int(text)
     except ValueError:
         raise UsageError(f"size {text!r}: a number of bytes, or with K, M or G") from None
+
+
+def default_image_size(fs: str | None) -> str:
+    """The disk under test's size when none is given: big enough for `fs`'s mkfs."""
+    return DEFAULT_IMAGE_SIZE_BY_FS.get(fs or "", DEFAULT_IMAGE_SIZE)
+
+
+def failure_line(phase: str, output: str) -> str:
+    """The line of a failed job's output that says why: mkfs and mount (phase "setup") print
+    their reason first, after a version banner (mke2fs) and before their whole usage
+    (mkfs.xfs); a script prints its last."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    if phase == "setup":
+        lines = [line for line in lines if not VERSION_BANNER.match(line)][:1]
+    return lines[-1] if lines else "no output"
 
 
 def workload_script(path: Path, args: list[str]) -> str:
@@ -100,10 +121,12 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
     assert result is not None
+    output = workdir / "workload.out"
+    output.write_text(result.stdout + result.stderr)
     if not result.ok:
+        why = failure_line(result.phase, result.stderr or result.stdout)
         raise RecordError(f"workload {workload.name} exited {result.status} in phase "
-                          f"{result.phase}: {(result.stderr or result.stdout).strip()[-300:]}")
-    (workdir / "workload.out").write_text(result.stdout + result.stderr)
+                          f"{result.phase}: {why} (its whole output: {output})")
     name = " ".join([workload.name, *workload_args])
     return Recording(log_path, base, fs, workload=name,
                      console_logs=(run_dir / "console.log", workdir / "workload.out"),
@@ -114,11 +137,12 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
 def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list[str]) -> Recorder:
     """A Recorder for the crash-loop command's options."""
     fs = None if args.fs == "none" else args.fs
+    image_size = parse_size(args.image_size or default_image_size(fs))
 
     def record(workdir: Path) -> Recording:
         return asyncio.run(record_in_guest(
             workdir, workload, workload_args, fs=fs, mkfs_opts=args.mkfs_opts,
-            image_size=parse_size(args.image_size), kernel=args.kernel,
+            image_size=image_size, kernel=args.kernel,
             modules=getattr(args, "modules", None), timeout_s=args.timeout))
     return record
 

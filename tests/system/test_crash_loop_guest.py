@@ -107,3 +107,17 @@ def test_ext4_guest_checker_reads_back_fsynced_files(tmp_path: Path, capsys) -> 
     assert summary["recording_kept"] is False
     assert not Path(summary["log"]).exists() and list(tmp_path.iterdir()) == []
     assert "every state passed: recording removed" in err
+
+
+@pytest.mark.slow
+def test_mkfs_refusal_stops_the_recording_with_its_reason(tmp_path: Path, capsys) -> None:
+    # 64 MiB is under mkfs.xfs's minimum: it prints its reason, then its whole usage.
+    out = tmp_path / "report"
+    status = main(["crash-loop", "--fs", "xfs", "--image-size", "64M", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    output = out / "recording" / "workload.out"
+    reason = output.read_text().strip().splitlines()[0]
+    assert err[-1] == (f"logwrites: workload fs-default exited 1 in phase setup: {reason} "
+                       f"(its whole output: {output})")
+    assert "300" in reason and "Usage" in output.read_text()
