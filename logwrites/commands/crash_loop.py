@@ -72,7 +72,9 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-shrink", action="store_true", help="do not shrink failing states")
     p.add_argument("--kernel", type=Path, default=None, help="your bzImage for the guest")
     p.add_argument("--modules", type=Path, default=None, help="its modules directory")
-    p.add_argument("--image-size", default="128M", help="size of the disk under test")
+    p.add_argument("--image-size", default=None,
+                   help="size of the disk under test (default 128M; 320M for xfs, whose mkfs "
+                        "wants 300 MiB)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per checker run")
     p.add_argument("--log", type=Path, default=None,
                    help="use this recorded log instead of recording (needs --base)")
@@ -230,10 +232,13 @@ def run(args: argparse.Namespace) -> int:
         summary = (f"{len(result.results)} states in {result.seconds:.1f} s "
                    f"({60 * len(result.results) / max(result.seconds, 1e-9):.0f} per minute, "
                    f"{result.jobs} jobs)")
-        if result.deduplicated or result.readset_reused:
-            # Said plainly, so nobody mistakes a reused answer for a run of the checker.
-            summary += (f"; verdicts reused: {result.deduplicated} of identical images, "
-                        f"{result.readset_reused} where no byte e2fsck read had changed")
+        # Said plainly, so nobody mistakes a reused answer for a run of the checker. Only
+        # e2fsck's reads are recorded: on other filesystems that reuse is not offered at all.
+        reused = [f"{result.deduplicated} of identical images"] if result.deduplicated else []
+        if result.readset_reused:
+            reused.append(f"{result.readset_reused} where no byte e2fsck read had changed")
+        if reused:
+            summary += "; verdicts reused: " + ", ".join(reused)
         console.print(summary, markup=False, highlight=False)
         if page:
             console.print(f"report: {page}", markup=False, highlight=False)
