@@ -76,11 +76,13 @@ class Recorder(Protocol):
 def existing_recording(log_path: Path, base_image: Path, fs: str | None) -> Recorder:
     """A recorder that only checks and hands over a log and base image the user already has."""
     def record(workdir: Path) -> Recording:
-        for what, path in (("log", log_path), ("base image", base_image)):
-            if not path.is_file():
-                raise UsageError(f"{what} {path} is not a file")
+        # dm-log-writes writes its log to a block device: that is read where it is.
+        if not (log_path.is_file() or log_path.is_block_device()):
+            raise UsageError(f"log {log_path} is not a file or a block device")
+        if not base_image.is_file():
+            raise UsageError(f"base image {base_image} is not a file")
         return Recording(log_path.resolve(), base_image.resolve(), fs,
-                         workload=f"recorded log {log_path.name}")
+                         workload=f"recorded log {log_path}")
     return record
 
 

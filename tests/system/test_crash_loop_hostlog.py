@@ -116,6 +116,30 @@ def test_with_the_barrier_every_kind_passes(txn, capsys) -> None:
     assert objs[-1]["pass"] == objs[-1]["states"]
 
 
+def test_a_log_on_a_block_device_is_read_where_it_is(txn, capsys) -> None:
+    # dm-log-writes logs to a block device; a loop device over the same log must give the
+    # same states and verdicts as the file.
+    from tests.conftest import require_tool
+
+    losetup = require_tool("losetup", "mount")
+    log, base = txn(barrier=False)
+    status, from_file = crash_loop(capsys, "--log", str(log), "--base", str(base),
+                                   "--check", check_arg())
+    attach = subprocess.run([losetup, "--find", "--show", str(log)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert attach.returncode == 0, f"losetup needs root and loop devices: {attach.stderr}"
+    device = attach.stdout.strip()
+    try:
+        again, from_device = crash_loop(capsys, "--log", device, "--base", str(base),
+                                        "--check", check_arg())
+    finally:
+        subprocess.run([losetup, "--detach", device], timeout=60, check=False)
+    assert status == again == 1
+    assert from_device[-1]["log"] == device
+    verdicts = [[(s["id"], s["verdict"]) for s in objs[:-1]] for objs in (from_file, from_device)]
+    assert verdicts[0] == verdicts[1] and len(verdicts[0]) > 8
+
+
 def test_junit_html_and_kept_images(txn, capsys, tmp_path) -> None:
     log, base = txn(barrier=False, n=2)
     junit, out = tmp_path / "junit.xml", tmp_path / "report"
