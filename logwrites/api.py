@@ -28,7 +28,7 @@ from logwrites.loop import (
     existing_recording,
     run_loop,
 )
-from logwrites.recordingdir import RecordingDir
+from logwrites.recordingdir import RecordingDir, make_workdir
 from logwrites.report import failure_lines, junit_xml, write_html_report
 
 
@@ -86,9 +86,9 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     options = LoopOptions(kinds=tuple(states), max_states=max_states, seed=seed,
                           jobs=jobs or os.cpu_count() or 1, from_start=from_start,
                           start_mark=start_mark, shrink=shrink, keep_failing=keep)
-    with tempfile.TemporaryDirectory(prefix="logwrites-api-", dir=workdir) as tmp:
-        home = RecordingDir.for_loop(Path(out) if out else None,
-                                     Path(workdir) if workdir else None)
+    scratch_root = make_workdir(Path(workdir) if workdir else None)
+    with tempfile.TemporaryDirectory(prefix="logwrites-api-", dir=scratch_root) as tmp:
+        home = RecordingDir.for_loop(Path(out) if out else None, scratch_root)
         recording = home.record(recorder)
         result = run_loop(recording, checkers, options, Path(tmp) / "states", on_progress)
     if log is None:

@@ -21,6 +21,13 @@ from logwrites.loop import Recorder, Recording
 SCRATCH_PREFIX = "logwrites-recording-"
 
 
+def make_workdir(workdir: Path | None) -> Path | None:
+    """The loop's scratch root (`--workdir`), made if it is missing, as `--out` is."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
 @dataclass(frozen=True, slots=True)
 class RecordingDir:
     path: Path

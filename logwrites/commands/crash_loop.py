@@ -32,7 +32,7 @@ from logwrites.check import FILESYSTEMS, Checker, needs_guest, parse_checker, re
 from logwrites.crashstates import DEFAULT_MAX_STATES, KINDS
 from logwrites.errors import UsageError
 from logwrites.loop import LoopOptions, LoopResult, Recorder, existing_recording, run_loop
-from logwrites.recordingdir import RecordingDir
+from logwrites.recordingdir import RecordingDir, make_workdir
 from logwrites.report import (
     failure_lines,
     json_lines,
@@ -191,7 +191,8 @@ def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResu
     checkers = build_checkers(args, workload)
     options = loop_options(args)
     err = Console(stderr=True)
-    with tempfile.TemporaryDirectory(prefix="logwrites-loop-", dir=args.workdir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="logwrites-loop-",
+                                     dir=make_workdir(args.workdir)) as tmp:
         workdir = Path(tmp)
         home = RecordingDir.for_loop(args.out, args.workdir)
         if args.log is None:

@@ -140,6 +140,16 @@ def test_a_log_on_a_block_device_is_read_where_it_is(txn, capsys) -> None:
     assert verdicts[0] == verdicts[1] and len(verdicts[0]) > 8
 
 
+def test_a_missing_workdir_is_made(txn, capsys, tmp_path) -> None:
+    # As --out is: before, the loop stopped on '<workdir>/logwrites-loop-XXXX: No such file'.
+    log, base = txn(barrier=True)
+    workdir = tmp_path / "not" / "yet"
+    status, objs = crash_loop(capsys, "--log", str(log), "--base", str(base),
+                              "--check", check_arg(), "--workdir", str(workdir))
+    assert status == 0 and objs[-1]["pass"] == objs[-1]["states"] > 0
+    assert workdir.is_dir() and not list(workdir.iterdir())    # its scratch went with the loop
+
+
 def test_junit_html_and_kept_images(txn, capsys, tmp_path) -> None:
     log, base = txn(barrier=False, n=2)
     junit, out = tmp_path / "junit.xml", tmp_path / "report"
