@@ -126,7 +126,7 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
     if not result.ok:
         why = failure_line(result.phase, result.stderr or result.stdout)
         raise RecordError(f"workload {workload.name} exited {result.status} in phase "
-                          f"{result.phase}: {why} (its whole output: {output})")
+                          f"{result.phase}: {why} (its output: {output})")
     name = " ".join([workload.name, *workload_args])
     return Recording(log_path, base, fs, workload=name,
                      console_logs=(run_dir / "console.log", workdir / "workload.out"),

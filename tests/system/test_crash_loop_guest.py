@@ -119,5 +119,5 @@ def test_mkfs_refusal_stops_the_recording_with_its_reason(tmp_path: Path, capsys
     output = out / "recording" / "workload.out"
     reason = output.read_text().strip().splitlines()[0]
     assert err[-1] == (f"logwrites: workload fs-default exited 1 in phase setup: {reason} "
-                       f"(its whole output: {output})")
+                       f"(its output: {output})")
     assert "300" in reason and "Usage" in output.read_text()
