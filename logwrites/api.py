@@ -36,6 +36,7 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
                checks: Sequence[str] | None = None,
                states: Sequence[str] = ("prefix", "reorder"),
                max_states: int = DEFAULT_MAX_STATES, seed: int = 0, jobs: int | None = None,
+               atomic_unit: int | None = None,
                from_start: bool = False, start_mark: str | None = None, shrink: bool = True,
                log: str | os.PathLike[str] | None = None,
                base: str | os.PathLike[str] | None = None,
@@ -52,7 +53,9 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     here stays (in `out`/recording, or a directory of its own in `workdir`) when a state failed
     or could not be checked, since every repro names its log and base image; without `out` it
     is removed when every state passed, unless `keep_recording`. The disk under test is
-    `image_size` ("64M"), by default 128M, or 320M for xfs (mkfs.xfs wants 300 MiB).
+    `image_size` ("64M"), by default 128M, or 320M for xfs (mkfs.xfs wants 300 MiB). Torn
+    states (`states` with "torn") tear only at multiples of `atomic_unit` bytes (default: one
+    sector of the log).
 
     :raise UsageError: bad arguments. :raise LogwritesError: the recording failed.
     """
@@ -85,7 +88,8 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     keep = Path(out) / "failing" if out else None
     options = LoopOptions(kinds=tuple(states), max_states=max_states, seed=seed,
                           jobs=jobs or os.cpu_count() or 1, from_start=from_start,
-                          start_mark=start_mark, shrink=shrink, keep_failing=keep)
+                          start_mark=start_mark, shrink=shrink, keep_failing=keep,
+                          atomic_unit=atomic_unit)
     scratch_root = make_workdir(Path(workdir) if workdir else None)
     with tempfile.TemporaryDirectory(prefix="logwrites-api-", dir=scratch_root) as tmp:
         home = RecordingDir.for_loop(Path(out) if out else None, scratch_root)

@@ -8,7 +8,9 @@ A crash state is "the base image plus some of the log" (DESIGN.md §4). Three ki
   the flush epoch that E closes (E is the epoch's closing FLUSH/FUA entry, or the log's last
   entry for the volatile tail): within an epoch the device may persist any subset of records;
 - torn ``t:I:K`` — every entry before I, then only the first K sectors (sectorsize units) of the
-  multi-sector write I.
+  multi-sector write I. A device tears a write only between its atomic write units (a
+  physical block, commonly 4 KiB on a disk that takes 512-byte sectors): K falls on a unit
+  boundary, and a write inside one unit is not torn. The unit defaults to one sector.
 
 An *epoch* is the run of records (writes and discards) between two *durability points*: entries
 carrying FLUSH or FUA. A durability point is never dropped: it is durable when it completes
@@ -304,12 +306,14 @@ def enumerate_states(
     start: int = -1,
     max_states: int = DEFAULT_MAX_STATES,
     seed: int = 0,
+    atomic_sectors: int = 1,
 ) -> list[CrashState]:
     """Every crash state of the asked kinds that ends after entry `start`, in build order
     (by checkpoint, then by end entry), each once.
 
     `max_states` bounds the reordered states of one epoch and, separately, its torn states.
-    The same log, kinds, start, budget and seed always give the same list.
+    Torn writes tear only at multiples of `atomic_sectors` on the device (`tear_points`).
+    The same log, kinds, start, budget, seed and unit always give the same list.
     """
     kinds = set(kinds)
     check_kinds(kinds)
@@ -350,9 +354,8 @@ def enumerate_states(
             torn: list[tuple[int, int]] = []
             for i in records:
                 entry = logmap.entries[i]
-                if entry.is_write and entry.nr_sectors > 1:
-                    n = entry.nr_sectors
-                    torn += [(i, k) for k in sorted({1, n // 2, n - 1})]
+                if entry.is_write:
+                    torn += [(i, k) for k in tear_points(entry, atomic_sectors)]
             if len(torn) > max_states:
                 torn = sorted(random.Random(f"{seed}:torn:{end}").sample(torn, max_states))
             for i, k in torn:
@@ -361,6 +364,31 @@ def enumerate_states(
                                          torn=(i, k))
     return sorted(states.values(), key=lambda s: (s.checkpoint, s.end, s.kind, s.dropped,
                                                   s.torn or (0, 0)))
+
+
+def tear_points(entry: Entry, atomic_sectors: int = 1) -> list[int]:
+    """How many sectors of write `entry` a torn state keeps: the first, middle and last
+    boundary of an atomic write unit inside it (none for a write within one unit)."""
+    n = entry.nr_sectors
+    first = atomic_sectors - entry.sector % atomic_sectors
+    boundaries = range(first, n, atomic_sectors)
+    if not boundaries:
+        return []
+    middle = min(boundaries, key=lambda k: (abs(k - n // 2), k))
+    return sorted({boundaries[0], middle, boundaries[-1]})
+
+
+def atomic_sectors_of(logmap: LogMap, atomic_unit: int | None) -> int:
+    """`atomic_unit` bytes in the log's sectors (1 when None).
+
+    :raise UsageError: for a unit that is not a whole number of the log's sectors.
+    """
+    if atomic_unit is None:
+        return 1
+    if atomic_unit < logmap.sectorsize or atomic_unit % logmap.sectorsize:
+        raise UsageError(f"--atomic-unit {atomic_unit}: must be a multiple of the log's "
+                         f"sector size, {logmap.sectorsize} bytes")
+    return atomic_unit // logmap.sectorsize
 
 
 def describe_record(logmap: LogMap, index: int) -> dict[str, object]:

@@ -43,6 +43,7 @@ from logwrites.crashstates import (
     SETUP_MARK,
     CrashState,
     LogMap,
+    atomic_sectors_of,
     check_kinds,
     enumerate_states,
     start_index,
@@ -98,6 +99,7 @@ class LoopOptions:
     keep_failing: Path | None = None  # directory for the images of failing states
     command: str = "logwrites"        # how repro commands call us
     dedup: bool = True                # reuse image-only verdicts of provably identical states
+    atomic_unit: int | None = None    # bytes a torn write never splits (None: one sector)
 
     def __post_init__(self) -> None:
         """Refused when made, before anything is recorded: :raise UsageError:."""
@@ -108,6 +110,9 @@ class LoopOptions:
             raise UsageError("--max-states must be at least 1")
         if self.jobs < 1:
             raise UsageError(f"--jobs {self.jobs}: must be at least 1")
+        unit = self.atomic_unit
+        if unit is not None and (unit < 512 or unit & (unit - 1)):
+            raise UsageError(f"--atomic-unit {unit}: a power of two of at least 512 bytes")
 
 
 @dataclass(slots=True)
@@ -154,6 +159,7 @@ class LoopResult:
     entries_applied: int = 0
     deduplicated: int = 0             # states whose image-only verdicts were reused
     readset_reused: int = 0           # states answered by an earlier check's unchanged reads
+    atomic_unit: int = 512            # bytes torn states never split
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{kind: {verdict: n}} over every state, kinds in enumeration order."""
@@ -266,8 +272,9 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
     started = time.perf_counter()
     logmap = LogMap.read(recording.log)
     start = start_index(logmap, from_start=options.from_start, start_mark=options.start_mark)
+    atomic_sectors = atomic_sectors_of(logmap, options.atomic_unit)
     states = enumerate_states(logmap, options.kinds, start=start, max_states=options.max_states,
-                              seed=options.seed)
+                              seed=options.seed, atomic_sectors=atomic_sectors)
     setup = logmap.mark_index(SETUP_MARK)
     total = len(states)
     log.info("%d crash states of %d entries (%d epochs), from entry %d", total,
@@ -367,7 +374,8 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
     return LoopResult(recording, logmap, start, results, time.perf_counter() - started,
                       options.jobs, applied,
                       sum(r.same_as is not None for r in results),
-                      sum(r.same_as is None and r.reused_from is not None for r in results))
+                      sum(r.same_as is None and r.reused_from is not None for r in results),
+                      atomic_sectors * logmap.sectorsize)
 
 
 def _run_length(total: int, jobs: int) -> int:

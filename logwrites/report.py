@@ -84,6 +84,7 @@ def summary_object(result: LoopResult) -> dict[str, Any]:
         "jobs": result.jobs,
         "deduplicated": result.deduplicated,
         "readset_reused": result.readset_reused,
+        "atomic_unit": result.atomic_unit,
         "seconds": round(result.seconds, 3),
         "states_per_minute": round(60 * len(result.results) / result.seconds, 1)
         if result.seconds else None,

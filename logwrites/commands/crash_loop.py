@@ -64,6 +64,10 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
                    help="reordered (and torn) states per flush epoch: exhaustive below, "
                         f"sampled above (default {DEFAULT_MAX_STATES})")
     p.add_argument("--seed", type=int, default=0, help="seed for sampled states")
+    p.add_argument("--atomic-unit", default=None, metavar="BYTES",
+                   help="the device's atomic write unit: torn writes tear only at its "
+                        "boundaries, and a write within one unit is never torn (e.g. 4K; "
+                        "default: one sector of the log)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="states built and checked at once (default: cores)")
     p.add_argument("--from-start", action="store_true",
@@ -162,9 +166,12 @@ def make_recorder(args: argparse.Namespace, workload: Path, workload_args: list[
 def loop_options(args: argparse.Namespace) -> LoopOptions:
     kinds = tuple(k.strip() for k in args.states.split(",") if k.strip())
     keep = args.out / "failing" if args.out else None
+    from logwrites.guestrecord import parse_size
+
+    unit = parse_size(args.atomic_unit) if args.atomic_unit is not None else None
     return LoopOptions(kinds=kinds, max_states=args.max_states, seed=args.seed, jobs=args.jobs,
                        from_start=args.from_start, start_mark=args.start_mark,
-                       shrink=not args.no_shrink, keep_failing=keep,
+                       shrink=not args.no_shrink, keep_failing=keep, atomic_unit=unit,
                        command=_our_command())
 
 

@@ -150,6 +150,22 @@ def test_a_missing_workdir_is_made(txn, capsys, tmp_path) -> None:
     assert workdir.is_dir() and not list(workdir.iterdir())    # its scratch went with the loop
 
 
+def test_an_atomic_unit_of_a_block_leaves_block_writes_whole(txn, capsys) -> None:
+    # Every write of the transaction log is one aligned 4 KiB block: a device that writes
+    # 4 KiB atomically cannot tear any of them.
+    log, base = txn(barrier=True)
+    args = ("--log", str(log), "--base", str(base), "--check", check_arg(),
+            "--states", "prefix,torn")
+    status, sectors = crash_loop(capsys, *args)
+    assert status == 0 and sectors[-1]["atomic_unit"] == 512
+    assert {s["kind"] for s in sectors[:-1]} == {"prefix", "torn"}
+    status, blocks = crash_loop(capsys, *args, "--atomic-unit", "4K")
+    assert status == 0 and blocks[-1]["atomic_unit"] == 4096
+    assert [s["id"] for s in blocks[:-1]] == [s["id"] for s in sectors[:-1]
+                                             if s["kind"] == "prefix"]
+    assert crash_loop(capsys, *args, "--atomic-unit", "3000")[0] == 2
+
+
 def test_junit_html_and_kept_images(txn, capsys, tmp_path) -> None:
     log, base = txn(barrier=False, n=2)
     junit, out = tmp_path / "junit.xml", tmp_path / "report"

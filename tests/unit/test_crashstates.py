@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from logwrites.crashstates import LogMap, enumerate_states, start_index, state_from_id
+from logwrites.crashstates import (
+    LogMap,
+    atomic_sectors_of,
+    enumerate_states,
+    start_index,
+    state_from_id,
+    tear_points,
+)
 from logwrites.errors import UsageError
 
 # entries:      0 mark mkfs, 1 w, 2 w, 3 flush, 4 w(2 sectors), 5 w, 6 d, 7 flush, 8 mark a,
@@ -88,6 +95,27 @@ def test_torn_states_keep_part_of_multi_sector_writes(logmap: LogMap) -> None:
     torn = enumerate_states(logmap, ["torn"])
     assert ids(torn) == ["t:4:1"]
     assert torn[0].end == 3 and torn[0].torn == (4, 1)
+
+
+def test_an_atomic_unit_tears_only_at_its_boundaries(make_log) -> None:
+    # 512-byte sectors, 4 KiB unit (8 sectors): entry 1 fits one unit, entry 2 spans three
+    # aligned units, entry 3 starts mid-unit and crosses one boundary.
+    ops = [("m", "mkfs"), ("w", 0, 8, 1), ("w", 16, 24, 2), ("w", 44, 8, 3), ("f",)]
+    logmap = LogMap.read(make_log(ops))
+    entries = logmap.entries
+    assert tear_points(entries[1], 8) == []
+    assert tear_points(entries[2], 8) == [8, 16]
+    assert tear_points(entries[3], 8) == [4]
+    assert tear_points(entries[2]) == [1, 12, 23]       # one sector: first, middle, last
+    assert ids(enumerate_states(logmap, ["torn"], atomic_sectors=8)) == [
+        "t:2:8", "t:2:16", "t:3:4"]
+    assert len(enumerate_states(logmap, ["torn"])) == 3 + 3 + 3
+    assert atomic_sectors_of(logmap, None) == 1 and atomic_sectors_of(logmap, 4096) == 8
+    with pytest.raises(UsageError, match="multiple of the log's sector size, 512"):
+        atomic_sectors_of(logmap, 256)
+    big = LogMap.read(make_log([("m", "mkfs"), ("w", 0, 2, 1)], sectorsize=4096, name="4k.log"))
+    with pytest.raises(UsageError, match="sector size, 4096"):
+        atomic_sectors_of(big, 2048)
 
 
 def test_ids_round_trip(logmap: LogMap) -> None:
