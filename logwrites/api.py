@@ -41,6 +41,7 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
                log: str | os.PathLike[str] | None = None,
                base: str | os.PathLike[str] | None = None,
                mkfs_opts: str | None = None, image_size: str | None = None,
+               sector_size: int = 512,
                kernel: str | os.PathLike[str] | None = None, timeout_s: float = 300.0,
                out: str | os.PathLike[str] | None = None,
                junit: str | os.PathLike[str] | None = None,
@@ -55,7 +56,7 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     is removed when every state passed, unless `keep_recording`. The disk under test is
     `image_size` ("64M"), by default 128M, or 320M for xfs (mkfs.xfs wants 300 MiB). Torn
     states (`states` with "torn") tear only at multiples of `atomic_unit` bytes (default: one
-    sector of the log).
+    sector of the log). The disk has `sector_size`-byte logical sectors (512 or 4096).
 
     :raise UsageError: bad arguments. :raise LogwritesError: the recording failed.
     """
@@ -67,7 +68,10 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     specs = checker_specs(checks, fs, script)
     require_tools(fs_name if "fsck" in specs else None)
     runner = None
+    if sector_size not in (512, 4096):
+        raise UsageError(f"sector_size {sector_size}: 512 or 4096")
     ns = _namespace(fs=fs, kernel=kernel, mkfs_opts=mkfs_opts, image_size=image_size,
+                    sector_size=sector_size,
                     timeout=timeout_s)
     if needs_guest(specs, fs_name):
         from logwrites.guestrecord import guest_check_runner

@@ -90,8 +90,10 @@ def _guest(kernel: Path | None, modules: Path | None) -> object:
 async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str], *,
                           fs: str | None, mkfs_opts: str | None, image_size: int,
                           kernel: Path | None = None, modules: Path | None = None,
-                          timeout_s: float = 600.0, accel: str | None = None) -> Recording:
-    """Record `workload` on a fresh disk in the guest; power-cut at its end.
+                          timeout_s: float = 600.0, accel: str | None = None,
+                          sector_size: int = 512) -> Recording:
+    """Record `workload` on a fresh disk of `sector_size`-byte logical sectors (the log's
+    unit) in the guest; power-cut at its end.
 
     :raise RecordError: the workload failed or the guest/backend did not run.
     """
@@ -110,7 +112,8 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
     script = workload_script(workload, workload_args)
     try:
         # The directory is the recording's: a log left by an earlier one goes with its image.
-        async with ServeBackend(image, log_path, sock_dir, overwrite=True) as backend:
+        async with ServeBackend(image, log_path, sock_dir, sector_size=sector_size,
+                                overwrite=True) as backend:
             async with Machine(guest, run_dir, disk_socket=backend.socket,  # type: ignore[arg-type]
                                control_socket=backend.control, accel=accel,
                                name="record") as machine:
@@ -143,7 +146,8 @@ def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list
         return asyncio.run(record_in_guest(
             workdir, workload, workload_args, fs=fs, mkfs_opts=args.mkfs_opts,
             image_size=image_size, kernel=args.kernel,
-            modules=getattr(args, "modules", None), timeout_s=args.timeout))
+            modules=getattr(args, "modules", None), timeout_s=args.timeout,
+            sector_size=getattr(args, "sector_size", 512)))
     return record
 
 

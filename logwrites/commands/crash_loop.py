@@ -79,6 +79,8 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", default=None,
                    help="size of the disk under test (default 128M; 320M for xfs, whose mkfs "
                         "wants 300 MiB)")
+    p.add_argument("--sector-size", type=int, choices=(512, 4096), default=512,
+                   help="logical sector size of the disk under test, and so the log's unit")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per checker run")
     p.add_argument("--log", type=Path, default=None,
                    help="use this recorded log instead of recording (needs --base)")

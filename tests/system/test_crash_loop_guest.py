@@ -78,9 +78,13 @@ def test_txnlog_with_barrier_passes_every_kind(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_ext4_default_workload_has_no_false_alarms(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("sector_size", [512, 4096])
+def test_ext4_default_workload_has_no_false_alarms(tmp_path: Path, capsys,
+                                                   sector_size: int) -> None:
     status, objs = run_json(capsys, "--fs", "ext4", "--image-size", "64M", "--max-states", "4",
-                            "--out", str(tmp_path / "r"))
+                            "--sector-size", str(sector_size), "--out", str(tmp_path / "r"))
+    # The guest's disk had these sectors, so the log counts in them.
+    assert LogMap.read(tmp_path / "r" / "recording" / "disk.log").sectorsize == sector_size
     summary = objs[-1]
     assert summary["states"] > 20
     assert summary["by_kind"]["reorder"]["pass"] > 0
