@@ -141,13 +141,17 @@ def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list
     """A Recorder for the crash-loop command's options."""
     fs = None if args.fs == "none" else args.fs
     image_size = parse_size(args.image_size or default_image_size(fs))
+    sector_size = getattr(args, "sector_size", 512)
+    if image_size % sector_size:
+        raise UsageError(f"--image-size {image_size}: not a whole number of "
+                         f"{sector_size}-byte sectors")
 
     def record(workdir: Path) -> Recording:
         return asyncio.run(record_in_guest(
             workdir, workload, workload_args, fs=fs, mkfs_opts=args.mkfs_opts,
             image_size=image_size, kernel=args.kernel,
             modules=getattr(args, "modules", None), timeout_s=args.timeout,
-            sector_size=getattr(args, "sector_size", 512)))
+            sector_size=sector_size))
     return record
 
 

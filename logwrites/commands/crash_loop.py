@@ -166,10 +166,10 @@ def make_recorder(args: argparse.Namespace, workload: Path, workload_args: list[
 
 
 def loop_options(args: argparse.Namespace) -> LoopOptions:
+    from logwrites.guestrecord import parse_size  # "4K"; the module boots guests only when asked
+
     kinds = tuple(k.strip() for k in args.states.split(",") if k.strip())
     keep = args.out / "failing" if args.out else None
-    from logwrites.guestrecord import parse_size
-
     unit = parse_size(args.atomic_unit) if args.atomic_unit is not None else None
     return LoopOptions(kinds=kinds, max_states=args.max_states, seed=args.seed, jobs=args.jobs,
                        from_start=args.from_start, start_mark=args.start_mark,

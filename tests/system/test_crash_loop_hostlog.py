@@ -208,6 +208,9 @@ def test_bad_input_exits_2(txn, capsys, tmp_path) -> None:
     (["--states", ","], "--states: name at least one kind"),
     (["--max-states", "0"], "--max-states must be at least 1"),
     (["--jobs", "0"], "--jobs 0: must be at least 1"),
+    (["--atomic-unit", "3000"], "--atomic-unit 3000: a power of two of at least 512 bytes"),
+    (["--image-size", "100000", "--sector-size", "4096"],
+     "--image-size 100000: not a whole number of 4096-byte sectors"),
     # fs-default's own checker is for ext4: on the raw disk nothing would judge the states.
     (["--fs", "none", "--workload", "fs-default"],
      "no checker: give at least one --check (with --fs none and no built-in checker for the "
