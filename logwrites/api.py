@@ -68,8 +68,6 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     specs = checker_specs(checks, fs, script)
     require_tools(fs_name if "fsck" in specs else None)
     runner = None
-    if sector_size not in (512, 4096):
-        raise UsageError(f"sector_size {sector_size}: 512 or 4096")
     ns = _namespace(fs=fs, kernel=kernel, mkfs_opts=mkfs_opts, image_size=image_size,
                     sector_size=sector_size,
                     timeout=timeout_s)

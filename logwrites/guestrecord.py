@@ -28,6 +28,7 @@ from typing import Final
 from logwrites.check import GuestRunner
 from logwrites.crashstates import SETUP_MARK  # where the states start: the recorder marks it
 from logwrites.errors import LogwritesError, UsageError
+from logwrites.format import SECTOR_SIZES
 from logwrites.loop import Recorder, Recording
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
                           f"{result.phase}: {why} (its output: {output})")
     name = " ".join([workload.name, *workload_args])
     return Recording(log_path, base, fs, workload=name,
-                     console_logs=(run_dir / "console.log", workdir / "workload.out"),
+                     console_logs=(run_dir / "console.log", output),
                      notes=(f"recorded in the guest ({machine.accel}); workload took "
                             f"{result.seconds:.1f} s; ended by a power cut",))
 
@@ -141,7 +142,9 @@ def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list
     """A Recorder for the crash-loop command's options."""
     fs = None if args.fs == "none" else args.fs
     image_size = parse_size(args.image_size or default_image_size(fs))
-    sector_size = getattr(args, "sector_size", 512)
+    sector_size = args.sector_size
+    if sector_size not in SECTOR_SIZES:
+        raise UsageError(f"--sector-size {sector_size}: one of {SECTOR_SIZES}")
     if image_size % sector_size:
         raise UsageError(f"--image-size {image_size}: not a whole number of "
                          f"{sector_size}-byte sectors")

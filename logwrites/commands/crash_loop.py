@@ -31,6 +31,7 @@ from rich.table import Table
 from logwrites.check import FILESYSTEMS, Checker, needs_guest, parse_checker, require_tools
 from logwrites.crashstates import DEFAULT_MAX_STATES, KINDS
 from logwrites.errors import UsageError
+from logwrites.format import SECTOR_SIZES
 from logwrites.loop import LoopOptions, LoopResult, Recorder, existing_recording, run_loop
 from logwrites.recordingdir import RecordingDir, make_workdir
 from logwrites.report import (
@@ -79,7 +80,7 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", default=None,
                    help="size of the disk under test (default 128M; 320M for xfs, whose mkfs "
                         "wants 300 MiB)")
-    p.add_argument("--sector-size", type=int, choices=(512, 4096), default=512,
+    p.add_argument("--sector-size", type=int, choices=SECTOR_SIZES, default=512,
                    help="logical sector size of the disk under test, and so the log's unit")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per checker run")
     p.add_argument("--log", type=Path, default=None,
