@@ -240,20 +240,24 @@ def run(args: argparse.Namespace) -> int:
         print_table(console, result)
         for line in failure_lines(result):
             console.print(line, markup=False, highlight=False)
-        summary = (f"{len(result.results)} states in {result.seconds:.1f} s "
-                   f"({60 * len(result.results) / max(result.seconds, 1e-9):.0f} per minute, "
-                   f"{result.jobs} jobs)")
-        # Said plainly, so nobody mistakes a reused answer for a run of the checker. Only
-        # e2fsck's reads are recorded: on other filesystems that reuse is not offered at all.
-        reused = [f"{result.deduplicated} of identical images"] if result.deduplicated else []
-        if result.readset_reused:
-            reused.append(f"{result.readset_reused} where no byte e2fsck read had changed")
-        if reused:
-            summary += "; verdicts reused: " + ", ".join(reused)
-        console.print(summary, markup=False, highlight=False)
+        console.print(summary_line(result), markup=False, highlight=False)
         if page:
             console.print(f"report: {page}", markup=False, highlight=False)
     return result.exit_status
+
+
+def summary_line(result: LoopResult) -> str:
+    """The closing line for people: how many states, how fast, and how many verdicts were
+    reused rather than checked."""
+    line = (f"{len(result.results)} states in {result.seconds:.1f} s "
+            f"({60 * len(result.results) / max(result.seconds, 1e-9):.0f} per minute, "
+            f"{result.jobs} jobs)")
+    # Said plainly, so nobody mistakes a reused answer for a run of the checker. Only
+    # e2fsck's reads are recorded: on other filesystems that reuse is not offered at all.
+    reused = [f"{result.deduplicated} of identical images"] if result.deduplicated else []
+    if result.readset_reused:
+        reused.append(f"{result.readset_reused} where no byte e2fsck read had changed")
+    return line + ("; verdicts reused: " + ", ".join(reused) if reused else "")
 
 
 def json_summary(result: LoopResult) -> dict[str, object]:

@@ -166,6 +166,25 @@ def test_an_atomic_unit_of_a_block_leaves_block_writes_whole(txn, capsys) -> Non
     assert crash_loop(capsys, *args, "--atomic-unit", "3000")[0] == 2
 
 
+def test_summary_names_only_the_reuse_that_answered(txn, tmp_path) -> None:
+    # The real loop's result, then the counts of an xfs or btrfs run (identical images reused,
+    # no e2fsck read set) and of an ext4 one (both).
+    import dataclasses
+
+    from logwrites.api import crash_loop as api_crash_loop
+    from logwrites.commands.crash_loop import summary_line
+
+    log, base = txn(barrier=True)
+    result = api_crash_loop(fs="none", log=log, base=base, checks=[check_arg()],
+                            workdir=tmp_path)
+    assert "verdicts reused" not in summary_line(result)
+    other_fs = summary_line(dataclasses.replace(result, deduplicated=3, readset_reused=0))
+    assert other_fs.endswith("; verdicts reused: 3 of identical images"), other_fs
+    ext4 = summary_line(dataclasses.replace(result, deduplicated=3, readset_reused=5))
+    assert ext4.endswith("; verdicts reused: 3 of identical images, 5 where no byte e2fsck "
+                         "read had changed"), ext4
+
+
 def test_junit_html_and_kept_images(txn, capsys, tmp_path) -> None:
     log, base = txn(barrier=False, n=2)
     junit, out = tmp_path / "junit.xml", tmp_path / "report"
