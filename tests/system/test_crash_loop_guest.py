@@ -125,3 +125,12 @@ def test_mkfs_refusal_stops_the_recording_with_its_reason(tmp_path: Path, capsys
     assert err[-1] == (f"logwrites: workload fs-default exited 1 in phase setup: {reason} "
                        f"(its output: {output})")
     assert "300" in reason and "Usage" in output.read_text()
+
+
+@pytest.mark.slow
+def test_demo_on_btrfs_gets_a_disk_mkfs_btrfs_accepts(tmp_path: Path, capsys) -> None:
+    # The demo's 64M disk is for ext4; mkfs.btrfs refuses anything under 109 MiB.
+    status = main(["demo", "--fs", "btrfs", "--json", "--out", str(tmp_path / "r")])
+    objs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert status == 0 and objs[-1]["fs"] == "btrfs" and objs[-1]["states"] > 20
+    assert (tmp_path / "r" / "recording" / "base.img").stat().st_size == 128 << 20
