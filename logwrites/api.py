@@ -95,10 +95,11 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     scratch_root = make_workdir(Path(workdir) if workdir else None)
     with tempfile.TemporaryDirectory(prefix="logwrites-api-", dir=scratch_root) as tmp:
         home = RecordingDir.for_loop(Path(out) if out else None, scratch_root)
-        recording = home.record(recorder)
-        result = run_loop(recording, checkers, options, Path(tmp) / "states", on_progress)
+        with home.dropped_if_stopped(keep=keep_recording):
+            recording = home.record(recorder)
+            result = run_loop(recording, checkers, options, Path(tmp) / "states", on_progress)
     if log is None:
-        home.settle(every_state_passed=result.exit_status == 0, keep=keep_recording)
+        home.settle(needed=result.exit_status != 0, keep=keep_recording)
     if out:
         write_html_report(result, Path(out))
     if junit:

@@ -14,7 +14,12 @@ import importlib
 import inspect
 import logging
 import pkgutil
+import signal
 import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, TypeAlias
 
 from logwrites import commands
 from logwrites.errors import CheckFailed, LogwritesError
@@ -23,6 +28,33 @@ from qmp.errors import KernelPanic
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_KERNEL_PANIC = 0, 1, 2, 3
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a CI job's timeout, a closed terminal), raised where Python was, so
+    that QEMU, the backend and every scratch file go as they do on Ctrl-C. Python's default
+    for both is to die on the spot, leaving them all behind."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signum)
+
+
+_Handler: TypeAlias = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def _stop_cleanly_on_signals() -> dict[signal.Signals, _Handler]:
+    """The handlers replaced, to put back when `main` returns (it is called in-process too)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # only the main thread may set handlers, and only it receives signals
+    # Only where the default would kill us: an ignored SIGHUP (nohup) stays ignored, and
+    # `serve` installs its own handlers, which end the log cleanly, for as long as it serves.
+    return {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)
+            if signal.getsignal(sig) is signal.SIG_DFL}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,6 +80,10 @@ def _configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         stream=sys.stderr)
+    if verbosity == 0:
+        # qemu.qmp logs an ERROR of its own for a connection we cancel (a stopped run) or lose
+        # (a power cut); what matters reaches the user as our one-line error.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 def describe_error(err: Exception) -> str:
@@ -61,6 +97,7 @@ def describe_error(err: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
+    replaced = _stop_cleanly_on_signals()
     try:
         result = args.run(args)
         if inspect.iscoroutine(result):
@@ -79,9 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logwrites: {describe_error(err)}", file=sys.stderr)
         log.debug("traceback", exc_info=True)
         return EXIT_BAD_INPUT
+    except Stopped as stop:
+        print(f"logwrites: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("logwrites: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

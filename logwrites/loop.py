@@ -361,12 +361,19 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
                 step = _run_length(total, options.jobs)
                 for first in range(0, total, step):
                     pool.submit(run, first, min(total, first + step))
-                while reported < len(futures):
-                    try:
-                        futures[reported].result(timeout=0.2)
-                    except TimeoutError:
-                        pass
-                    report_done(block=False)
+                try:
+                    while reported < len(futures):
+                        try:
+                            futures[reported].result(timeout=0.2)
+                        except TimeoutError:
+                            pass
+                        report_done(block=False)
+                except BaseException:
+                    # Stopped (Ctrl-C, SIGTERM): the states being checked finish, no other
+                    # starts, so the pool's exit waits for a few checks, not for the loop.
+                    for future in futures:
+                        future.cancel()
+                    raise
         finally:
             for b in builders:
                 b.close()

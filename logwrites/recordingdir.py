@@ -4,15 +4,17 @@ the loop.
 With `--out` it goes into the report's directory and stays: the report points at it. Otherwise
 it goes into a scratch directory that is kept only while something needs it: a failing or
 unchecked state (every repro line names its log and base image), a recording that broke (its
-console logs say why), or a user who asked to keep it. A loop whose every state passed leaves
-nothing behind, so a loop run again and again in CI does not fill the disk (each recording
-holds two disk images and the log).
+console logs say why), or a user who asked to keep it. A loop whose every state passed, or that
+was stopped (Ctrl-C, or SIGTERM from a CI job's timeout), leaves nothing behind, so a loop run
+again and again in CI does not fill the disk (each recording holds two disk images and the log).
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +43,23 @@ class RecordingDir:
             return cls(Path(out) / "recording", scratch=False)
         return cls(Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=workdir)), scratch=True)
 
-    def settle(self, *, every_state_passed: bool, keep: bool) -> bool:
-        """After the loop: remove a scratch recording that no state needs, unless `keep`.
-        Whether the recording is still there."""
-        if self.scratch and every_state_passed and not keep:
+    def settle(self, *, needed: bool, keep: bool) -> bool:
+        """After the loop: remove a scratch recording that nothing `needed` (a failing or
+        unchecked state's repro), unless `keep`. Whether the recording is still there."""
+        if self.scratch and not needed and not keep:
             shutil.rmtree(self.path, ignore_errors=True)
         return self.path.exists()
+
+    @contextmanager
+    def dropped_if_stopped(self, *, keep: bool) -> Iterator[RecordingDir]:
+        """Around recording and checking: a loop stopped by the user or by a CI job's timeout
+        (KeyboardInterrupt, which SIGTERM becomes in the CLI) reports no state, so no repro
+        needs the scratch recording: it goes, half-made or whole, unless `keep`."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.settle(needed=False, keep=keep)
+            raise
 
     def record(self, recorder: Recorder) -> Recording:
         """Run `recorder` into this directory; whether it returns or raises, a scratch

@@ -1,6 +1,7 @@
-"""`logwrites crash-loop`: record a workload, enumerate its crash states, build and check each,
-report (terminal table, --json, --junit, --out DIR with HTML). Exit 0 all passed, 1 a state
-failed, 2 bad input (or a state that could not be checked).
+"""`logwrites crash-loop`: record a workload, then build and check each of its crash states.
+
+It reports on the terminal (a table), as --json, --junit, and --out DIR with HTML. Exit 0 all
+passed, 1 a state failed, 2 bad input (or a state that could not be checked).
 
 With `--log LOG --base IMAGE` the recording step is skipped and an existing log is used (any
 dm-log-writes log: ours, the kernel target's, QEMU blklogwrites').
@@ -208,19 +209,21 @@ def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResu
         if args.log is None:
             err.print(f"recording {workload.name} in the guest into {home.path} ...",
                       markup=False, highlight=False)
-        recording = home.record(recorder)
-        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                      MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                      TimeRemainingColumn(), console=err, transient=args.json) as progress:
-            task = progress.add_task("crash states", total=None)
+        with home.dropped_if_stopped(keep=args.keep_recording):
+            recording = home.record(recorder)
+            with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                          MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                          TimeRemainingColumn(), console=err, transient=args.json) as progress:
+                task = progress.add_task("crash states", total=None)
 
-            def on_progress(done: int, total: int, _result: object) -> None:
-                progress.update(task, completed=done, total=total)
+                def on_progress(done: int, total: int, _result: object) -> None:
+                    progress.update(task, completed=done, total=total)
 
-            result = run_loop(recording, checkers, options, workdir / "states", on_progress)
+                result = run_loop(recording, checkers, options, workdir / "states",
+                                  on_progress)
     # Every repro line names the recording's log and base image: it stays while one is printed.
     if home.scratch and args.log is None:
-        kept = home.settle(every_state_passed=result.exit_status == 0, keep=args.keep_recording)
+        kept = home.settle(needed=result.exit_status != 0, keep=args.keep_recording)
         err.print(f"recording kept in {home.path}" if kept else
                   "every state passed: recording removed (--keep-recording keeps it)",
                   markup=False, highlight=False)

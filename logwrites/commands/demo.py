@@ -20,7 +20,7 @@ DEMO_EXT4_IMAGE_SIZE = "64M"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job: crash-loop on the built-in guest and "
                                     "workload (ext4), with an HTML report",
-                       description=__doc__.splitlines()[0])
+                       description=__doc__.split("\n\n")[0])
     crash_loop.add_loop_arguments(p)
     p.set_defaults(run=run, fs="ext4", workload="fs-default", max_states=DEMO_MAX_STATES,
                    out=Path("out/demo"))

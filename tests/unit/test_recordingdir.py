@@ -19,16 +19,16 @@ def test_scratch_recording_goes_when_every_state_passed(tmp_path: Path) -> None:
     home = recorded(RecordingDir.for_loop(None, tmp_path))
     assert home.scratch and home.path.parent == tmp_path
     assert home.path.name.startswith(SCRATCH_PREFIX)
-    assert home.settle(every_state_passed=True, keep=False) is False
+    assert home.settle(needed=False, keep=False) is False
     assert list(tmp_path.iterdir()) == []
 
 
 def test_scratch_recording_stays_for_a_failing_state_or_when_asked(tmp_path: Path) -> None:
     failing = recorded(RecordingDir.for_loop(None, tmp_path))
-    assert failing.settle(every_state_passed=False, keep=False) is True
+    assert failing.settle(needed=True, keep=False) is True
     assert (failing.path / "disk.log").read_bytes() == b"log"
     asked = recorded(RecordingDir.for_loop(None, tmp_path))
-    assert asked.settle(every_state_passed=True, keep=True) is True
+    assert asked.settle(needed=False, keep=True) is True
     assert (asked.path / "disk.log").is_file()
 
 
@@ -37,7 +37,7 @@ def test_a_report_directory_keeps_its_recording(tmp_path: Path) -> None:
     assert not home.scratch and home.path == tmp_path / "out" / "recording"
     home.path.mkdir(parents=True)
     recorded(home)
-    assert home.settle(every_state_passed=True, keep=False) is True
+    assert home.settle(needed=False, keep=False) is True
     home.drop_if_empty()
     assert (home.path / "disk.log").is_file()
 
@@ -71,3 +71,30 @@ def test_record_that_raises_keeps_what_it_wrote(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         home.record(broken)
     assert (home.path / "console.log").read_text() == "kernel panic"
+
+
+def test_a_stopped_loop_drops_its_scratch_recording_unless_kept(tmp_path: Path) -> None:
+    home = RecordingDir.for_loop(None, tmp_path)
+    with pytest.raises(KeyboardInterrupt), home.dropped_if_stopped(keep=False):
+        recorded(home)
+        raise KeyboardInterrupt
+    assert not home.path.exists()
+    kept = RecordingDir.for_loop(None, tmp_path)
+    with pytest.raises(KeyboardInterrupt), kept.dropped_if_stopped(keep=True):
+        recorded(kept)
+        raise KeyboardInterrupt
+    assert (kept.path / "disk.log").is_file()
+
+
+def test_only_a_stop_drops_the_recording(tmp_path: Path) -> None:
+    home = RecordingDir.for_loop(None, tmp_path)
+    with pytest.raises(RuntimeError), home.dropped_if_stopped(keep=False):
+        recorded(home)
+        raise RuntimeError("guest died")
+    assert (home.path / "disk.log").is_file()
+    report = RecordingDir.for_loop(tmp_path / "out", tmp_path)
+    report.path.mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt), report.dropped_if_stopped(keep=False):
+        recorded(report)
+        raise KeyboardInterrupt
+    assert (report.path / "disk.log").is_file()
