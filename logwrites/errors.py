@@ -30,3 +30,8 @@ class LogFormatError(LogwritesError):
 
 class CheckFailed(LogwritesError):
     """A check ran and said no (exit 1), as opposed to an input that could not be used."""
+
+
+class NoRoom(LogwritesError):
+    """The filesystem holding the crash states filled up (or hit its quota): every later state
+    would fail the same way, so the loop stops rather than report each as unchecked."""

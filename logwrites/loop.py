@@ -25,6 +25,7 @@ callback (the command module draws the progress bar); the library never prints.
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import os
 import re
@@ -48,7 +49,7 @@ from logwrites.crashstates import (
     enumerate_states,
     start_index,
 )
-from logwrites.errors import UsageError
+from logwrites.errors import NoRoom, UsageError
 from logwrites.logfile import LogReader
 from logwrites.shrink import Shrunk, shrink
 from logwrites.statebuild import ImageKeys, StateBuilder, build_from_zero
@@ -249,6 +250,12 @@ class _Dedup:
         self._verdicts[n] = verdicts
         self._done[n].set()
 
+    def release(self) -> None:
+        """The loop stops: a repeat waiting for an original that will now never be checked
+        must not wait out `wait_s`."""
+        for done in self._done.values():
+            done.set()
+
     def verdicts_of(self, n: int) -> list[Verdict] | None:
         if not self._done[n].wait(self.wait_s):
             log.warning("state #%d took over %.0f s; its repeats are checked again", n,
@@ -373,6 +380,8 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
                     # starts, so the pool's exit waits for a few checks, not for the loop.
                     for future in futures:
                         future.cancel()
+                    if dedup is not None:
+                        dedup.release()
                     raise
         finally:
             for b in builders:
@@ -453,6 +462,11 @@ def _check_one(builder: StateBuilder, reader: LogReader, logmap: LogMap, state: 
         return StateResult(state, verdict, verdicts, time.perf_counter() - t0, build_s, repro,
                            kept, shrunk)
     except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f"{err.filename}: {err.strerror}" if err.filename else \
+                f"{err.strerror} in {workdir}"
+            raise NoRoom(f"{where}: no room to build crash state {state.id}; free some, or "
+                         f"give --workdir on a bigger filesystem") from err
         log.error("state %s: %s", state.id, err)
         log.debug("traceback", exc_info=True)
         return StateResult(state, "error", [Verdict("error", "build", 0.0, str(err))],

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from logwrites.check import FILESYSTEMS, Checker, needs_guest, parse_checker, require_tools
 from logwrites.crashstates import DEFAULT_MAX_STATES, KINDS
-from logwrites.errors import UsageError
+from logwrites.errors import NoRoom, UsageError
 from logwrites.format import SECTOR_SIZES
 from logwrites.loop import LoopOptions, LoopResult, Recorder, existing_recording, run_loop
 from logwrites.recordingdir import RecordingDir, make_workdir
@@ -219,8 +219,14 @@ def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResu
                 def on_progress(done: int, total: int, _result: object) -> None:
                     progress.update(task, completed=done, total=total)
 
-                result = run_loop(recording, checkers, options, workdir / "states",
-                                  on_progress)
+                try:
+                    result = run_loop(recording, checkers, options, workdir / "states",
+                                      on_progress)
+                except NoRoom as full:
+                    if args.log is not None:
+                        raise
+                    raise NoRoom(f"{full}; the recording stays: --log {recording.log} "
+                                 f"--base {recording.base_image} checks it again") from full
     # Every repro line names the recording's log and base image: it stays while one is printed.
     if home.scratch and args.log is None:
         kept = home.settle(needed=result.exit_status != 0, keep=args.keep_recording)

@@ -8,6 +8,7 @@ FLUSH, mark txn-i), so that the prefix-versus-reordered claim is tested without 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import xml.etree.ElementTree as ET
@@ -331,3 +332,27 @@ def test_in_place_states_and_checks_match_fresh_images_on_a_real_ext4_log(
     assert builder.resets == 0
     assert kinds_checked == {"prefix", "reorder"}
     assert recovered > 10  # the journal replay, and so its undo, really ran
+
+
+@pytest.fixture
+def small_dir(tmp_path: Path):
+    """A 1 MiB filesystem of its own (tmpfs), to run out of room in."""
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(where)], check=True)
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_workdir_stops_the_loop_with_one_line(txn, capsys, small_dir, tmp_path) -> None:
+    log, base = txn(barrier=True, n=8)
+    with open(base, "r+b") as f:  # a checker's copy of every state must need room
+        f.write(os.urandom(4 << 20))
+    status = main(["crash-loop", "--fs", "none", "--log", str(log), "--base", str(base),
+                   "--check", check_arg(), "--workdir", str(small_dir), "--json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[-1].startswith("logwrites: ") and "No space left on device" in err[-1]
+    assert "no room to build crash state " in err[-1] and "--workdir" in err[-1]
+    assert not any("ERROR" in line for line in err), err  # not one line per state
+    assert list(small_dir.iterdir()) == []
