@@ -41,6 +41,8 @@ DEFAULT_IMAGE_SIZE: Final = "128M"
 DEFAULT_IMAGE_SIZE_BY_FS: Final = {"xfs": "320M"}
 # "mke2fs 1.47.0 (5-Feb-2023)", "btrfs-progs v6.2": what a tool prints before its reason.
 VERSION_BANNER: Final = re.compile(r"[\w.-]+ v?\d+(\.\d+)+( \(.*\))?$")
+SOUNDS_WRONG: Final = re.compile(r"(?i)\b(error|fail|failed|cannot|can't|must|invalid|bad|"
+                                 r"too small|too large|no such|denied|unable|unknown)\b")
 
 
 class RecordError(LogwritesError):
@@ -63,12 +65,16 @@ def default_image_size(fs: str | None) -> str:
 
 
 def failure_line(phase: str, output: str) -> str:
-    """The line of a failed job's output that says why: mkfs and mount (phase "setup") print
-    their reason first, after a version banner (mke2fs) and before their whole usage
-    (mkfs.xfs); a script prints its last."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    """The line of a failed job's output that says why. mkfs and mount (phase "setup") print
+    their reason as the first line that reads as an error (after mke2fs's progress, which a
+    backspaced counter joins to the error on one line), else first, after a version banner
+    (mke2fs) and before their whole usage (mkfs.xfs); a script prints its last."""
+    lines = [line.strip() for line in output.replace("\b", " ").splitlines() if line.strip()]
     if phase == "setup":
-        lines = [line for line in lines if not VERSION_BANNER.match(line)][:1]
+        lines = [line for line in lines if not VERSION_BANNER.match(line)]
+        pieces = (piece for line in lines for piece in re.split(r"\s{2,}", line))
+        reason = next((piece for piece in pieces if SOUNDS_WRONG.search(piece)), None)
+        lines = [reason] if reason else lines[:1]
     return lines[-1] if lines else "no output"
 
 
@@ -98,7 +104,7 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
 
     :raise RecordError: the workload failed or the guest/backend did not run.
     """
-    from qmp.backend import ServeBackend
+    from qmp.backend import ControlClient, ServeBackend
     from qmp.machine import Machine
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +126,10 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
                                name="record") as machine:
                 result = await machine.run(script, fs=fs, mkfs_opts=opts, setup_mark=SETUP_MARK,
                                            timeout_s=timeout_s)
+                log_full = None
+                if not result.ok:  # the guest saw I/O errors, and its tools say only that
+                    async with ControlClient(backend.control) as control:
+                        log_full = (await control.status()).get("log_full")
                 # The crash: nothing the guest has not flushed is promised to survive.
                 await machine.power_cut()
     finally:
@@ -127,6 +137,10 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
     assert result is not None
     output = workdir / "workload.out"
     output.write_text(result.stdout + result.stderr)
+    if log_full:
+        raise RecordError(f"{log_full}: the guest's writes failed from then on, and workload "
+                          f"{workload.name} exited {result.status} in phase {result.phase}; "
+                          f"give --workdir on a filesystem with room (its output: {output})")
     if not result.ok:
         why = failure_line(result.phase, result.stderr or result.stdout)
         raise RecordError(f"workload {workload.name} exited {result.status} in phase "

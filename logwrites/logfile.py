@@ -89,7 +89,7 @@ class LogFullError(LogwritesError):
         self.path, self.reason = path, reason
 
     def __str__(self) -> str:
-        return f"log {self.path} is full: {self.reason}"
+        return f"log {self.path}: {self.reason}"
 
 
 def zero_payload(nbytes: int) -> list[memoryview]:
@@ -268,7 +268,8 @@ class LogWriter:
                 if written != want:
                     # A short write means the filesystem ran out of room part-way; nothing
                     # of this call is counted and its space is reused by the next attempt.
-                    raise LogFullError(self.path, f"short write ({written} of {want} bytes)")
+                    raise LogFullError(self.path, f"no room left on its filesystem ({written} "
+                                                  f"of {want} bytes written)")
                 at += written
         except OSError as err:
             raise self.write_failed(err.errno) from err
@@ -290,7 +291,8 @@ class LogWriter:
                 return False
             raise self.write_failed(err.errno) from err
         if written != nbytes:
-            raise LogFullError(self.path, f"short write ({written} of {nbytes} bytes)")
+            raise LogFullError(self.path, f"no room left on its filesystem ({written} of "
+                                          f"{nbytes} bytes written)")
         return True
 
     def _append(self, header: bytes, payload: Sequence[Buffer], payload_blocks: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,22 @@ def fuzz_examples(request: pytest.FixtureRequest) -> int:
     import os
     chosen = request.config.getoption("--fuzz-examples")
     return chosen or int(os.environ.get("LOGWRITES_FUZZ_EXAMPLES", "300"))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """`make(size)`: a filesystem of its own (tmpfs) of `size` ("1M"), to run out of room in;
+    unmounted after the test."""
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        where = tmp_path / f"small-{len(mounted)}"
+        where.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       check=True)
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)

@@ -128,6 +128,18 @@ def test_mkfs_refusal_stops_the_recording_with_its_reason(tmp_path: Path, capsys
 
 
 @pytest.mark.slow
+def test_a_log_that_fills_its_filesystem_is_named_as_the_reason(small_tmpfs, capsys) -> None:
+    # mkfs's writes fail once the log has no room; the guest's tools can only say "I/O error".
+    workdir = small_tmpfs("6M")
+    status = main(["crash-loop", "--image-size", "64M", "--workdir", str(workdir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[-1].startswith("logwrites: log full: log ") and "disk.log: " in err[-1]
+    assert "no room left on its filesystem" in err[-1] or "No space left" in err[-1]
+    assert "exited 1 in phase setup" in err[-1] and "--workdir" in err[-1]
+
+
+@pytest.mark.slow
 def test_demo_on_btrfs_gets_a_disk_mkfs_btrfs_accepts(tmp_path: Path, capsys) -> None:
     # The demo's 64M disk is for ext4; mkfs.btrfs refuses anything under 109 MiB.
     status = main(["demo", "--fs", "btrfs", "--json", "--out", str(tmp_path / "r")])

@@ -334,17 +334,8 @@ def test_in_place_states_and_checks_match_fresh_images_on_a_real_ext4_log(
     assert recovered > 10  # the journal replay, and so its undo, really ran
 
 
-@pytest.fixture
-def small_dir(tmp_path: Path):
-    """A 1 MiB filesystem of its own (tmpfs), to run out of room in."""
-    where = tmp_path / "small"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(where)], check=True)
-    yield where
-    subprocess.run(["umount", str(where)], check=True)
-
-
-def test_a_full_workdir_stops_the_loop_with_one_line(txn, capsys, small_dir, tmp_path) -> None:
+def test_a_full_workdir_stops_the_loop_with_one_line(txn, capsys, small_tmpfs) -> None:
+    small_dir = small_tmpfs("1M")
     log, base = txn(barrier=True, n=8)
     with open(base, "r+b") as f:  # a checker's copy of every state must need room
         f.write(os.urandom(4 << 20))

@@ -132,7 +132,7 @@ def test_log_filesystem_full_fails_the_flush(tmp_path: Path, small_fs) -> None:
         with BlkFrontend(d.socket_path, timeout_s=10) as fe:
             failed = write_and_flush_until_failure(fe)
             assert failed > 0
-            check_refusing(fe, d, failed, "No space left", "short write")
+            check_refusing(fe, d, failed, "No space left", "no room left")
     finally:
         assert d.stop() == 0
     check_log(log, failed)
@@ -167,7 +167,7 @@ def test_on_log_full_pause_holds_the_flush_until_room_and_resume(tmp_path: Path,
                     event = events.line()
                     while event.get("event") != "log-full":
                         event = events.line()
-                    assert "No space left" in event["reason"] or "short write" in event["reason"]
+                    assert "No space left" in event["reason"] or "no room left" in event["reason"]
                     status = ctl("status")
                     assert "paused" in status["log_full"]
                     later = fe.prepare(write_parts((i + 1) * 8, fill(i + 1)))
