@@ -1025,6 +1025,8 @@ def parse_checker(spec: str, *, fs: str | None, guest_runner: GuestRunner | None
 
     :raise UsageError: for anything else, or `fsck` without a filesystem.
     """
+    if not timeout_s > 0:
+        raise UsageError(f"--timeout {timeout_s:g}: must be more than 0 seconds")
     if spec == "fsck":
         if fs in (None, "none"):
             raise UsageError("--check fsck needs a filesystem (--fs ext4|xfs|btrfs)")

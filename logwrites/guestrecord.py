@@ -50,13 +50,17 @@ class RecordError(LogwritesError):
 
 
 def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     try:
         if text[-1:].upper() in units:
-            return int(float(text[:-1]) * units[text[-1].upper()])
-        return int(text)
+            size = int(float(text[:-1]) * units[text[-1].upper()])
+        else:
+            size = int(text)
     except ValueError:
-        raise UsageError(f"size {text!r}: a number of bytes, or with K, M or G") from None
+        raise UsageError(f"size {text!r}: a number of bytes, or with K, M, G or T") from None
+    if size <= 0:
+        raise UsageError(f"size {text!r}: must be more than 0 bytes")
+    return size
 
 
 def default_image_size(fs: str | None) -> str:
@@ -137,6 +141,9 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
     assert result is not None
     output = workdir / "workload.out"
     output.write_text(result.stdout + result.stderr)
+    if result.timed_out:
+        raise RecordError(f"workload {workload.name} ran past --timeout ({timeout_s:g} s) in "
+                          f"phase {result.phase} and was killed (its output: {output})")
     if log_full:
         raise RecordError(f"{log_full}: the guest's writes failed from then on, and workload "
                           f"{workload.name} exited {result.status} in phase {result.phase}; "
@@ -162,6 +169,8 @@ def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list
     if image_size % sector_size:
         raise UsageError(f"--image-size {image_size}: not a whole number of "
                          f"{sector_size}-byte sectors")
+    # Found (or built) now, so that a kernel that is not one is refused before a disk is made.
+    _guest(args.kernel, getattr(args, "modules", None))
 
     def record(workdir: Path) -> Recording:
         return asyncio.run(record_in_guest(

@@ -21,6 +21,7 @@ from pathlib import Path
 from logwrites.loop import Recorder, Recording
 
 SCRATCH_PREFIX = "logwrites-recording-"
+BLANK_IMAGES = frozenset({"disk.img", "base.img"})  # made sparse before the guest boots
 
 
 def make_workdir(workdir: Path | None) -> Path | None:
@@ -63,15 +64,17 @@ class RecordingDir:
 
     def record(self, recorder: Recorder) -> Recording:
         """Run `recorder` into this directory; whether it returns or raises, a scratch
-        directory it left empty goes."""
+        directory it left with nothing to read goes."""
         try:
             return recorder(self.path)
         finally:
             self.drop_if_empty()
 
     def drop_if_empty(self) -> None:
-        """After recording: a scratch directory left empty (the log was the user's, or the
-        recording broke before writing anything) goes. One with files stays; after a recording
-        that broke, its console logs say why."""
-        if self.scratch and self.path.is_dir() and not any(self.path.iterdir()):
-            self.path.rmdir()
+        """After recording: a scratch directory with nothing to read (the log was the user's,
+        or the recording broke before a guest ran: at most the blank disk images the recorder
+        makes first) goes. One with more stays; after a recording that broke, its console logs
+        say why."""
+        if self.scratch and self.path.is_dir() and all(
+                p.name in BLANK_IMAGES and p.is_file() for p in self.path.iterdir()):
+            shutil.rmtree(self.path, ignore_errors=True)

@@ -83,7 +83,8 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
                         "wants 300 MiB)")
     p.add_argument("--sector-size", type=int, choices=SECTOR_SIZES, default=512,
                    help="logical sector size of the disk under test, and so the log's unit")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per checker run")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds per checker run, and for the recorded workload (default 300)")
     p.add_argument("--log", type=Path, default=None,
                    help="use this recorded log instead of recording (needs --base)")
     p.add_argument("--base", type=Path, default=None, help="the image the --log starts from")

@@ -140,6 +140,23 @@ def test_a_log_that_fills_its_filesystem_is_named_as_the_reason(small_tmpfs, cap
 
 
 @pytest.mark.slow
+def test_a_workload_past_its_timeout_is_named_so(tmp_path: Path, capsys) -> None:
+    # The agent kills it (status 137); "Killed" alone did not say by whom or why.
+    script = tmp_path / "sleepy.sh"
+    script.write_text("#!/bin/sh\necho started\nsleep 120\n")
+    script.chmod(0o755)
+    out = tmp_path / "report"
+    status = main(["crash-loop", "--fs", "none", "--workload", str(script), "--check",
+                   "host:true", "--timeout", "3", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    output = out / "recording" / "workload.out"
+    assert status == 2
+    assert err[-1] == (f"logwrites: workload sleepy.sh ran past --timeout (3 s) in phase "
+                       f"script and was killed (its output: {output})")
+    assert output.read_text().startswith("started")
+
+
+@pytest.mark.slow
 def test_demo_on_btrfs_gets_a_disk_mkfs_btrfs_accepts(tmp_path: Path, capsys) -> None:
     # The demo's 64M disk is for ext4; mkfs.btrfs refuses anything under 109 MiB.
     status = main(["demo", "--fs", "btrfs", "--json", "--out", str(tmp_path / "r")])

@@ -231,6 +231,10 @@ def test_bad_input_exits_2(txn, capsys, tmp_path) -> None:
     (["--atomic-unit", "3000"], "--atomic-unit 3000: a power of two of at least 512 bytes"),
     (["--image-size", "100000", "--sector-size", "4096"],
      "--image-size 100000: not a whole number of 4096-byte sectors"),
+    (["--image-size", "0"], "size '0': must be more than 0 bytes"),
+    (["--timeout", "-5"], "--timeout -5: must be more than 0 seconds"),
+    (["--kernel", "/nonexistent/bzImage"], "kernel /nonexistent/bzImage: No such file or "
+                                           "directory"),
     # fs-default's own checker is for ext4: on the raw disk nothing would judge the states.
     (["--fs", "none", "--workload", "fs-default"],
      "no checker: give at least one --check (with --fs none and no built-in checker for the "

@@ -61,6 +61,19 @@ def test_record_drops_the_directory_a_user_log_left_empty(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
+def test_record_that_broke_before_a_guest_ran_leaves_nothing(tmp_path: Path) -> None:
+    home = RecordingDir.for_loop(None, tmp_path)
+
+    def no_backend(workdir: Path) -> Recording:
+        for name in ("disk.img", "base.img"):
+            (workdir / name).write_bytes(bytes(512))
+        raise RuntimeError("serve did not get ready")
+
+    with pytest.raises(RuntimeError):
+        home.record(no_backend)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_record_that_raises_keeps_what_it_wrote(tmp_path: Path) -> None:
     home = RecordingDir.for_loop(None, tmp_path)
 
