@@ -30,6 +30,7 @@ from logwrites.crashstates import SETUP_MARK  # where the states start: the reco
 from logwrites.errors import LogwritesError, UsageError
 from logwrites.format import SECTOR_SIZES
 from logwrites.loop import Recorder, Recording
+from qmp.errors import MachineError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
 
     :raise RecordError: the workload failed or the guest/backend did not run.
     """
-    from qmp.backend import ControlClient, ServeBackend
+    from qmp.backend import ServeBackend
     from qmp.machine import Machine
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -130,10 +131,9 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
                                name="record") as machine:
                 result = await machine.run(script, fs=fs, mkfs_opts=opts, setup_mark=SETUP_MARK,
                                            timeout_s=timeout_s)
-                log_full = None
-                if not result.ok:  # the guest saw I/O errors, and its tools say only that
-                    async with ControlClient(backend.control) as control:
-                        log_full = (await control.status()).get("log_full")
+                # A full log fails the guest's writes; its tools say only "I/O error", and a
+                # workload that never syncs does not even fail. Either way the log is short.
+                log_full = await _log_full(backend.control)  # type: ignore[arg-type]
                 # The crash: nothing the guest has not flushed is promised to survive.
                 await machine.power_cut()
     finally:
@@ -157,6 +157,18 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
                      console_logs=(run_dir / "console.log", output),
                      notes=(f"recorded in the guest ({machine.accel}); workload took "
                             f"{result.seconds:.1f} s; ended by a power cut",))
+
+
+async def _log_full(control_socket: Path) -> str | None:
+    """Why the backend's log is full, if it is; None when it is not, or cannot say (a backend
+    that died is reported by what failed first)."""
+    from qmp.backend import ControlClient
+
+    try:
+        async with ControlClient(control_socket) as control:
+            return (await control.status()).get("log_full")
+    except (MachineError, TimeoutError, OSError, ValueError):
+        return None
 
 
 def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list[str]) -> Recorder:
