@@ -1,6 +1,6 @@
 """The serve loop: one thread, one epoll set over the listening socket, the vhost-user
 connection, the kick eventfds libvhost-user asks us to watch, the control socket and its
-clients, and a wake-up fd for SIGINT/SIGTERM.
+clients, and a wake-up fd for SIGINT/SIGTERM/SIGHUP.
 
 `Server.serve()` listens on the vhost-user socket, accepts one front-end (QEMU) at a time, and
 when it goes away logs the volatile tail and listens again (or returns, with `once`). A stop
@@ -135,8 +135,11 @@ class Server:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-        old_handlers = {sig: signal.signal(sig, self._on_signal)
-                        for sig in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP too (a closed terminal), unless it is ignored (nohup): each ends the log
+        # cleanly, rather than in the middle of whatever the loop was doing.
+        stops = (signal.SIGINT, signal.SIGTERM) + (
+            (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else ())
+        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in stops}
         self.started_at = time.monotonic()
         clean = False
         try:

@@ -8,6 +8,7 @@ completed before it, in completion order; failed requests leave no entry.
 from __future__ import annotations
 
 import hashlib
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,3 +74,16 @@ def test_logwrites_serve_answers_like_qemu_storage_daemon(qsd: Daemon,
     assert [r.kind for r in tail] == ["mark"] * len(tail)
     assert records[-1].mark == "dm-log-writes-end"
 
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_ends_the_log_cleanly(ours: LogwritesServe, sig: signal.Signals) -> None:
+    # A closed terminal (SIGHUP) used to kill serve on the spot: no volatile tail, no end mark.
+    with BlkFrontend(ours.socket_path) as fe:
+        assert fe.write(8, pattern(1, 4096)).status == Status.OK
+        assert fe.flush().status == Status.OK
+        assert fe.write(16, pattern(2, 4096)).status == Status.OK
+    assert ours.stop(sig) == 0
+    _sectorsize, records, _payloads = log_records(ours.log_path)
+    assert [r.kind for r in records] == ["write", "flush", "write", "mark"]
+    assert records[-1].mark == "dm-log-writes-end"
