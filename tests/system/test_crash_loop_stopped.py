@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import PROJECT
 from tests.system.test_crash_loop_hostlog import write_txnlog_log
+from vhost.testing.daemons import default_stop_signals
 
 LOGWRITES = [sys.executable, "-m", "logwrites.cli"]
 HANG_GUARD_S = 120.0
@@ -60,7 +61,7 @@ def cursors() -> set[str]:
 def start(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([*LOGWRITES, "crash-loop", *args], cwd=PROJECT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_stop_signals)
 
 
 def stop(proc: subprocess.Popen[bytes], sig: signal.Signals) -> tuple[int, str]:

@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S: Final = 30.0
 
 
+def default_stop_signals() -> None:
+    """In the child, before it runs: SIGINT and SIGHUP as a user's shell leaves them. A test
+    run started in the background (`cmd &` ignores SIGINT, nohup SIGHUP) hands both ignored to
+    every child, and a program rightly keeps ignoring what it was started ignoring."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class DaemonError(LogwritesError):
     """A backend did not start, or died."""
 
@@ -45,7 +53,8 @@ class Daemon:
         self._stderr = self.stderr_path.open("ab")
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=self._stderr,
-                                     env={**os.environ, **self.env} if self.env else None)
+                                     env={**os.environ, **self.env} if self.env else None,
+                                     preexec_fn=default_stop_signals)
         try:
             self._wait_ready(time.monotonic() + START_TIMEOUT_S)
         except BaseException:
