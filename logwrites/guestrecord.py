@@ -30,7 +30,6 @@ from logwrites.crashstates import SETUP_MARK  # where the states start: the reco
 from logwrites.errors import LogwritesError, UsageError
 from logwrites.format import SECTOR_SIZES
 from logwrites.loop import Recorder, Recording
-from qmp.errors import MachineError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
 
     :raise RecordError: the workload failed or the guest/backend did not run.
     """
-    from qmp.backend import ServeBackend
+    from qmp.backend import ServeBackend, backend_trouble
     from qmp.machine import Machine
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -131,9 +130,10 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
                                name="record") as machine:
                 result = await machine.run(script, fs=fs, mkfs_opts=opts, setup_mark=SETUP_MARK,
                                            timeout_s=timeout_s)
-                # A full log fails the guest's writes; its tools say only "I/O error", and a
-                # workload that never syncs does not even fail. Either way the log is short.
-                log_full = await _log_full(backend.control)  # type: ignore[arg-type]
+                # A full log or disk fails the guest's I/O; its tools say only "I/O error",
+                # and a workload that never syncs does not even fail. Either way the log is
+                # not the workload's.
+                trouble = await backend_trouble(backend.control)  # type: ignore[arg-type]
                 # The crash: nothing the guest has not flushed is promised to survive.
                 await machine.power_cut()
     finally:
@@ -144,10 +144,10 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
     if result.timed_out:
         raise RecordError(f"workload {workload.name} ran past --timeout ({timeout_s:g} s) in "
                           f"phase {result.phase} and was killed (its output: {output})")
-    if log_full:
-        raise RecordError(f"{log_full}: the guest's writes failed from then on, and workload "
-                          f"{workload.name} exited {result.status} in phase {result.phase}; "
-                          f"give --workdir on a filesystem with room (its output: {output})")
+    if trouble:
+        raise RecordError(f"{trouble}, and workload {workload.name} exited {result.status} in "
+                          f"phase {result.phase}; give --workdir on a filesystem with room "
+                          f"(its output: {output})")
     if not result.ok:
         why = failure_line(result.phase, result.stderr or result.stdout)
         raise RecordError(f"workload {workload.name} exited {result.status} in phase "
@@ -157,18 +157,6 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
                      console_logs=(run_dir / "console.log", output),
                      notes=(f"recorded in the guest ({machine.accel}); workload took "
                             f"{result.seconds:.1f} s; ended by a power cut",))
-
-
-async def _log_full(control_socket: Path) -> str | None:
-    """Why the backend's log is full, if it is; None when it is not, or cannot say (a backend
-    that died is reported by what failed first)."""
-    from qmp.backend import ControlClient
-
-    try:
-        async with ControlClient(control_socket) as control:
-            return (await control.status()).get("log_full")
-    except (MachineError, TimeoutError, OSError, ValueError):
-        return None
 
 
 def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list[str]) -> Recorder:

@@ -212,6 +212,23 @@ class StorageDaemon(_Subprocess):
             await asyncio.sleep(0.05)
 
 
+async def backend_trouble(control_socket: Path) -> str | None:
+    """What went wrong in the backend that the guest could only see as I/O errors: its log
+    filled up (every write failed from then on) or an image read or write failed. None when
+    nothing did, or the backend cannot say (one that died is reported by what failed first)."""
+    try:
+        async with ControlClient(control_socket) as control:
+            status = await control.status()
+    except (MachineError, TimeoutError, OSError, ValueError):
+        log.debug("no status from %s", control_socket, exc_info=True)
+        return None
+    if status.get("log_full"):
+        return f"{status['log_full']}: the guest's writes failed from then on"
+    if status.get("image_error"):
+        return f"{status['image_error']}: the guest got an I/O error"
+    return None
+
+
 class ControlClient:
     """A connection to a backend's control socket: one JSON request line, one reply line."""
 

@@ -111,19 +111,19 @@ def fuzz_examples(request: pytest.FixtureRequest) -> int:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    """`make(size)`: a filesystem of its own (tmpfs) of `size` ("1M"), to run out of room in;
-    unmounted after the test."""
+def small_fs(tmp_path: Path):
+    """`small_fs(name, size)`: a freshly mounted tmpfs of `size` ("64k", "6M"), to run out of
+    room in; unmounted after the test."""
     mounted: list[Path] = []
 
-    def make(size: str) -> Path:
-        where = tmp_path / f"small-{len(mounted)}"
+    def mount(name: str, size: str) -> Path:
+        where = tmp_path / name
         where.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                       check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(where)], check=True)
         mounted.append(where)
         return where
 
-    yield make
+    yield mount
     for where in mounted:
-        subprocess.run(["umount", str(where)], check=True)
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -134,7 +134,7 @@ class BlkDevice:
     __slots__ = (
         "_bytes_read", "_bytes_written", "_fast", "_fast_sink", "_fast_writer", "_fd", "_filled",
         "_fua", "_id", "_io", "_pipe", "_req", "_writeback_unsupported", "_wrote_through", "conn",
-        "counts", "held", "log_full", "log_full_events", "num_queues", "on_log_full",
+        "counts", "held", "image_error", "log_full", "log_full_events", "num_queues", "on_log_full",
         "pause_until_resumed", "readonly", "sectorsize", "sink", "size", "started", "unlogged",
         "wce",
     )
@@ -178,6 +178,7 @@ class BlkDevice:
             raise ValueError(f"on_log_full {on_log_full!r}: fail or pause")
         self.on_log_full = on_log_full
         self.log_full: str | None = None     # why the log took no more entries (fail mode)
+        self.image_error: str | None = None  # the first image read or write that failed
         self.unlogged = 0                    # completed writes on the image, not in the log
         self.log_full_events = 0
         # Set by the serve loop: called with the reason, returns once the user sent `resume`
@@ -505,6 +506,8 @@ class BlkDevice:
                 self._full(problem, 1 + self.sink.unflushed)
             elif isinstance(problem, LogFullError):
                 self.unlogged += 1
+            else:  # its image write failed (the pipeline logged why)
+                self._image_failed(str(problem), None)
         lvu.fill(dev, qidx, req, status[0], status[1], 0)
         lvu.publish(dev, qidx, 1)
         pipe.recycle(req)
@@ -560,9 +563,11 @@ class BlkDevice:
             try:
                 got = os.preadv(self._fd, self._buffers(req), offset)
             except OSError as err:
-                log.warning("read of %d bytes at %d: %s", nbytes, offset, err)
-                got = -1
+                got = self._image_failed(f"read of {nbytes} bytes at byte {offset}", err)
             if got != nbytes:
+                if got >= 0:
+                    self._image_failed(f"read of {nbytes} bytes at byte {offset}",
+                                       f"short read ({got} bytes)")
                 self.counts[C_ERROR] += 1
                 return _IOERR
             self._bytes_read += nbytes
@@ -583,9 +588,9 @@ class BlkDevice:
         try:
             written = os.pwritev(self._fd, buffers, offset)
         except OSError as err:
-            log.warning("write of %d bytes at %d: %s", nbytes, offset, err)
-            written = -1
+            written = self._image_failed(f"write of {nbytes} bytes at byte {offset}", err)
         if written != nbytes:
+            self._short_write(written, nbytes, offset)
             self.counts[C_ERROR] += 1
             return _IOERR
         self._bytes_written += nbytes
@@ -615,9 +620,9 @@ class BlkDevice:
             try:
                 written = image_write.result()
             except OSError as err:
-                log.warning("write of %d bytes at %d: %s", nbytes, offset, err)
-                written = -1
+                written = self._image_failed(f"write of {nbytes} bytes at byte {offset}", err)
         if written != nbytes:
+            self._short_write(written, nbytes, offset)
             if logged:
                 self.sink.retract()
             self.counts[C_ERROR] += 1
@@ -669,8 +674,25 @@ class BlkDevice:
         flushed; they wait for a FLUSH that succeeds."""
         log.warning("image sync for a FLUSH: %s (%d records not flushed)", err,
                     self.sink.unflushed)
+        self._image_failed("sync for a FLUSH", err, logged=True)
         self.counts[C_ERROR] += 1
         return _IOERR
+
+    def _image_failed(self, what: str, why: OSError | str | None, logged: bool = False) -> int:
+        """An image read, write or sync failed: the guest gets an I/O error (DESIGN §3.8),
+        which is all its tools can say, so the first reason stays for `status` (a recording
+        whose disk filled up must say so). Returns -1, a failed transfer's byte count."""
+        text = what if why is None else f"{what}: {getattr(why, 'strerror', None) or why}"
+        if why is not None and not logged:
+            log.warning("image %s", text)
+        if self.image_error is None:
+            self.image_error = f"image {text}"
+        return -1
+
+    def _short_write(self, written: int, nbytes: int, offset: int) -> None:
+        if written >= 0:    # no error raised: the image's filesystem ran out of room part-way
+            self._image_failed(f"write of {nbytes} bytes at byte {offset}",
+                               f"no room left on its filesystem ({written} bytes written)")
 
     def _start_writeback(self) -> None:
         """Best effort: where sync_file_range cannot start it (a block device on some
@@ -751,8 +773,8 @@ class BlkDevice:
                 else:
                     self._zero(offset, length, bool(flags & V.WRITE_ZEROES_FLAG_UNMAP))
             except OSError as err:
-                log.warning("%s of %d bytes at %d: %s", "discard" if discard else
-                            "write-zeroes", length, offset, err)
+                self._image_failed(f"{'discard' if discard else 'write-zeroes'} of {length} "
+                                   f"bytes at byte {offset}", err)
                 self.counts[C_ERROR] += 1
                 return _IOERR
             flags = DISCARD if discard else self._fua

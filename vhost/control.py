@@ -272,7 +272,8 @@ class ControlServer:
                 "held": device.held, "stop_at": self.stop_point.text if self.stop_point else None,
                 "log_full": device.log_full or (f"log full (paused): {self.paused_log_full}"
                                                 if self.paused_log_full else None),
-                "unlogged": device.unlogged, "log_full_events": device.log_full_events}
+                "unlogged": device.unlogged, "log_full_events": device.log_full_events,
+                "image_error": device.image_error}
 
     def log_full(self, reason: str | None) -> None:
         """A FLUSH is held because the log is full (reason), or goes on again (None)."""

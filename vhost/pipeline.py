@@ -76,20 +76,22 @@ class BigWritePipeline:
         image = self._image().submit(os.pwritev, fd, buffers, offset)
         if self._log is None:
             self._log = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-log")
-        logged = self._log.submit(self._log_after_image, image, nbytes, sector, nr_sectors,
-                                  buffers)
+        logged = self._log.submit(self._log_after_image, image, offset, nbytes, sector,
+                                  nr_sectors, buffers)
         self._inflight.append((req, nbytes, logged))
         return self._spare.pop() if self._spare else lvu.new_request()
 
-    def _log_after_image(self, image: Future[int], nbytes: int, sector: int,
+    def _log_after_image(self, image: Future[int], offset: int, nbytes: int, sector: int,
                          nr_sectors: int, buffers: list) -> None:
         """On the log thread: the record, once its data is on the image."""
         try:
             written = image.result()
         except OSError as err:
-            raise _Unlogged(f"write of {nbytes} bytes at sector {sector}: {err}") from err
+            raise _Unlogged(f"write of {nbytes} bytes at byte {offset}: "
+                            f"{err.strerror or err}") from err
         if written != nbytes:
-            raise _Unlogged(f"short write of {written} of {nbytes} bytes at sector {sector}")
+            raise _Unlogged(f"write of {nbytes} bytes at byte {offset}: no room left on its "
+                            f"filesystem ({written} bytes written)")
         if self._broken is not None:
             raise self._broken
         try:
@@ -105,7 +107,7 @@ class BigWritePipeline:
             logged.result()
             problem: BaseException | None = None
         except _Unlogged as err:
-            log.warning("%s", err)
+            log.warning("image %s", err)
             problem = err
         except LogFullError as err:
             problem = err

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> Any:
 
 
 async def _run(args: argparse.Namespace, crash_at: tuple[str, str] | None) -> int:
-    from qmp.backend import ControlClient, ServeBackend, StorageDaemon
+    from qmp.backend import ControlClient, ServeBackend, StorageDaemon, backend_trouble
     from qmp.machine import Machine
 
     out = args.out or Path("out") / time.strftime("run-%Y%m%d-%H%M%S")
@@ -150,12 +150,27 @@ async def _run(args: argparse.Namespace, crash_at: tuple[str, str] | None) -> in
             else:
                 await machine.crash(crash)
         summary["qemu_status"] = machine.returncode
+        if isinstance(backend, ServeBackend) and backend.control is not None:
+            summary["backend_trouble"] = await backend_trouble(backend.control)
     summary["backend_status"] = await backend.stop()
     summary["seconds"] = round(time.monotonic() - started, 2)
     if args.backend == "serve" and backend.control is not None:
         summary["log"] = str(out / "log")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary_path = out / "summary.json"
+    unwritten = None
+    try:
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    except OSError as err:  # a full filesystem (the log's too, most likely): say so after all
+        unwritten = OSError(err.errno, err.strerror, str(summary_path))
     _print_summary(summary, out)
+    if summary.get("backend_trouble"):
+        from logwrites.guestrecord import RecordError
+
+        # The guest's I/O failed (a full log or disk): not the run that was asked for.
+        raise RecordError(summary["backend_trouble"]
+                          + (f" ({summary_path}: {unwritten.strerror})" if unwritten else ""))
+    if unwritten is not None:
+        raise unwritten
     status = (summary.get("result") or {}).get("status", 0)
     return 1 if status else 0
 

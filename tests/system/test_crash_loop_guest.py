@@ -128,15 +128,20 @@ def test_mkfs_refusal_stops_the_recording_with_its_reason(tmp_path: Path, capsys
 
 
 @pytest.mark.slow
-def test_a_log_that_fills_its_filesystem_is_named_as_the_reason(small_tmpfs, capsys) -> None:
-    # mkfs's writes fail once the log has no room; the guest's tools can only say "I/O error".
-    workdir = small_tmpfs("6M")
+def test_a_full_workdir_while_recording_is_named_as_the_reason(small_fs, capsys) -> None:
+    # mkfs's writes fail once the log or the image has no room; the guest's tools can only
+    # say "I/O error". Both share the full filesystem; whichever runs out first is named.
+    workdir = small_fs("small", "6M")
     status = main(["crash-loop", "--image-size", "64M", "--workdir", str(workdir)])
-    err = capsys.readouterr().err.strip().splitlines()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     assert status == 2
-    assert err[-1].startswith("logwrites: log full: log ") and "disk.log: " in err[-1]
-    assert "no room left on its filesystem" in err[-1] or "No space left" in err[-1]
-    assert "exited 1 in phase setup" in err[-1] and "--workdir" in err[-1]
+    log_full = (last.startswith("logwrites: log full: log ") and "disk.log: " in last
+                and "the guest's writes failed from then on" in last)
+    image_full = (last.startswith("logwrites: image write of ")
+                  and "the guest got an I/O error" in last)
+    assert log_full or image_full, last
+    assert "no room left on its filesystem" in last or "No space left" in last
+    assert "exited 1 in phase setup" in last and "--workdir" in last
 
 
 @pytest.mark.slow

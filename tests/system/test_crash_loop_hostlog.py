@@ -338,8 +338,8 @@ def test_in_place_states_and_checks_match_fresh_images_on_a_real_ext4_log(
     assert recovered > 10  # the journal replay, and so its undo, really ran
 
 
-def test_a_full_workdir_stops_the_loop_with_one_line(txn, capsys, small_tmpfs) -> None:
-    small_dir = small_tmpfs("1M")
+def test_a_full_workdir_stops_the_loop_with_one_line(txn, capsys, small_fs) -> None:
+    small_dir = small_fs("small", "1M")
     log, base = txn(barrier=True, n=8)
     with open(base, "r+b") as f:  # a checker's copy of every state must need room
         f.write(os.urandom(4 << 20))

@@ -84,6 +84,7 @@ def test_flush_with_failing_image_sync_is_ioerr_and_counts_nothing(
             assert status["requests"]["failed"] == 1
             assert status["unflushed"] == 1          # the record waits for a good FLUSH
             assert status["log_full"] is None
+            assert status["image_error"].startswith("image sync for a FLUSH: "), status
             assert kinds(log) == []                  # nothing counted
             assert fe.write(8, second).status == Status.OK
             assert fe.flush().status == Status.OK

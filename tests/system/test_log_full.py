@@ -14,8 +14,6 @@ holds the semantics).
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,24 +24,6 @@ from vhost.testing.frontend import BlkFrontend, CompletionTimeout, Status, flush
 
 MiB = 1 << 20
 BLOCK = 4096
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator:
-    """small_fs(name, size) -> a freshly mounted tmpfs of `size` (unmounted after)."""
-    mounted: list[Path] = []
-
-    def mount(name: str, size: str) -> Path:
-        where = tmp_path / name
-        where.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                        str(where)], check=True)
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def start(tmp_path: Path, log: Path, *extra: str, image: Path | None = None,

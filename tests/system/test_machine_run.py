@@ -45,3 +45,22 @@ def test_run_time_crash_power_cut_leaves_the_run(default_guest, tmp_path: Path) 
         p.name for p in out.iterdir()}
     assert (out / "base.img").stat().st_size == 512 << 20
     assert "cut before it finished" in done.stdout
+
+
+@pytest.mark.slow
+def test_run_whose_disk_fills_up_fails_even_when_the_workload_passed(
+        default_guest, small_fs, tmp_path: Path) -> None:
+    # dd's writes land in the guest's page cache and exit 0; they reach the disk, and fail
+    # there, only as the guest shuts down: not the run that was asked for. The log and the
+    # image share the full filesystem; whichever runs out first is named.
+    workload = tmp_path / "dd.sh"
+    workload.write_text('dd if=/dev/zero of="$LW_DEV" bs=1M count=12\necho wrote\n')
+    out = small_fs("small", "6M") / "run"
+    done = _logwrites("run", "--workload", str(workload), "--fs", "none", "--out", str(out))
+    assert done.returncode == 2, done.stderr
+    assert "workload: exit 0 (script)" in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert (last.startswith(f"logwrites: log full: log {out / 'log'}: ")
+            and "the guest's writes failed from then on" in last) or (
+        last.startswith("logwrites: image write of ") and "the guest got an I/O error" in last
+        and ("No space left on device" in last or "no room left" in last)), last

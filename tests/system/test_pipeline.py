@@ -14,7 +14,7 @@ import pytest
 
 from logwrites.logfile import LogReader
 from tests.system.test_backend_control import Control, kinds
-from tests.system.test_log_full import small_fs, start  # noqa: F401 (fixture)
+from tests.system.test_log_full import start
 from vhost.testing.frontend import (
     BlkFrontend,
     Layout,
@@ -83,7 +83,7 @@ def test_big_writes_in_flight_are_logged_in_pop_order(tmp_path: Path, in_c: bool
 
 @pytest.mark.slow
 def test_failed_image_write_in_flight_is_ioerr_and_not_logged(
-        tmp_path: Path, small_fs, in_c: bool) -> None:  # noqa: F811
+        tmp_path: Path, small_fs, in_c: bool) -> None:
     imgfs = small_fs("imgfs", "2m")
     image = imgfs / "disk.img"
     with image.open("wb") as f:
@@ -108,6 +108,9 @@ def test_failed_image_write_in_flight_is_ioerr_and_not_logged(
                                                 Status.IOERR, Status.OK, Status.OK]
             status = Control(d.control)("status")
             assert status["requests"]["failed"] == 2 and status["log_full"] is None
+            # The first failure stays for `status`: the guest itself only saw an I/O error.
+            assert status["image_error"].startswith(
+                f"image write of {BIG} bytes at byte {(16 << 11) * 512}: "), status
             served_by(d, in_c, 1)
     finally:
         assert d.stop() == 0
