@@ -41,6 +41,11 @@ class Stopped(KeyboardInterrupt):
 
 
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    # Once: a second SIGTERM (a CI runner repeats it before its SIGKILL) would otherwise cut
+    # short the very clean-up the first one started.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is _raise_stopped:
+            signal.signal(sig, signal.SIG_IGN)
     raise Stopped(signum)
 
 

@@ -106,8 +106,11 @@ def test_stopped_while_checking_ends_the_checks_and_leaves_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("signals", [1, 3], ids=["once", "thrice"])
 def test_stopped_while_recording_takes_qemu_and_the_recording_along(
-        default_guest, tmp_path: Path) -> None:
+        default_guest, tmp_path: Path, signals: int) -> None:
+    # Thrice: a CI runner may repeat SIGTERM before its SIGKILL; the clean-up the first one
+    # started must not be cut short by the next.
     workdir = tmp_path / "work"
     proc = start(["--image-size", "64M", "--workdir", str(workdir)])
 
@@ -117,6 +120,9 @@ def test_stopped_while_recording_takes_qemu_and_the_recording_along(
             for d in workdir.glob("logwrites-recording-*"))
 
     wait_for("guest booting", guest_running, proc)
+    for _ in range(signals - 1):
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.02)
     returncode, err = stop(proc, signal.SIGTERM)
 
     assert returncode == 143, err
