@@ -40,10 +40,14 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+# Signals that stop us as Ctrl-C does (by default Python dies of them on the spot).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:
     # Once: a second SIGTERM (a CI runner repeats it before its SIGKILL) would otherwise cut
     # short the very clean-up the first one started.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in _STOP_SIGNALS:
         if signal.getsignal(sig) is _raise_stopped:
             signal.signal(sig, signal.SIG_IGN)
     raise Stopped(signum)
@@ -58,7 +62,7 @@ def _stop_cleanly_on_signals() -> dict[signal.Signals, _Handler]:
         return {}  # only the main thread may set handlers, and only it receives signals
     # Only where the default would kill us: an ignored SIGHUP (nohup) stays ignored, and
     # `serve` installs its own handlers, which end the log cleanly, for as long as it serves.
-    return {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)
+    return {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS
             if signal.getsignal(sig) is signal.SIG_DFL}
 
 

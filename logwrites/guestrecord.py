@@ -100,11 +100,10 @@ def _guest(kernel: Path | None, modules: Path | None) -> object:
 
 async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str], *,
                           fs: str | None, mkfs_opts: str | None, image_size: int,
-                          kernel: Path | None = None, modules: Path | None = None,
-                          timeout_s: float = 600.0, accel: str | None = None,
+                          guest: object, timeout_s: float = 600.0, accel: str | None = None,
                           sector_size: int = 512) -> Recording:
     """Record `workload` on a fresh disk of `sector_size`-byte logical sectors (the log's
-    unit) in the guest; power-cut at its end.
+    unit) in `guest` (`guests.build.default_guest`'s); power-cut at its end.
 
     :raise RecordError: the workload failed or the guest/backend did not run.
     """
@@ -116,7 +115,6 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
     for path in (image, base):
         with open(path, "wb") as f:
             f.truncate(image_size)
-    guest = _guest(kernel, modules)
     opts = mkfs_opts if mkfs_opts is not None else DEFAULT_MKFS_OPTS.get(fs or "", "")
     run_dir = workdir / "run"
     sock_dir = Path(tempfile.mkdtemp(prefix="lw-rec-"))  # unix socket paths must stay short
@@ -170,13 +168,12 @@ def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list
         raise UsageError(f"--image-size {image_size}: not a whole number of "
                          f"{sector_size}-byte sectors")
     # Found (or built) now, so that a kernel that is not one is refused before a disk is made.
-    _guest(args.kernel, getattr(args, "modules", None))
+    guest = _guest(args.kernel, getattr(args, "modules", None))
 
     def record(workdir: Path) -> Recording:
         return asyncio.run(record_in_guest(
             workdir, workload, workload_args, fs=fs, mkfs_opts=args.mkfs_opts,
-            image_size=image_size, kernel=args.kernel,
-            modules=getattr(args, "modules", None), timeout_s=args.timeout,
+            image_size=image_size, guest=guest, timeout_s=args.timeout,
             sector_size=sector_size))
     return record
 
