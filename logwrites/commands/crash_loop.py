@@ -177,10 +177,10 @@ def loop_options(args: argparse.Namespace) -> LoopOptions:
     return LoopOptions(kinds=kinds, max_states=args.max_states, seed=args.seed, jobs=args.jobs,
                        from_start=args.from_start, start_mark=args.start_mark,
                        shrink=not args.no_shrink, keep_failing=keep, atomic_unit=unit,
-                       command=_our_command())
+                       command=our_command())
 
 
-def _our_command() -> str:
+def our_command() -> str:
     """How the user calls us, for repro lines: the installed script next to this Python."""
     script = Path(sys.executable).parent / "logwrites"
     return str(script) if script.exists() else "logwrites"

@@ -16,7 +16,8 @@ from guests.build import default_guest
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("guest", help="build the default guest or wrap your kernel")
     gsub = p.add_subparsers(dest="guest_command", required=True)
-    b = gsub.add_parser("build", help="build (or find cached) the default guest")
+    b = gsub.add_parser("build", help="build (or find cached) the default guest",
+                        description=__doc__.split("\n\n")[0])
     b.add_argument("--kernel", type=Path, help="your bzImage instead of the distribution kernel")
     b.add_argument("--modules", type=Path,
                    help="its modules: /lib/modules/VERSION or an INSTALL_MOD_PATH directory")

@@ -16,7 +16,8 @@ from logwrites.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("mark", help="insert a mark into a running backend's log")
+    p = sub.add_parser("mark", help="insert a mark into a running backend's log",
+                       description=__doc__.split("\n\n")[0])
     p.add_argument("name", help="the mark's name (no whitespace)")
     p.add_argument("--control", type=Path, required=True, help="the backend's control socket")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")

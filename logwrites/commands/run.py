@@ -1,6 +1,10 @@
 """`logwrites run`: boot a guest on the backend, run one workload, crash or stop it as asked,
 and leave the base image, the log, the console and a summary in an output folder.
 
+The workload is named as crash-loop names it: a built-in one (guests/workloads/) or a script,
+with its arguments. The run's log and base image are a recording crash-loop can check
+(`--log OUT/log --base OUT/base.img`); the summary prints that command.
+
 The backend is `logwrites serve` (it logs every write); `--backend qemu-storage-daemon` runs the
 same guest on QEMU's own server instead (no log: for comparisons, and for machines without our
 backend). Crash points `entry:N`, `mark:M`, `flush:K` ask the backend to hold every completion
@@ -14,24 +18,31 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shlex
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from guests.build import default_guest
+from logwrites.crashstates import SETUP_MARK
 from logwrites.errors import UsageError
 
 FILESYSTEMS = ("ext4", "xfs", "btrfs", "none")
 CRASHES = ("power-cut", "reset", "quit", "shutdown")
-SETUP_MARK = "mkfs"
+MODES = ("logwrites", "immediate", "passthrough")   # = serve --mode
+DEFAULT_SIZE = "512M"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="boot a guest on the backend and run a workload")
-    p.add_argument("--workload", type=Path, required=True, help="shell script run in the guest")
+    p = sub.add_parser("run", help="boot a guest on the backend and run a workload",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", required=True,
+                   help="a built-in workload name (guests/workloads/) or a script path, with "
+                        "arguments if any, e.g. 'txnlog --no-barrier'")
     p.add_argument("--fs", choices=FILESYSTEMS, default="none",
                    help="make and mount this filesystem on the disk first (LW_MNT)")
+    p.add_argument("--mkfs-opts", default="", help="options for mkfs.FS")
     p.add_argument("--crash", choices=CRASHES, default=None,
                    help="how the run ends (default: shutdown, or power-cut with --crash-at)")
     p.add_argument("--crash-at", metavar="entry:N|mark:M|flush:K|time:S",
@@ -39,9 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernel", type=Path, help="your bzImage instead of the distribution kernel")
     p.add_argument("--modules", type=Path, help="its modules directory")
     p.add_argument("--out", type=Path, help="output folder (default: out/run-TIMESTAMP)")
-    p.add_argument("--size", type=int, default=512, help="disk size in MiB (default 512)")
-    p.add_argument("--backend", choices=("serve", "qemu-storage-daemon"), default="serve")
-    p.add_argument("--mode", default="logwrites", help="backend mode (logwrites serve --mode)")
+    p.add_argument("--size", default=DEFAULT_SIZE,
+                   help="disk size: MiB, or with K, M, G or T (default 512M)")
+    p.add_argument("--backend", choices=("serve", "qemu-storage-daemon"), default="serve",
+                   help="serve: ours, logging every write (default); qemu-storage-daemon: "
+                        "QEMU's own, no log")
+    p.add_argument("--mode", choices=MODES, default="logwrites",
+                   help="the log's ordering (serve --mode; default logwrites)")
     p.add_argument("--accel", choices=("kvm", "tcg"), help="default: kvm when it works")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="bound on the workload, seconds (default 600)")
@@ -58,35 +73,56 @@ def _parse_crash_at(text: str | None) -> tuple[str, str] | None:
         raise UsageError(f"--crash-at {text}: {kind} needs a whole number")
     if kind == "time":
         try:
-            float(value)
+            seconds = float(value)
         except ValueError:
             raise UsageError(f"--crash-at {text}: time needs seconds") from None
+        if not seconds >= 0:    # also NaN
+            raise UsageError(f"--crash-at {text}: time needs seconds, 0 or more")
     return kind, value
 
 
+def parse_disk_size(text: str) -> int:
+    """`--size` in bytes: a plain number is MiB (as it always was here), else `parse_size`'s.
+
+    :raise UsageError: not a size, or not a whole number of 4 KiB blocks (the disk's sectors,
+        and every filesystem's blocks).
+    """
+    from logwrites.guestrecord import parse_size
+
+    size = int(text) << 20 if text.isdigit() else parse_size(text)
+    if size <= 0 or size % 4096:
+        raise UsageError(f"--size {text}: must be a whole number of 4 KiB blocks, more than 0")
+    return size
+
+
 def run(args: argparse.Namespace) -> Any:
-    if not args.workload.is_file():
-        raise UsageError(f"--workload {args.workload}: no such file")
+    from logwrites.commands.crash_loop import resolve_workload
+    from logwrites.guestrecord import workload_script
+
+    # Everything is refused before the output folder or a disk is made.
+    script, script_args = resolve_workload(args.workload, args.fs)
+    size = parse_disk_size(args.size)
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
     crash_at = _parse_crash_at(args.crash_at)
-    serve_available = (Path(__file__).parent / "serve.py").is_file()
-    if args.backend == "serve" and not serve_available:
-        raise UsageError("logwrites serve is not available yet: use "
-                         "--backend qemu-storage-daemon")
     if crash_at and crash_at[0] != "time" and args.backend != "serve":
         raise UsageError(f"--crash-at {args.crash_at} needs the logging backend (serve)")
-    return _run(args, crash_at)
+    if args.backend != "serve" and args.mode != "logwrites":
+        raise UsageError(f"--mode {args.mode} is serve's: qemu-storage-daemon keeps no log")
+    guest = default_guest(args.kernel, args.modules)
+    return _run(args, guest, script, workload_script(script, script_args), size, crash_at)
 
 
-async def _run(args: argparse.Namespace, crash_at: tuple[str, str] | None) -> int:
+async def _run(args: argparse.Namespace, guest: Any, script: Path, workload: str, size: int,
+               crash_at: tuple[str, str] | None) -> int:
     from qmp.backend import ControlClient, ServeBackend, StorageDaemon, backend_trouble
     from qmp.machine import Machine
 
     out = args.out or Path("out") / time.strftime("run-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    guest = default_guest(args.kernel, args.modules)
     base = out / "base.img"
     with base.open("wb") as f:
-        f.truncate(args.size << 20)
+        f.truncate(size)
     image = out / "disk.img"
     # The base image stays as it was before the run: the log replays onto copies of it.
     subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(base), str(image)],
@@ -100,8 +136,8 @@ async def _run(args: argparse.Namespace, crash_at: tuple[str, str] | None) -> in
     crash = args.crash or ("power-cut" if crash_at else "shutdown")
     fs = None if args.fs == "none" else args.fs
     summary: dict[str, Any] = {"out": str(out), "kernel": guest.kernel_version,
-                               "backend": args.backend, "fs": args.fs, "crash": crash,
-                               "crash_at": args.crash_at}
+                               "workload": args.workload, "backend": args.backend,
+                               "fs": args.fs, "crash": crash, "crash_at": args.crash_at}
     started = time.monotonic()
     async with backend, Machine(guest, out, disk_socket=backend.socket,
                                 control_socket=backend.control, accel=args.accel) as machine:
@@ -117,8 +153,8 @@ async def _run(args: argparse.Namespace, crash_at: tuple[str, str] | None) -> in
             watcher = ControlClient(backend.control)
             events = watcher.subscribe()
             stopped = asyncio.ensure_future(_first_stopped(events))
-            await machine.run(args.workload, fs=fs, setup_mark=setup_mark,
-                              timeout_s=args.timeout, wait=False)
+            await machine.run(workload, fs=fs, mkfs_opts=args.mkfs_opts,
+                              setup_mark=setup_mark, timeout_s=args.timeout, wait=False)
             job = asyncio.ensure_future(machine.result())
             done, _ = await asyncio.wait({stopped, job}, timeout=args.timeout + 120,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -134,15 +170,15 @@ async def _run(args: argparse.Namespace, crash_at: tuple[str, str] | None) -> in
             await machine.crash(crash)
             await watcher.close()
         elif crash_at:
-            await machine.run(args.workload, fs=fs, setup_mark=setup_mark,
+            await machine.run(workload, fs=fs, mkfs_opts=args.mkfs_opts, setup_mark=setup_mark,
                               timeout_s=args.timeout, wait=False)
             with contextlib.suppress(TimeoutError):
                 result = await asyncio.wait_for(machine.result(), float(crash_at[1]))
                 summary["result"] = _result_summary(result)
             await machine.crash(crash)
         else:
-            result = await machine.run(args.workload, fs=fs, setup_mark=setup_mark,
-                                       timeout_s=args.timeout)
+            result = await machine.run(workload, fs=fs, mkfs_opts=args.mkfs_opts,
+                                       setup_mark=setup_mark, timeout_s=args.timeout)
             assert result is not None
             summary["result"] = _result_summary(result)
             if crash == "shutdown":
@@ -154,8 +190,9 @@ async def _run(args: argparse.Namespace, crash_at: tuple[str, str] | None) -> in
             summary["backend_trouble"] = await backend_trouble(backend.control)
     summary["backend_status"] = await backend.stop()
     summary["seconds"] = round(time.monotonic() - started, 2)
-    if args.backend == "serve" and backend.control is not None:
+    if args.backend == "serve" and args.mode != "passthrough":
         summary["log"] = str(out / "log")
+        summary["check_with"] = crash_loop_command(out, args.fs, script)
     summary_path = out / "summary.json"
     unwritten = None
     try:
@@ -173,6 +210,20 @@ async def _run(args: argparse.Namespace, crash_at: tuple[str, str] | None) -> in
         raise unwritten
     status = (summary.get("result") or {}).get("status", 0)
     return 1 if status else 0
+
+
+def crash_loop_command(out: Path, fs: str, script: Path) -> str:
+    """The command that checks every crash state of the run's log with the checks crash-loop
+    would run for this workload (its base image is the blank disk before mkfs; the states
+    start at the mark logged after the set-up)."""
+    from logwrites.commands.crash_loop import default_checks, our_command
+
+    command = [our_command(), "crash-loop", "--log", str(out / "log"), "--base",
+               str(out / "base.img"), "--fs", fs]
+    # Given in full: crash-loop cannot tell the workload from a log.
+    for check in default_checks(fs, script) or ["host:YOUR-CHECKER {image}"]:
+        command += ["--check", check]
+    return shlex.join(command)
 
 
 async def _first_stopped(events: Any) -> dict[str, Any]:
@@ -211,4 +262,6 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     lines.append(f"  files: {files}")
     if summary.get("note"):
         lines.append(f"  note: {summary['note']}")
+    if summary.get("check_with"):
+        lines.append(f"  its crash states: {summary['check_with']}")
     print("\n".join(lines))

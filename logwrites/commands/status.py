@@ -15,7 +15,8 @@ from logwrites.commands.mark import control_request
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="a running backend's log position")
+    p = sub.add_parser("status", help="a running backend's log position",
+                       description=__doc__.split("\n\n")[0])
     p.add_argument("--control", type=Path, required=True, help="the backend's control socket")
     p.add_argument("--json", action="store_true", help="the whole status object")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")

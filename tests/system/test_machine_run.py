@@ -1,9 +1,11 @@
-"""`logwrites run` end to end: a kernel panic gives exit status 3 with the console tail, and a
-timed crash cuts the machine and leaves the run's files."""
+"""`logwrites run` end to end: a kernel panic gives exit status 3 with the console tail, a
+timed crash cuts the machine and leaves the run's files, a disk that fills is the run's
+failure, and a built-in workload's run prints the crash-loop that checks its log."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -64,3 +66,31 @@ def test_run_whose_disk_fills_up_fails_even_when_the_workload_passed(
             and "the guest's writes failed from then on" in last) or (
         last.startswith("logwrites: image write of ") and "the guest got an I/O error" in last
         and ("No space left on device" in last or "no room left" in last)), last
+
+
+@pytest.mark.slow
+def test_run_of_a_built_in_workload_prints_the_crash_loop_that_checks_it(
+        default_guest, tmp_path: Path) -> None:
+    # A built-in workload by name, with its arguments, as crash-loop takes it; the command the
+    # run prints then finds what the workload's own checker finds in a crash-loop.
+    out = tmp_path / "out"
+    done = _logwrites("run", "--workload", "txnlog --no-barrier 3", "--fs", "none",
+                      "--size", "16M", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["workload"], summary["result"]["status"]) == ("txnlog --no-barrier 3", 0)
+    assert (out / "base.img").stat().st_size == 16 << 20
+    inspect = _logwrites("inspect", "--json", str(out / "log"))
+    marks = [json.loads(line)["mark"] for line in inspect.stdout.splitlines()]
+    assert [m for m in marks if m and m.startswith("txn-")] == ["txn-0", "txn-1", "txn-2"]
+    command = summary["check_with"]
+    assert f"its crash states: {command}" in done.stdout
+    words = shlex.split(command)
+    assert Path(words[0]).name == "logwrites" and words[1] == "crash-loop"
+    assert "guests/checkers/txnlog" in command
+    checked = _logwrites(*words[1:], "--json", "--no-shrink")
+    assert checked.returncode == 1, checked.stderr  # no barrier: a commit can beat its data
+    states = [json.loads(line) for line in checked.stdout.splitlines()]
+    failed = [s for s in states if s.get("verdict") == "fail"]
+    assert failed and all(s["kind"] == "reorder" for s in failed)
+    assert all(s["verdict"] == "pass" for s in states if s.get("kind") == "prefix")
