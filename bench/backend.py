@@ -25,9 +25,11 @@ the guest RAM it maps (RssShmem) is the guest's. The bench guest gets `--guest-m
 (384 MiB: the default guest's initramfs is unpacked into RAM, and 256 MiB panics at boot), so
 10x is 3840 MiB. Multiqueue: contender `logwrites-4q` is logwrites mode with `--num-queues 4`
 (QEMU `num-queues=4`) on the same single-job fio runs, compared with the one-queue `logwrites`
-of the same round. With one guest CPU the guest's virtio-blk starts one of the four queues (one
-per CPU), so this measures what offering four costs a single-queue workload; `--cpus 2` gives
-every contender's guest two CPUs, and then the guest starts two queues, one per CPU. Contender
+of the same round: the verdict takes, per job, the median over rounds of those same-round
+ratios (best of rounds compares each contender's luckiest round, minutes apart). With one
+guest CPU the guest's virtio-blk starts one of the four queues (one per CPU), so this
+measures what offering four costs a single-queue workload; `--cpus 2` gives every
+contender's guest two CPUs, and then the guest starts two queues, one per CPU. Contender
 `logwrites-control` is `logwrites` unchanged, run a second time in each round: how far the same
 configuration strays from itself in one run (the write+fsync job's CPU per request differed by
 up to 1.3x between the two) is the noise the four-queue figures are judged against.
@@ -45,6 +47,7 @@ import json
 import mmap
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -357,22 +360,41 @@ def noise_band(control: float | None, fixed: float, higher_is_better: bool) -> f
     return min(fixed, 1 / spread) if higher_is_better else max(fixed, spread)
 
 
-def multiqueue_verdict(figures: dict) -> str:
+def paired_ratios(runs: dict[str, list[dict]], contender: str, job: str, key: str
+                  ) -> list[float]:
+    """`contender`'s figure over one queue's (`logwrites`) on `job`, round by round. Both ran
+    back to back in every round (neighbours in the order), so each ratio sees one state of the
+    machine; their median leaves out a round the machine's neighbours spoiled for one of the
+    two, where best of rounds would keep the luckiest round of each, taken minutes apart."""
+    ratios = []
+    for ours, one in zip(runs.get(contender, []), runs.get("logwrites", []), strict=False):
+        a, b = ours["jobs"].get(job, {}).get(key), one["jobs"].get(job, {}).get(key)
+        if a is not None and b:
+            ratios.append(a / b)
+    return ratios
+
+
+def paired_ratio(runs: dict[str, list[dict]], contender: str, job: str, key: str
+                 ) -> float | None:
+    """The median of `paired_ratios`, None when no round has both figures."""
+    ratios = paired_ratios(runs, contender, job, key)
+    return statistics.median(ratios) if ratios else None
+
+
+def multiqueue_verdict(figures: dict, runs: dict[str, list[dict]]) -> str:
     name = f"multiqueue ({MQ_QUEUES} queues) costs single-queue nothing"
-    one = figures.get("logwrites", {}).get("jobs", {})
     mq = figures.get("logwrites-4q", {})
-    control = figures.get("logwrites-control", {}).get("jobs", {})
+    rounds = min(len(runs.get("logwrites-4q", [])), len(runs.get("logwrites", [])))
     # (figure, job, 4q's ratio to 1q, the limit it is held to, the control's ratio to 1q)
     checks: list[tuple[str, str, float, float, float | None]] = []
     for key, fixed, higher in (("iops", MQ_IOPS_FLOOR, True),
                                ("cpu_us_per_request", MQ_CPU_CEILING, False)):
         for job in JOBS:
-            a, b = mq.get("jobs", {}).get(job, {}).get(key), one.get(job, {}).get(key)
-            if a is None or not b:
+            ratio = paired_ratio(runs, "logwrites-4q", job, key)
+            if ratio is None:
                 continue
-            c = control.get(job, {}).get(key)
-            spread = c / b if c is not None else None
-            checks.append((key, job, a / b, noise_band(spread, fixed, higher), spread))
+            spread = paired_ratio(runs, "logwrites-control", job, key)
+            checks.append((key, job, ratio, noise_band(spread, fixed, higher), spread))
     if not checks or {key for key, *_ in checks} != {"iops", "cpu_us_per_request"}:
         return f"{name}: not measured (needs logwrites and logwrites-4q on the same jobs)"
 
@@ -388,12 +410,13 @@ def multiqueue_verdict(figures: dict) -> str:
         noise = f", control x{spread:.2f}" if spread is not None else ", no control run"
         parts.append(f"worst {label} x{ratio:.2f} 1q on {job} ({sign} {limit:.2f}{noise})")
     started = mq.get("queues_started", "?")
-    return (f"{name}: {'met' if ok else 'NOT met'} ({'; '.join(parts)}; band {MQ_IOPS_FLOOR}/"
-            f"{MQ_CPU_CEILING}, widened to the control's spread on the same job; "
+    return (f"{name}: {'met' if ok else 'NOT met'} ({'; '.join(parts)}; each the median over "
+            f"{rounds} rounds of the ratio to one queue in the same round; band "
+            f"{MQ_IOPS_FLOOR}/{MQ_CPU_CEILING}, widened to the control's on the same job; "
             f"{mq.get('guest_cpus', '?')} guest CPU, {started} of {MQ_QUEUES} queues started)")
 
 
-def verdicts(figures: dict) -> list[str]:
+def verdicts(figures: dict, runs: dict[str, list[dict]]) -> list[str]:
     """One line per goal of issue 7: met / not met, with the figure that decides."""
     ref = figures.get("qemu-storage-daemon", {}).get("jobs", {})
     lw = figures.get("logwrites", {}).get("jobs", {})
@@ -413,7 +436,7 @@ def verdicts(figures: dict) -> list[str]:
             bound("CPU/request passthrough <= 0.8x qsd", pt, "cpu_us_per_request", 0.8, False),
             bound("IOPS logwrites >= 0.9x qsd", lw, "iops", 0.9, True),
             bound("wake-ups/request logwrites <= qsd", lw, "wakeups_per_request", 1.0, False),
-            memory_verdict(figures), multiqueue_verdict(figures)]
+            memory_verdict(figures), multiqueue_verdict(figures, runs)]
 
 
 def qemu_version() -> str:
@@ -443,6 +466,24 @@ def job_line(contender: str, got: dict, ref: dict, blw: dict, one_queue: dict) -
     if got.get("wakeups_per_request") is not None:
         line += f"  {got['wakeups_per_request']:.2f} wake-ups/request"
     return line
+
+
+def print_paired(runs: dict[str, list[dict]], jobs: Sequence[str]) -> None:
+    """The multiqueue verdict's figures: per job, four queues' and the control's ratio to one
+    queue in each round, and their median."""
+    if "logwrites-4q" not in runs or "logwrites" not in runs:
+        return
+    print("against one queue, round by round (median):")
+    for job in jobs:
+        for contender in ("logwrites-4q", "logwrites-control"):
+            cells = []
+            for key, label in (("iops", "IOPS"), ("cpu_us_per_request", "CPU/request")):
+                ratios = paired_ratios(runs, contender, job, key)
+                if ratios:
+                    cells.append(f"{label} " + " ".join(f"{r:.2f}" for r in ratios)
+                                 + f" ({statistics.median(ratios):.2f})")
+            if cells:
+                print(f"  {job:20s} {contender:18s} " + "   ".join(cells))
 
 
 def print_memory_job(figures: dict) -> None:
@@ -538,8 +579,9 @@ def main() -> int:
            "accel": first["accel"], "guest_memory_mib": first["guest_memory_mib"],
            "guest_cpus": args.cpus}
     if args.json:
-        print(json.dumps({"environment": env, "figures": figures, "verdicts": verdicts(figures),
-                          "log_disk_mib_s": disk_mib_s, "rounds": runs}))
+        print(json.dumps({"environment": env, "figures": figures,
+                          "verdicts": verdicts(figures, runs), "log_disk_mib_s": disk_mib_s,
+                          "rounds": runs}))
         return 0
     print(f"{env['qemu']}, accel {env['accel']}, {env['cores']} cores, guest "
           f"{env['guest_memory_mib']} MiB and {args.cpus} CPU, runtime {args.runtime} s per "
@@ -557,6 +599,7 @@ def main() -> int:
                            one_queue.get(job, {})))
     if disk_mib_s is not None:
         print_log_disk(figures, disk_mib_s)
+    print_paired(runs, [job for job in jobs if job in JOBS])
     print_memory_job(figures)
     print("memory over the whole run (KiB):")
     for contender, data in figures.items():
@@ -568,7 +611,7 @@ def main() -> int:
         print("queues (offered / started by the guest): " + ", ".join(
             f"{c} {d['queues']}/{d['queues_started']}" for c, d in queues.items()))
     print("verdicts (issue 7):")
-    for line in verdicts(figures):
+    for line in verdicts(figures, runs):
         print(f"  {line}")
     return 0
 
