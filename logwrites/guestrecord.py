@@ -16,20 +16,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import re
 import shlex
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from logwrites.check import GuestRunner
 from logwrites.crashstates import SETUP_MARK  # where the states start: the recorder marks it
 from logwrites.errors import LogwritesError, UsageError
 from logwrites.format import SECTOR_SIZES
 from logwrites.loop import Recorder, Recording
+from qmp.errors import MachineError
+from qmp.savedguest import NEW_DISK_ENV, SavedGuest
+from qmp.savedguest import enabled as saved_guest_enabled
+
+if TYPE_CHECKING:
+    from qmp.machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -179,19 +186,20 @@ def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list
 
 
 async def check_in_guest(image: Path, script: Path, *, fs: str | None, timeout_s: float,
-                         env: Mapping[str, str], kernel: Path | None = None,
-                         modules: Path | None = None) -> tuple[int, str]:
+                         env: Mapping[str, str], guest: object | None = None,
+                         kernel: Path | None = None, modules: Path | None = None,
+                         saved: SavedGuest | None = None) -> tuple[int, str]:
     """Boot the guest on `image` (a disposable copy), mount it, run `script`; (status, output).
-    A mount that fails is the checker's failure (status of the set-up phase)."""
-    from qmp.machine import Machine, PlainDisk
-
-    guest = _guest(kernel, modules)
+    A mount that fails is the checker's failure (status of the set-up phase). With `saved`,
+    the guest is restored from the loop's saved one when there is one (the first check saves
+    it): the same check, seconds sooner."""
+    guest = guest or _guest(kernel, modules)
     run_dir = Path(tempfile.mkdtemp(prefix="lw-chk-"))
     try:
-        async with Machine(guest, run_dir, disks=[PlainDisk(image)],  # type: ignore[arg-type]
-                           name="check") as machine:
+        async with _check_machine(guest, run_dir, image, saved) as (machine, restored):
             result = await machine.run(script, fs=fs, mkfs=False, dev="/dev/vda",
-                                       timeout_s=timeout_s, env=dict(env))
+                                       timeout_s=timeout_s,
+                                       env={**env, **(NEW_DISK_ENV if restored else {})})
             assert result is not None
             await machine.power_cut()
         output = f"[{result.phase}] {result.setup}{result.stdout}{result.stderr}"
@@ -200,14 +208,59 @@ async def check_in_guest(image: Path, script: Path, *, fs: str | None, timeout_s
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+@contextlib.asynccontextmanager
+async def _check_machine(guest: object, run_dir: Path, image: Path, saved: SavedGuest | None
+                         ) -> AsyncIterator[tuple[Machine, bool]]:
+    """A guest on `image`, ready for a job, and whether it was restored from `saved`."""
+    from qmp.machine import Machine, PlainDisk
+
+    def machine(name: str, state: Path | None = None) -> Machine:
+        return Machine(guest, run_dir / name, disks=[PlainDisk(image)],  # type: ignore[arg-type]
+                       name="check", incoming=state)
+
+    state = saved.state_for(image) if saved is not None else None
+    if state is not None:
+        restored = machine("restored", state)
+        try:
+            await restored.start()
+        except MachineError as err:
+            await restored.close()
+            saved.failed(f"restoring the saved guest: {err}")  # type: ignore[union-attr]
+        else:
+            saved.count_restored()  # type: ignore[union-attr]
+            try:
+                yield restored, True
+            finally:
+                await restored.close()
+            return
+    booted = machine("booted")
+    try:
+        await booted.start()
+        if saved is not None and saved.claim(image):
+            try:
+                await saved.save(booted, image)
+            except (MachineError, OSError):
+                # Saving left the guest in no known state: this check boots another.
+                await booted.close()
+                booted = machine("booted-again")
+                await booted.start()
+        yield booted, False
+    finally:
+        await booted.close()
+
+
 def guest_check_runner(args: argparse.Namespace) -> GuestRunner:
+    """The `guest:` checkers' (and xfs log recovery's) runner for the loop's options: the
+    guest is found once, and saved by the first check for the others to restore."""
     fs = None if args.fs == "none" else args.fs
+    guest = _guest(args.kernel, getattr(args, "modules", None))
+    saved = SavedGuest(fs, getattr(args, "workdir", None)) if saved_guest_enabled() else None
 
     def run(image: Path, script: Path, timeout_s: float,
             env: Mapping[str, str]) -> tuple[int, str]:
         return asyncio.run(check_in_guest(image, script, fs=fs, timeout_s=timeout_s, env=env,
-                                          kernel=args.kernel,
-                                          modules=getattr(args, "modules", None)))
+                                          guest=guest, saved=saved))
+    run.saved = saved  # type: ignore[attr-defined]  # what tests look at
     return run
 
 
