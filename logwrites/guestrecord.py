@@ -218,16 +218,15 @@ async def _check_machine(guest: object, run_dir: Path, image: Path, saved: Saved
         return Machine(guest, run_dir / name, disks=[PlainDisk(image)],  # type: ignore[arg-type]
                        name="check", incoming=state)
 
-    state = saved.state_for(image) if saved is not None else None
-    if state is not None:
+    if saved is not None and (state := saved.state_for(image)) is not None:
         restored = machine("restored", state)
         try:
             await restored.start()
         except MachineError as err:
             await restored.close()
-            saved.failed(f"restoring the saved guest: {err}")  # type: ignore[union-attr]
+            saved.failed(f"restoring the saved guest: {err}")
         else:
-            saved.count_restored()  # type: ignore[union-attr]
+            saved.count_restored()
             try:
                 yield restored, True
             finally:

@@ -81,6 +81,7 @@ class SavedGuest:
         unknown state, and the caller boots another (:raise MachineError: from QEMU)."""
         size = image.stat().st_size
         state = self._dir / f"guest-{size}.state"
+        partial = state.with_suffix(".partial")
         try:
             if self.fs:
                 # Loaded before the save, the module costs a restored check nothing (xfs takes
@@ -89,18 +90,18 @@ class SavedGuest:
                                            dev="/dev/vda", timeout_s=120)
                 if result is None or not result.ok:
                     raise OSError(f"modprobe fs-{self.fs} in the guest failed")
-            partial = state.with_suffix(".partial")
             await machine.save_state(partial)
             partial.rename(state)
             await machine.cont()
+            with self._lock:
+                self._states[size] = state
         except Exception as err:    # a stop (KeyboardInterrupt) is no failure of saving
+            partial.unlink(missing_ok=True)     # a full disk stays full otherwise
             self.failed(f"saving the guest for later checks: {err}")
             raise
         finally:
             with self._lock:
                 self._saving.discard(size)
-        with self._lock:
-            self._states[size] = state
         log.info("guest saved for later checks: %s (%d MiB)", state,
                  state.stat().st_size >> 20)
 

@@ -86,3 +86,23 @@ def test_a_saved_guest_that_cannot_be_restored_boots_every_later_check(
     warnings = [r.getMessage() for r in caplog.records if "restoring the saved guest" in
                 r.getMessage()]
     assert len(warnings) == 1 and "boots the guest instead" in warnings[0], warnings
+
+
+@pytest.mark.slow
+def test_a_guest_that_cannot_be_saved_boots_every_check(
+        default_guest, small_fs, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    # The saved state (hundreds of MiB) does not fit where the loop keeps its scratch files:
+    # the first check's answer stands all the same, and nothing of the attempt stays.
+    script = tmp_path / "who.sh"
+    script.write_text(CHECKER)
+    a, b = ext4_image(tmp_path / "a.img", "A", "64M"), ext4_image(tmp_path / "b.img", "B", "64M")
+    scratch = small_fs("scratch", "8M")
+    runner = guest_check_runner(argparse.Namespace(fs="ext4", kernel=None, modules=None,
+                                                   workdir=scratch))
+    for image, who in ((a, "A"), (b, "B")):
+        output = check(runner, image, script)
+        assert f"this is {who}" in output and f"head {head_md5(image)}" in output, output
+    assert runner.saved.restored == 0
+    assert [p for p in scratch.rglob("*") if p.is_file()] == []
+    warnings = [r.getMessage() for r in caplog.records if "saving the guest" in r.getMessage()]
+    assert len(warnings) == 1 and "boots the guest instead" in warnings[0], warnings
