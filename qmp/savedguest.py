@@ -56,8 +56,9 @@ class SavedGuest:
         self._states: dict[int, Path] = {}
         self._saving: set[int] = set()
         self._failed: str | None = None
-        self._dir = Path(tempfile.mkdtemp(prefix="lw-saved-guest-", dir=scratch_parent))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        self._scratch_parent = scratch_parent
+        self._dir: Path | None = None       # made by the first save: a loop may never need it
+        self._cleanup: weakref.finalize | None = None
         self.restored = 0   # checks that ran in a restored guest (for tests and reports)
 
     def state_for(self, image: Path) -> Path | None:
@@ -80,7 +81,13 @@ class SavedGuest:
         A failure is logged and turns saving and restoring off; the machine is then in an
         unknown state, and the caller boots another (:raise MachineError: from QEMU)."""
         size = image.stat().st_size
-        state = self._dir / f"guest-{size}.state"
+        try:
+            state = self._scratch() / f"guest-{size}.state"
+        except OSError as err:
+            with self._lock:
+                self._saving.discard(size)
+            self.failed(f"saving the guest for later checks: {err}")
+            raise
         partial = state.with_suffix(".partial")
         try:
             if self.fs:
@@ -116,8 +123,17 @@ class SavedGuest:
         with self._lock:
             self.restored += 1
 
+    def _scratch(self) -> Path:
+        with self._lock:
+            if self._dir is None:
+                self._dir = Path(tempfile.mkdtemp(prefix="lw-saved-guest-",
+                                                  dir=self._scratch_parent))
+                self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+            return self._dir
+
     def close(self) -> None:
-        self._cleanup()
+        if self._cleanup is not None:
+            self._cleanup()
 
 
 __all__ = ["NEW_DISK_ENV", "SavedGuest", "enabled"]
