@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from logwrites.check import needs_guest, parse_checker, require_tools
+from logwrites.check import guest_figures, needs_guest, parse_checker, require_tools
 from logwrites.crashstates import DEFAULT_MAX_STATES
 from logwrites.errors import UsageError
 from logwrites.loop import (
@@ -98,6 +98,7 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
         with home.dropped_if_stopped(keep=keep_recording):
             recording = home.record(recorder)
             result = run_loop(recording, checkers, options, Path(tmp) / "states", on_progress)
+    result.guest_checks, result.guest_restored = guest_figures(runner)
     if log is None:
         home.settle(needed=result.exit_status != 0, keep=keep_recording)
     if out:

@@ -161,6 +161,8 @@ class LoopResult:
     deduplicated: int = 0             # states whose image-only verdicts were reused
     readset_reused: int = 0           # states answered by an earlier check's unchanged reads
     atomic_unit: int = 512            # bytes torn states never split
+    guest_checks: int = 0             # checks that ran in a guest (guest:, xfs log recovery)
+    guest_restored: int = 0           # of those, in a guest restored from the saved one
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{kind: {verdict: n}} over every state, kinds in enumeration order."""

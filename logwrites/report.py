@@ -85,6 +85,8 @@ def summary_object(result: LoopResult) -> dict[str, Any]:
         "deduplicated": result.deduplicated,
         "readset_reused": result.readset_reused,
         "atomic_unit": result.atomic_unit,
+        "guest_checks": result.guest_checks,
+        "guest_restored": result.guest_restored,
         "seconds": round(result.seconds, 3),
         "states_per_minute": round(60 * len(result.results) / result.seconds, 1)
         if result.seconds else None,

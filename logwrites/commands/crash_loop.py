@@ -29,7 +29,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from logwrites.check import FILESYSTEMS, Checker, needs_guest, parse_checker, require_tools
+from logwrites.check import (
+    FILESYSTEMS,
+    Checker,
+    GuestRunner,
+    guest_figures,
+    needs_guest,
+    parse_checker,
+    require_tools,
+)
 from logwrites.crashstates import DEFAULT_MAX_STATES, KINDS
 from logwrites.errors import NoRoom, UsageError
 from logwrites.format import SECTOR_SIZES
@@ -145,7 +153,9 @@ def checker_specs(given: Sequence[str] | None, fs: str, workload: Path | None) -
     return specs
 
 
-def build_checkers(args: argparse.Namespace, workload: Path | None) -> list[Checker]:
+def build_checkers(args: argparse.Namespace, workload: Path | None
+                   ) -> tuple[list[Checker], GuestRunner | None]:
+    """The checkers, and the guest runner they share when any boots a guest."""
     specs = checker_specs(args.check, args.fs, workload)
     fs = None if args.fs == "none" else args.fs
     require_tools(fs if "fsck" in specs else None)
@@ -154,7 +164,8 @@ def build_checkers(args: argparse.Namespace, workload: Path | None) -> list[Chec
         from logwrites.guestrecord import guest_check_runner  # boots guests: only when asked
 
         runner = guest_check_runner(args)
-    return [parse_checker(s, fs=fs, guest_runner=runner, timeout_s=args.timeout) for s in specs]
+    return ([parse_checker(s, fs=fs, guest_runner=runner, timeout_s=args.timeout)
+             for s in specs], runner)
 
 
 def make_recorder(args: argparse.Namespace, workload: Path, workload_args: list[str]) -> Recorder:
@@ -200,7 +211,7 @@ def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResu
     workload, workload_args = (resolve_workload(args.workload, args.fs)
                                if args.log is None else (None, []))
     recorder = make_recorder(args, workload or Path("."), workload_args)
-    checkers = build_checkers(args, workload)
+    checkers, runner = build_checkers(args, workload)
     options = loop_options(args)
     err = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="logwrites-loop-",
@@ -228,6 +239,7 @@ def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResu
                         raise
                     raise NoRoom(f"{full}; the recording stays: --log {recording.log} "
                                  f"--base {recording.base_image} checks it again") from full
+    result.guest_checks, result.guest_restored = guest_figures(runner)
     # Every repro line names the recording's log and base image: it stays while one is printed.
     if home.scratch and args.log is None:
         kept = home.settle(needed=result.exit_status != 0, keep=args.keep_recording)
@@ -267,7 +279,12 @@ def summary_line(result: LoopResult) -> str:
     reused = [f"{result.deduplicated} of identical images"] if result.deduplicated else []
     if result.readset_reused:
         reused.append(f"{result.readset_reused} where no byte e2fsck read had changed")
-    return line + ("; verdicts reused: " + ", ".join(reused) if reused else "")
+    line += "; verdicts reused: " + ", ".join(reused) if reused else ""
+    if result.guest_checks:
+        # Where a slow loop's time went: each of these is a QEMU of its own.
+        line += (f"; {result.guest_checks} checks in a guest, {result.guest_restored} of them "
+                 "restored from a saved one")
+    return line
 
 
 def json_summary(result: LoopResult) -> dict[str, object]:

@@ -30,3 +30,8 @@ def test_xfs_default_workload_fsck_recovers_dirty_logs_in_the_guest(tmp_path: Pa
     recovered = [r for r in states if any("log recovery" in v.detail for v in r.verdicts)]
     assert recovered, [(r.state.id, r.verdicts[0].detail) for r in states]
     assert {r.state.kind for r in states} == {"prefix", "reorder"}
+    # One QEMU per recovered state: the first boots and saves its guest, every later one is
+    # restored from that (jobs 1: no other check boots meanwhile).
+    checked = [r for r in recovered if r.same_as is None and r.reused_from is None]
+    assert result.guest_checks == len(checked) >= 1
+    assert result.guest_restored == result.guest_checks - 1
