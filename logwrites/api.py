@@ -16,8 +16,9 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from logwrites.check import guest_figures, needs_guest, parse_checker, require_tools
+from logwrites.check import needs_guest, parse_checker, require_tools
 from logwrites.crashstates import DEFAULT_MAX_STATES
 from logwrites.errors import UsageError
 from logwrites.loop import (
@@ -30,6 +31,9 @@ from logwrites.loop import (
 )
 from logwrites.recordingdir import RecordingDir, make_workdir
 from logwrites.report import failure_lines, junit_xml, write_html_report
+
+if TYPE_CHECKING:
+    from logwrites.guestrecord import GuestCheckRunner
 
 
 def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext4",
@@ -67,7 +71,7 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
         os.fspath(workload) if workload is not None else None, fs)
     specs = checker_specs(checks, fs, script)
     require_tools(fs_name if "fsck" in specs else None)
-    runner = None
+    runner: GuestCheckRunner | None = None
     ns = _namespace(fs=fs, kernel=kernel, mkfs_opts=mkfs_opts, image_size=image_size,
                     sector_size=sector_size,
                     timeout=timeout_s)
@@ -98,7 +102,8 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
         with home.dropped_if_stopped(keep=keep_recording):
             recording = home.record(recorder)
             result = run_loop(recording, checkers, options, Path(tmp) / "states", on_progress)
-    result.guest_checks, result.guest_restored = guest_figures(runner)
+    if runner is not None:
+        result.guest_checks, result.guest_restored = runner.figures()
     if log is None:
         home.settle(needed=result.exit_status != 0, keep=keep_recording)
     if out:

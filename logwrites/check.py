@@ -1013,14 +1013,6 @@ class GuestChecker:
         return Verdict("fail", self.name, seconds, f"exit {status}: {_last_line(out)}", out)
 
 
-def guest_figures(runner: GuestRunner | None) -> tuple[int, int]:
-    """(checks run in a guest, of them restored from the saved guest) of `runner`."""
-    if runner is None or not hasattr(runner, "checks"):
-        return 0, 0
-    saved = getattr(runner, "saved", None)
-    return runner.checks(), saved.restored if saved is not None else 0
-
-
 def needs_guest(specs: list[str], fs: str | None) -> bool:
     """Whether checkers `specs` on `fs` boot guests: `guest:` ones, and `fsck` on xfs (its
     dirty-log states are recovered by the kernel under test)."""
@@ -1104,23 +1096,7 @@ def require_tools(fs: str | None) -> None:
         raise UsageError(f"{tool} is not installed: apt-get install {package}")
 
 
-__all__ = [
-    "READSET_RECORDER",
-    "Checker",
-    "FsckChecker",
-    "GuestChecker",
-    "GuestRunner",
-    "HostChecker",
-    "ImageNotRestored",
-    "ReadSetCache",
-    "UndoFileRefused",
-    "Verdict",
-    "apply_undo_file",
-    "check_state",
-    "combine",
-    "detect_fs",
-    "guest_figures",
-    "load_readset",
-    "parse_checker",
-    "require_tools",
-]
+__all__ = ["READSET_RECORDER", "Checker", "FsckChecker", "GuestChecker", "GuestRunner",
+           "HostChecker", "ImageNotRestored", "ReadSetCache", "UndoFileRefused", "Verdict",
+           "apply_undo_file", "check_state", "combine", "detect_fs", "load_readset",
+           "parse_checker", "require_tools"]

@@ -27,7 +27,6 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from logwrites.check import GuestRunner
 from logwrites.crashstates import SETUP_MARK  # where the states start: the recorder marks it
 from logwrites.errors import LogwritesError, UsageError
 from logwrites.format import SECTOR_SIZES
@@ -249,25 +248,34 @@ async def _check_machine(guest: object, run_dir: Path, image: Path, saved: Saved
         await booted.close()
 
 
-def guest_check_runner(args: argparse.Namespace) -> GuestRunner:
-    """The `guest:` checkers' (and xfs log recovery's) runner for the loop's options: the
-    guest is found once, and saved by the first check for the others to restore."""
-    fs = None if args.fs == "none" else args.fs
-    guest = _guest(args.kernel, getattr(args, "modules", None))
-    saved = SavedGuest(fs, getattr(args, "workdir", None)) if saved_guest_enabled() else None
+class GuestCheckRunner:
+    """The `guest:` checkers' (and xfs log recovery's) runner for the loop's options (a
+    `GuestRunner`): the guest is found once, and saved by the first check for the others to
+    restore. Worker threads call it at once."""
 
-    counted, lock = [0], threading.Lock()   # workers call it at once
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.fs = None if args.fs == "none" else args.fs
+        self.guest = _guest(args.kernel, getattr(args, "modules", None))
+        self.saved = (SavedGuest(self.fs, getattr(args, "workdir", None))
+                      if saved_guest_enabled() else None)
+        self.checks = 0
+        self._lock = threading.Lock()
 
-    def run(image: Path, script: Path, timeout_s: float,
-            env: Mapping[str, str]) -> tuple[int, str]:
-        with lock:
-            counted[0] += 1
-        return asyncio.run(check_in_guest(image, script, fs=fs, timeout_s=timeout_s, env=env,
-                                          guest=guest, saved=saved))
-    run.saved = saved  # type: ignore[attr-defined]  # what tests look at
-    run.checks = lambda: counted[0]  # type: ignore[attr-defined]  # for the loop's summary
-    return run
+    def __call__(self, image: Path, script: Path, timeout_s: float,
+                 env: Mapping[str, str]) -> tuple[int, str]:
+        with self._lock:
+            self.checks += 1
+        return asyncio.run(check_in_guest(image, script, fs=self.fs, timeout_s=timeout_s,
+                                          env=env, guest=self.guest, saved=self.saved))
+
+    def figures(self) -> tuple[int, int]:
+        """(checks run in a guest, of them in one restored from the saved guest)."""
+        return self.checks, self.saved.restored if self.saved is not None else 0
 
 
-__all__ = ["RecordError", "check_in_guest", "guest_check_runner",
+def guest_check_runner(args: argparse.Namespace) -> GuestCheckRunner:
+    return GuestCheckRunner(args)
+
+
+__all__ = ["GuestCheckRunner", "RecordError", "check_in_guest", "guest_check_runner",
            "guest_recorder", "record_in_guest", "workload_script"]

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -29,15 +30,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from logwrites.check import (
-    FILESYSTEMS,
-    Checker,
-    GuestRunner,
-    guest_figures,
-    needs_guest,
-    parse_checker,
-    require_tools,
-)
+from logwrites.check import FILESYSTEMS, Checker, needs_guest, parse_checker, require_tools
 from logwrites.crashstates import DEFAULT_MAX_STATES, KINDS
 from logwrites.errors import NoRoom, UsageError
 from logwrites.format import SECTOR_SIZES
@@ -50,6 +43,9 @@ from logwrites.report import (
     table_rows,
     write_html_report,
 )
+
+if TYPE_CHECKING:
+    from logwrites.guestrecord import GuestCheckRunner  # boots guests: imported when asked
 
 GUESTS_DIR = Path(__file__).resolve().parents[2] / "guests"
 WORKLOADS_DIR = GUESTS_DIR / "workloads"
@@ -154,12 +150,12 @@ def checker_specs(given: Sequence[str] | None, fs: str, workload: Path | None) -
 
 
 def build_checkers(args: argparse.Namespace, workload: Path | None
-                   ) -> tuple[list[Checker], GuestRunner | None]:
+                   ) -> tuple[list[Checker], GuestCheckRunner | None]:
     """The checkers, and the guest runner they share when any boots a guest."""
     specs = checker_specs(args.check, args.fs, workload)
     fs = None if args.fs == "none" else args.fs
     require_tools(fs if "fsck" in specs else None)
-    runner = None
+    runner: GuestCheckRunner | None = None
     if needs_guest(specs, fs):
         from logwrites.guestrecord import guest_check_runner  # boots guests: only when asked
 
@@ -239,7 +235,8 @@ def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResu
                         raise
                     raise NoRoom(f"{full}; the recording stays: --log {recording.log} "
                                  f"--base {recording.base_image} checks it again") from full
-    result.guest_checks, result.guest_restored = guest_figures(runner)
+    if runner is not None:
+        result.guest_checks, result.guest_restored = runner.figures()
     # Every repro line names the recording's log and base image: it stays while one is printed.
     if home.scratch and args.log is None:
         kept = home.settle(needed=result.exit_status != 0, keep=args.keep_recording)

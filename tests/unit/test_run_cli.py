@@ -10,6 +10,7 @@ import pytest
 from logwrites.cli import main
 from logwrites.commands.run import crash_loop_command, parse_disk_size
 from logwrites.errors import UsageError
+from tests.unit.test_replay_cli import run_cli
 
 BAD = [
     (["--size", "0"], "--size 0: must be a whole number of 4 KiB blocks"),
@@ -32,10 +33,7 @@ def test_bad_options_are_one_line_and_make_nothing(
         extra: list[str], message: str, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    try:
-        status = main(["run", "--workload", "txnlog", "--out", str(out), *extra])
-    except SystemExit as leaving:   # argparse's own refusals
-        status = int(leaving.code or 0)
+    status = run_cli(["run", "--workload", "txnlog", "--out", str(out), *extra])
     err = capsys.readouterr().err
     assert status == 2, err
     assert err.count("\n") == 1 and err.startswith("logwrites: ") and message in err, err
