@@ -6,7 +6,8 @@ kernel modules the guest needs (with their dependencies, decompressed) and the a
 (`guests/agent/`). The kernel is the newest distribution kernel in /boot, or the user's own
 bzImage with an optional modules directory. A build is cached under
 `${XDG_CACHE_HOME:-~/.cache}/logwrites/guests/<hash of inputs>` and rebuilt only when an input
-changes (kernel, module tree, package versions, agent sources, this file).
+changes (kernel, module tree, package versions, agent sources, this file); after a build, the
+entries no lookup can reach again are removed (guests/cache.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
+from guests import cache
 from logwrites.errors import LogwritesError
 
 log = logging.getLogger(__name__)
@@ -223,15 +225,23 @@ def default_guest(kernel: Path | None = None, modules: Path | None = None,
     mod_dir = _modules_dir(version, modules)
     key = _inputs_hash(kernel, version, mod_dir)
     out = cache_root() / key
-    manifest = out / "guest.json"
+    manifest = out / cache.MANIFEST
     if manifest.is_file() and not rebuild:
         guest = Guest.from_json(manifest.read_text())
-        if guest.initrd.is_file():
-            log.debug("guest cache hit: %s", out)
-            return guest
+        try:
+            cache.hold(out)
+        except FileNotFoundError:
+            pass  # removed by another process's prune a moment ago: build it again
+        else:
+            if guest.initrd.is_file():
+                log.debug("guest cache hit: %s", out)
+                return guest
     started = time.monotonic()
-    guest = _build(kernel, version, mod_dir, out)
+    sources = (str(kernel.resolve()), str(mod_dir.resolve()) if mod_dir is not None else "")
+    guest = _build(kernel, version, mod_dir, out, sources)
     log.info("built guest in %.1f s: %s", time.monotonic() - started, out)
+    cache.hold(out)
+    cache.prune(cache_root(), out, sources)
     return guest
 
 
@@ -497,12 +507,13 @@ def _host_file(path: str) -> Iterator[tuple[str, str | None]]:
     yield current, None
 
 
-def _build(kernel: Path, version: str, mod_dir: Path | None, out: Path) -> Guest:
+def _build(kernel: Path, version: str, mod_dir: Path | None, out: Path,
+           sources: tuple[str, str]) -> Guest:
     _check_tools()
     if not shutil.which("strip"):
         log.warning("strip is missing (apt-get install binutils): the guest will be larger")
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=cache.BUILD_PREFIX, dir=out.parent))
     try:
         initrd = work / "initrd.cpio"
         with initrd.open("wb") as f:
@@ -569,7 +580,10 @@ def _build(kernel: Path, version: str, mod_dir: Path | None, out: Path) -> Guest
                       kernel_version=version, modules=tuple(modules), cmdline=KERNEL_CMDLINE,
                       cache_dir=out, initrd_bytes=initrd.stat().st_size,
                       on_demand=tuple(on_demand), direct_boot=elf is not None)
-        (work / "guest.json").write_text(guest.to_json())
+        # The paths it was built from let a later build tell when this one is unreachable.
+        manifest = json.loads(guest.to_json()) | {"source_kernel": sources[0],
+                                                  "source_modules": sources[1]}
+        (work / cache.MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)
