@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
 from logwrites.check import Verdict
-from logwrites.loop import LoopOptions, existing_recording, run_loop
+from logwrites.crashstates import LogMap, enumerate_states
+from logwrites.loop import LoopOptions, _Dedup, existing_recording, run_loop
 from tests.unit.test_statebuild import OPS, SECTORS
 
 
@@ -70,3 +72,35 @@ def test_repeats_with_only_image_only_checkers_are_not_built(make_log, tmp_path:
     assert {r.state.id for r in repeats} >= {"p:3", "p:8"}
     assert all(r.build_seconds == 0.0 and r.verdict == "pass" for r in repeats)
     assert len(fsck_like.seen) == len(result.results) - len(repeats)
+
+
+def test_a_stop_releases_repeats_waiting_for_their_original(make_log) -> None:
+    """A stopped loop never checks some originals: their repeats must stop waiting at once
+    (and check their own image) instead of sitting out the wait meant for a slow checker."""
+    logmap = LogMap.read(make_log(OPS))
+    states = enumerate_states(logmap, ["prefix"], start=-1)
+    dedup = _Dedup(logmap, states, lambda state: False, wait_s=3600.0)
+    repeat = next(n for n, k in enumerate(dedup.same_as) if k is not None)
+    original = dedup.same_as[repeat]
+    assert original is not None and dedup.is_original(original)
+    answers: list[object] = []
+    waiter = threading.Thread(target=lambda: answers.append(dedup.verdicts_of(original)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not answers  # waiting for the original's verdicts
+    dedup.release()
+    waiter.join(30)
+    assert not waiter.is_alive() and answers == [None]
+
+
+def test_a_published_original_hands_its_verdicts_to_its_repeats(make_log) -> None:
+    logmap = LogMap.read(make_log(OPS))
+    states = enumerate_states(logmap, ["prefix"], start=-1)
+    dedup = _Dedup(logmap, states, lambda state: False, wait_s=3600.0)
+    original = next(k for k in dedup.same_as if k is not None)
+    verdicts = [Verdict("fail", "fsck", 0.1, "bad")]
+    dedup.publish(original, verdicts)
+    assert dedup.verdicts_of(original) == verdicts
+    # A late stop changes nothing for an original already published.
+    dedup.release()
+    assert dedup.verdicts_of(original) == verdicts
