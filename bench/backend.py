@@ -34,6 +34,15 @@ contender's guest two CPUs, and then the guest starts two queues, one per CPU. C
 configuration strays from itself in one run (the write+fsync job's CPU per request differed by
 up to 1.3x between the two) is the noise the four-queue figures are judged against.
 
+Placement. On the development machine (a VM with two vCPUs) a wake-up across CPUs costs far
+more than one on the same CPU: two processes passing a byte back and forth over pipes took
+about 28 us of CPU per round trip on two CPUs and 1.7 us on one. Small requests cost the
+backend mostly wake-ups, so its CPU per 4 KiB request moves with where the scheduler happens
+to put it beside QEMU, by up to 2x between rounds of one configuration. `--placement shared`
+puts each contender's QEMU and backend (every thread) on one CPU before each job, the same
+for every contender; it measures the backend's own work far more steadily, but it is not how
+anyone deploys one (1 MiB writes, which need both CPUs, lose), so the default is `free`.
+
     .venv/bin/python bench/backend.py [--runtime 5] [--size-mib 256] [--rounds 2]
         [--guest-mib 384] [--cpus 1] [--only CONTENDER]... [--job JOB]... [--json]
 """
@@ -211,7 +220,8 @@ def queue_counts(status: dict) -> dict[str, int]:
 
 
 async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int,
-                  jobs: tuple[str, ...], guest_mib: int, cpus: int) -> dict:
+                  jobs: tuple[str, ...], guest_mib: int, cpus: int,
+                  placement: str = "free") -> dict:
     run_dir = work / contender
     run_dir.mkdir()
     image = run_dir / "disk.img"
@@ -255,13 +265,16 @@ async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int
                 else:
                     script = timed_job(JOBS[name], runtime, size_mib)
                     timeout_s = runtime * 10 + 120
+                if placement == "shared":
+                    share_one_cpu((pid, m.pid), min(os.sched_getaffinity(0)))
                 sampler = RssSampler(pid) if name == MEMORY_JOB and pid else None
                 before, woke = cpu_seconds(pid), wakeups(pid)
                 async with sampler or contextlib.nullcontext():
                     result = await m.run(script, timeout_s=timeout_s)
                 used, woke = cpu_seconds(pid) - before, wakeups(pid) - woke
                 if result is None or not result.ok:
-                    results[name] = {"error": (result.stderr if result else "no result")[-300:]}
+                    error = (result.stderr if result else "no result")[-300:]
+                    results[name] = {"error": error + guest_kernel_says(m.console_path)}
                     failed_first = name
                     continue
                 iops, requests, written = fio_figures(result.reports["fio"])
@@ -285,7 +298,31 @@ async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int
         if backend is not None:
             await backend.stop()
     return {"accel": accel, "guest_memory_mib": memory_mb, "guest_cpus": cpus,
-            "memory_kib": memory, **extra, "jobs": results}
+            "memory_kib": memory, "placement": placement, **extra, "jobs": results}
+
+
+def guest_kernel_says(console: Path) -> str:
+    """The guest kernel's last word on a killed job (its OOM killer, a hung task), if any: fio
+    killed with no message of its own once in a run of session 15, with the console gone."""
+    try:
+        lines = console.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    said = [line for line in lines
+            if any(w in line for w in ("Out of memory", "Killed process", "oom-kill",
+                                       "blocked for more than", "BUG:", "Call Trace"))]
+    return f" (guest console: {said[-1].strip()})" if said else ""
+
+
+def share_one_cpu(pids: Sequence[int | None], cpu: int) -> None:
+    """Put every thread of `pids` on `cpu`. Threads started later inherit it from the thread
+    that starts them, and a job's threads are started by then, so this is done before each job."""
+    for pid in pids:
+        if pid is None:
+            continue
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setaffinity(int(task.name), {cpu})
 
 
 def best_of(rounds: list[dict]) -> dict:
@@ -560,6 +597,9 @@ def main() -> int:
                         help="run this contender (repeatable; default all)")
     parser.add_argument("--job", choices=ALL_JOBS, action="append",
                         help="run this job (repeatable; default all)")
+    parser.add_argument("--placement", choices=("free", "shared"), default="free",
+                        help="free: the scheduler places QEMU and the backend (as deployed); "
+                             "shared: each contender's QEMU and backend on one CPU")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     jobs = tuple(args.job) if args.job else ALL_JOBS
@@ -570,14 +610,15 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp:
                 runs.setdefault(contender, []).append(
                     asyncio.run(measure(contender, guest, Path(tmp), args.runtime,
-                                        args.size_mib, jobs, args.guest_mib, args.cpus)))
+                                        args.size_mib, jobs, args.guest_mib, args.cpus,
+                                        args.placement)))
     figures = {contender: best_of(rounds) for contender, rounds in runs.items()}
     disk_mib_s = (log_disk_mib_s(Path(tempfile.gettempdir()), args.runtime)
                   if "seqwrite-1m-qd4" in jobs else None)
     first = next(iter(figures.values()))
     env = {"qemu": qemu_version(), "cores": os.cpu_count(), "python": platform.python_version(),
            "accel": first["accel"], "guest_memory_mib": first["guest_memory_mib"],
-           "guest_cpus": args.cpus}
+           "guest_cpus": args.cpus, "placement": args.placement}
     if args.json:
         print(json.dumps({"environment": env, "figures": figures,
                           "verdicts": verdicts(figures, runs), "log_disk_mib_s": disk_mib_s,
@@ -585,7 +626,8 @@ def main() -> int:
         return 0
     print(f"{env['qemu']}, accel {env['accel']}, {env['cores']} cores, guest "
           f"{env['guest_memory_mib']} MiB and {args.cpus} CPU, runtime {args.runtime} s per "
-          f"timed job, best of {args.rounds} rounds (every other one in reverse order)")
+          f"timed job, best of {args.rounds} rounds (every other one in reverse order), "
+          f"placement {args.placement}")
     ref = figures.get("qemu-storage-daemon", {}).get("jobs", {})
     blw = figures.get("blklogwrites", {}).get("jobs", {})
     one_queue = figures.get("logwrites", {}).get("jobs", {})

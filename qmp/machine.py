@@ -655,6 +655,11 @@ class Machine:
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.returncode
 
+    @property
+    def pid(self) -> int | None:
+        """QEMU's process id, while it runs (a benchmark reads its CPU time and placement)."""
+        return None if self._proc is None or self._proc.returncode is not None else self._proc.pid
+
     # -- internals -------------------------------------------------------------------------------
 
     def _need_qmp(self) -> QMPClient:
