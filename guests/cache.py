@@ -43,9 +43,17 @@ _held: dict[Path, int] = {}
 def hold(entry: Path) -> None:
     """Mark `entry` as used by this process from now until it exits, and as used just now."""
     entry = entry.resolve()
-    if entry in _held:
-        os.utime(entry / MANIFEST)
-        return
+    held = _held.pop(entry, None)
+    if held is not None:
+        try:
+            same = os.fstat(held).st_ino == (entry / LOCK).stat().st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            _held[entry] = held
+            os.utime(entry / MANIFEST)
+            return
+        os.close(held)  # that build was replaced (`guest build --rebuild`): lock the new one
     fd = os.open(entry / LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -136,3 +138,20 @@ def test_a_rebuilt_kernel_replaces_its_previous_build(
     assert [p.name for p in cache_root().iterdir()] == [second.cache_dir.name]
     # Looked up again, it is a hit and stays.
     assert default_guest(kernel) == second and second.initrd.is_file()
+
+
+def test_a_rebuilt_entry_is_held_again(kernels: tuple[Path, Path], root: Path) -> None:
+    """`guest build --rebuild` replaces the directory of a build this process holds: the hold
+    must move to the new one, or another process could prune it under our feet."""
+    mine = kernels[0]
+    rebuilt = entry(root, "rebuilt", mine)
+    cache.hold(rebuilt)
+    shutil.rmtree(rebuilt)
+    entry(root, "rebuilt", mine)
+    cache.hold(rebuilt)
+    fd = os.open(rebuilt / cache.LOCK, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
