@@ -31,6 +31,7 @@ from logwrites.loop import (
 )
 from logwrites.recordingdir import RecordingDir, make_workdir
 from logwrites.report import failure_lines, junit_xml, write_html_report
+from qmp.machinesize import DEFAULT_MEMORY_MIB
 
 if TYPE_CHECKING:
     from logwrites.guestrecord import GuestCheckRunner
@@ -45,7 +46,8 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
                log: str | os.PathLike[str] | None = None,
                base: str | os.PathLike[str] | None = None,
                mkfs_opts: str | None = None, image_size: str | None = None,
-               sector_size: int = 512,
+               sector_size: int = 512, memory_mib: int = DEFAULT_MEMORY_MIB, cpus: int = 1,
+               queues: int = 1,
                kernel: str | os.PathLike[str] | None = None, timeout_s: float = 300.0,
                out: str | os.PathLike[str] | None = None,
                junit: str | os.PathLike[str] | None = None,
@@ -60,7 +62,8 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     is removed when every state passed, unless `keep_recording`. The disk under test is
     `image_size` ("64M"), by default 128M, or 320M for xfs (mkfs.xfs wants 300 MiB). Torn
     states (`states` with "torn") tear only at multiples of `atomic_unit` bytes (default: one
-    sector of the log). The disk has `sector_size`-byte logical sectors (512 or 4096).
+    sector of the log). The disk has `sector_size`-byte logical sectors (512 or 4096). The
+    recording guest has `memory_mib` of RAM and `cpus` CPUs, its disk `queues` queues.
 
     :raise UsageError: bad arguments. :raise LogwritesError: the recording failed.
     """
@@ -73,7 +76,7 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     require_tools(fs_name if "fsck" in specs else None)
     runner: GuestCheckRunner | None = None
     ns = _namespace(fs=fs, kernel=kernel, mkfs_opts=mkfs_opts, image_size=image_size,
-                    sector_size=sector_size,
+                    sector_size=sector_size, memory=memory_mib, cpus=cpus, queues=queues,
                     timeout=timeout_s)
     if needs_guest(specs, fs_name):
         from logwrites.guestrecord import guest_check_runner

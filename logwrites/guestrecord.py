@@ -32,6 +32,7 @@ from logwrites.errors import LogwritesError, UsageError
 from logwrites.format import SECTOR_SIZES
 from logwrites.loop import Recorder, Recording
 from qmp.errors import MachineError
+from qmp.machinesize import MachineSize
 from qmp.savedguest import NEW_DISK_ENV, SavedGuest
 from qmp.savedguest import enabled as saved_guest_enabled
 
@@ -108,7 +109,8 @@ def _guest(kernel: Path | None, modules: Path | None) -> object:
 async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str], *,
                           fs: str | None, mkfs_opts: str | None, image_size: int,
                           guest: object, timeout_s: float = 600.0, accel: str | None = None,
-                          sector_size: int = 512) -> Recording:
+                          sector_size: int = 512,
+                          size: MachineSize | None = None) -> Recording:
     """Record `workload` on a fresh disk of `sector_size`-byte logical sectors (the log's
     unit) in `guest` (`guests.build.default_guest`'s); power-cut at its end.
 
@@ -117,6 +119,7 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
     from qmp.backend import ServeBackend, backend_trouble
     from qmp.machine import Machine
 
+    size = size or MachineSize()
     workdir.mkdir(parents=True, exist_ok=True)
     image, base, log_path = workdir / "disk.img", workdir / "base.img", workdir / "disk.log"
     for path in (image, base):
@@ -129,10 +132,10 @@ async def record_in_guest(workdir: Path, workload: Path, workload_args: list[str
     try:
         # The directory is the recording's: a log left by an earlier one goes with its image.
         async with ServeBackend(image, log_path, sock_dir, sector_size=sector_size,
-                                overwrite=True) as backend:
+                                overwrite=True, num_queues=size.queues) as backend:
             async with Machine(guest, run_dir, disk_socket=backend.socket,  # type: ignore[arg-type]
                                control_socket=backend.control, accel=accel,
-                               name="record") as machine:
+                               name="record", **size.machine_args()) as machine:
                 result = await machine.run(script, fs=fs, mkfs_opts=opts, setup_mark=SETUP_MARK,
                                            timeout_s=timeout_s)
                 # A full log or disk fails the guest's I/O; its tools say only "I/O error",
@@ -174,6 +177,7 @@ def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list
     if image_size % sector_size:
         raise UsageError(f"--image-size {image_size}: not a whole number of "
                          f"{sector_size}-byte sectors")
+    size = MachineSize.from_args(args)
     # Found (or built) now, so that a kernel that is not one is refused before a disk is made.
     guest = _guest(args.kernel, getattr(args, "modules", None))
 
@@ -181,7 +185,7 @@ def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list
         return asyncio.run(record_in_guest(
             workdir, workload, workload_args, fs=fs, mkfs_opts=args.mkfs_opts,
             image_size=image_size, guest=guest, timeout_s=args.timeout,
-            sector_size=sector_size))
+            sector_size=sector_size, size=size))
     return record
 
 

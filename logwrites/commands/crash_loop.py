@@ -43,6 +43,7 @@ from logwrites.report import (
     table_rows,
     write_html_report,
 )
+from qmp.machinesize import add_machine_arguments
 
 if TYPE_CHECKING:
     from logwrites.guestrecord import GuestCheckRunner  # boots guests: imported when asked
@@ -87,6 +88,7 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
                         "wants 300 MiB)")
     p.add_argument("--sector-size", type=int, choices=SECTOR_SIZES, default=512,
                    help="logical sector size of the disk under test, and so the log's unit")
+    add_machine_arguments(p)  # the recording guest's; checks boot the default size
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds per checker run, and for the recorded workload (default 300)")
     p.add_argument("--log", type=Path, default=None,

@@ -27,6 +27,7 @@ from typing import Any
 from guests.build import default_guest
 from logwrites.crashstates import SETUP_MARK
 from logwrites.errors import UsageError
+from qmp.machinesize import MachineSize, add_machine_arguments
 
 FILESYSTEMS = ("ext4", "xfs", "btrfs", "none")
 CRASHES = ("power-cut", "reset", "quit", "shutdown")
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default="logwrites",
                    help="the log's ordering (serve --mode; default logwrites)")
     p.add_argument("--accel", choices=("kvm", "tcg"), help="default: kvm when it works")
+    add_machine_arguments(p)
     p.add_argument("--timeout", type=float, default=600.0,
                    help="bound on the workload, seconds (default 600)")
     p.set_defaults(run=run)
@@ -109,6 +111,7 @@ def run(args: argparse.Namespace) -> Any:
         raise UsageError(f"--crash-at {args.crash_at} needs the logging backend (serve)")
     if args.backend != "serve" and args.mode != "logwrites":
         raise UsageError(f"--mode {args.mode} is serve's: qemu-storage-daemon keeps no log")
+    MachineSize.from_args(args)
     guest = default_guest(args.kernel, args.modules)
     return _run(args, guest, script, workload_script(script, script_args), size, crash_at)
 
@@ -130,17 +133,21 @@ async def _run(args: argparse.Namespace, guest: Any, script: Path, workload: str
     backend: ServeBackend | StorageDaemon
     if args.backend == "serve":
         # A run again into the same --out starts afresh, as its images do.
-        backend = ServeBackend(image, out / "log", out, mode=args.mode, overwrite=True)
+        backend = ServeBackend(image, out / "log", out, mode=args.mode, overwrite=True,
+                               num_queues=args.queues)
     else:
-        backend = StorageDaemon(image, out)
+        backend = StorageDaemon(image, out, num_queues=args.queues)
     crash = args.crash or ("power-cut" if crash_at else "shutdown")
     fs = None if args.fs == "none" else args.fs
     summary: dict[str, Any] = {"out": str(out), "kernel": guest.kernel_version,
                                "workload": args.workload, "backend": args.backend,
-                               "fs": args.fs, "crash": crash, "crash_at": args.crash_at}
+                               "fs": args.fs, "crash": crash, "crash_at": args.crash_at,
+                               "memory_mib": args.memory, "cpus": args.cpus,
+                               "queues": args.queues}
     started = time.monotonic()
     async with backend, Machine(guest, out, disk_socket=backend.socket,
-                                control_socket=backend.control, accel=args.accel) as machine:
+                                control_socket=backend.control, accel=args.accel,
+                                **MachineSize.from_args(args).machine_args()) as machine:
         assert machine.ready is not None
         summary["boot_seconds"] = round(machine.ready.host_seconds, 2)
         summary["accel"] = machine.accel

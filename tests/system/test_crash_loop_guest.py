@@ -168,3 +168,22 @@ def test_demo_on_btrfs_gets_a_disk_mkfs_btrfs_accepts(tmp_path: Path, capsys) ->
     objs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert status == 0 and objs[-1]["fs"] == "btrfs" and objs[-1]["states"] > 20
     assert (tmp_path / "r" / "recording" / "base.img").stat().st_size == 128 << 20
+
+
+@pytest.mark.slow
+def test_the_recording_guest_is_sized_as_asked(tmp_path: Path, capsys) -> None:
+    """--cpus, --queues and --memory size the guest that records the workload: a concurrency
+    bug needs its CPUs there."""
+    script = tmp_path / "sized.sh"
+    script.write_text('#!/bin/sh\necho "cpus $(nproc) queues $(ls /sys/block/vda/mq | wc -l)"\n'
+                      'grep MemTotal /proc/meminfo\n'
+                      'dd if=/dev/zero of="$LW_DEV" bs=4k count=8 oflag=direct 2>/dev/null\n')
+    script.chmod(0o755)
+    out = tmp_path / "report"
+    status = main(["crash-loop", "--fs", "none", "--workload", str(script), "--check",
+                   "host:true", "--cpus", "2", "--queues", "3", "--memory", "640",
+                   "--image-size", "16M", "--out", str(out)])
+    assert status == 0, capsys.readouterr().err
+    said = (out / "recording" / "workload.out").read_text()
+    assert "cpus 2 queues 2" in said, said  # one queue per CPU of the three offered
+    assert 500 << 10 < int(said.split("MemTotal:")[1].split()[0]) <= 640 << 10, said

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from logwrites.cli import main
+from logwrites.errors import UsageError
 from logwrites.logfile import LogWriter
 from tests.conftest import PROJECT
 
@@ -235,6 +236,9 @@ def test_bad_input_exits_2(txn, capsys, tmp_path) -> None:
     (["--timeout", "-5"], "--timeout -5: must be more than 0 seconds"),
     (["--kernel", "/nonexistent/bzImage"], "kernel /nonexistent/bzImage: No such file or "
                                            "directory"),
+    (["--memory", "200"], "--memory 200: the guest needs at least 384 MiB"),
+    (["--cpus", "0"], "--cpus 0: from 1 to 64"),
+    (["--queues", "100"], "--queues 100: from 1 to 64"),
     # fs-default's own checker is for ext4: on the raw disk nothing would judge the states.
     (["--fs", "none", "--workload", "fs-default"],
      "no checker: give at least one --check (with --fs none and no built-in checker for the "
@@ -247,6 +251,15 @@ def test_bad_loop_options_are_refused_before_the_guest_records(
     captured = capsys.readouterr()
     assert "recording" not in captured.out + captured.err
     assert captured.err.strip().splitlines() == [f"logwrites: {error}"]
+
+
+def test_the_api_refuses_a_machine_it_cannot_boot_before_recording(tmp_path) -> None:
+    from logwrites.api import crash_loop as api_crash_loop
+
+    with pytest.raises(UsageError, match="--cpus 0: from 1 to 64"):
+        api_crash_loop(workload="txnlog", fs="none", checks=["host:true"], cpus=0,
+                       workdir=tmp_path / "work")
+    assert not (tmp_path / "work").exists()
 
 
 def test_replay_state_rejects_other_options(txn, tmp_path, capsys) -> None:

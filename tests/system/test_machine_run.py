@@ -98,3 +98,23 @@ def test_run_of_a_built_in_workload_prints_the_crash_loop_that_checks_it(
     failed = [s for s in states if s.get("verdict") == "fail"]
     assert failed and all(s["kind"] == "reorder" for s in failed)
     assert all(s["verdict"] == "pass" for s in states if s.get("kind") == "prefix")
+
+
+@pytest.mark.slow
+def test_run_sizes_the_machine_as_asked(default_guest, tmp_path: Path) -> None:
+    """--memory, --cpus and --queues reach the guest: a workload's concurrency needs CPUs, and
+    the guest starts one queue per CPU of those the disk offers."""
+    workload = tmp_path / "size.sh"
+    workload.write_text('echo "cpus $(nproc)"\n'
+                        'echo "queues $(ls /sys/block/vda/mq | wc -l)"\n'
+                        'grep MemTotal /proc/meminfo\n')
+    out = tmp_path / "out"
+    done = _logwrites("run", "--workload", str(workload), "--cpus", "2", "--queues", "4",
+                      "--memory", "768", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    said = summary["result"]["stdout_tail"]
+    assert "cpus 2" in said and "queues 2" in said, said
+    mem_kib = int(said.split("MemTotal:")[1].split()[0])
+    assert 600 << 10 < mem_kib <= 768 << 10, said
+    assert (summary["memory_mib"], summary["cpus"], summary["queues"]) == (768, 2, 4)

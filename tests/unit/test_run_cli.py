@@ -25,6 +25,10 @@ BAD = [
     (["--backend", "qemu-storage-daemon", "--crash-at", "mark:x"],
      "--crash-at mark:x needs the logging backend (serve)"),
     (["--kernel", "/nonexistent/bzImage"], "/nonexistent/bzImage"),
+    (["--memory", "256"], "--memory 256: the guest needs at least 384 MiB"),
+    (["--cpus", "0"], "--cpus 0: from 1 to 64"),
+    (["--queues", "65"], "--queues 65: from 1 to 64"),
+    (["--cpus", "two"], "argument --cpus: invalid int value: 'two'"),
 ]
 
 
