@@ -44,7 +44,8 @@ for every contender; it measures the backend's own work far more steadily, but i
 anyone deploys one (1 MiB writes, which need both CPUs, lose), so the default is `free`.
 
     .venv/bin/python bench/backend.py [--runtime 5] [--size-mib 256] [--rounds 2]
-        [--guest-mib 384] [--cpus 1] [--only CONTENDER]... [--job JOB]... [--json]
+        [--guest-mib 384] [--cpus 1] [--only CONTENDER]... [--job JOB]...
+        [--placement free|shared] [--json]
 """
 
 from __future__ import annotations
