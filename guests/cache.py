@@ -128,8 +128,9 @@ def prune(root: Path, keep: Path, built_from: tuple[str, str],
         entries = sorted(root.iterdir())
     except OSError:
         return removed
+    keep = keep.resolve()
     for entry in entries:
-        if entry.resolve() == keep.resolve() or not entry.is_dir():
+        if entry.resolve() == keep or not entry.is_dir():
             continue
         if entry.name.startswith(BUILD_PREFIX):
             # A build killed part-way leaves its work directory; a live one is younger.

@@ -25,10 +25,9 @@ class MachineSize:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MachineSize:
-        """The size `add_machine_arguments`' options ask for (defaults where a caller, the API,
-        has none of them). :raise UsageError: out of range."""
-        size = cls(getattr(args, "memory", DEFAULT_MEMORY_MIB), getattr(args, "cpus", 1),
-                   getattr(args, "queues", 1))
+        """The size `add_machine_arguments`' options ask for. :raise UsageError: out of
+        range."""
+        size = cls(args.memory, args.cpus, args.queues)
         if size.memory_mib < MIN_MEMORY_MIB:
             raise UsageError(f"--memory {size.memory_mib}: the guest needs at least "
                              f"{MIN_MEMORY_MIB} MiB")

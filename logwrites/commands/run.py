@@ -111,13 +111,14 @@ def run(args: argparse.Namespace) -> Any:
         raise UsageError(f"--crash-at {args.crash_at} needs the logging backend (serve)")
     if args.backend != "serve" and args.mode != "logwrites":
         raise UsageError(f"--mode {args.mode} is serve's: qemu-storage-daemon keeps no log")
-    MachineSize.from_args(args)
+    machine_size = MachineSize.from_args(args)
     guest = default_guest(args.kernel, args.modules)
-    return _run(args, guest, script, workload_script(script, script_args), size, crash_at)
+    return _run(args, guest, script, workload_script(script, script_args), size, machine_size,
+                crash_at)
 
 
 async def _run(args: argparse.Namespace, guest: Any, script: Path, workload: str, size: int,
-               crash_at: tuple[str, str] | None) -> int:
+               machine_size: MachineSize, crash_at: tuple[str, str] | None) -> int:
     from qmp.backend import ControlClient, ServeBackend, StorageDaemon, backend_trouble
     from qmp.machine import Machine
 
@@ -134,20 +135,20 @@ async def _run(args: argparse.Namespace, guest: Any, script: Path, workload: str
     if args.backend == "serve":
         # A run again into the same --out starts afresh, as its images do.
         backend = ServeBackend(image, out / "log", out, mode=args.mode, overwrite=True,
-                               num_queues=args.queues)
+                               num_queues=machine_size.queues)
     else:
-        backend = StorageDaemon(image, out, num_queues=args.queues)
+        backend = StorageDaemon(image, out, num_queues=machine_size.queues)
     crash = args.crash or ("power-cut" if crash_at else "shutdown")
     fs = None if args.fs == "none" else args.fs
     summary: dict[str, Any] = {"out": str(out), "kernel": guest.kernel_version,
                                "workload": args.workload, "backend": args.backend,
                                "fs": args.fs, "crash": crash, "crash_at": args.crash_at,
-                               "memory_mib": args.memory, "cpus": args.cpus,
-                               "queues": args.queues}
+                               "memory_mib": machine_size.memory_mib,
+                               "cpus": machine_size.cpus, "queues": machine_size.queues}
     started = time.monotonic()
     async with backend, Machine(guest, out, disk_socket=backend.socket,
                                 control_socket=backend.control, accel=args.accel,
-                                **MachineSize.from_args(args).machine_args()) as machine:
+                                **machine_size.machine_args()) as machine:
         assert machine.ready is not None
         summary["boot_seconds"] = round(machine.ready.host_seconds, 2)
         summary["accel"] = machine.accel
