@@ -79,9 +79,9 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
                     sector_size=sector_size, memory=memory_mib, cpus=cpus, queues=queues,
                     timeout=timeout_s)
     if needs_guest(specs, fs_name):
-        from logwrites.guestrecord import guest_check_runner
+        from logwrites.guestrecord import GuestCheckRunner
 
-        runner = guest_check_runner(ns)
+        runner = GuestCheckRunner(ns)
     checkers = [parse_checker(s, fs=fs_name, guest_runner=runner, timeout_s=timeout_s)
                 for s in specs]
     recorder: Recorder

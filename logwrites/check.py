@@ -579,9 +579,9 @@ def _default_xfs_runner() -> GuestRunner:
     """The default guest, for fsck on xfs when the caller gave no guest runner."""
     import argparse
 
-    from logwrites.guestrecord import guest_check_runner  # boots guests: only when needed
+    from logwrites.guestrecord import GuestCheckRunner  # boots guests: only when needed
 
-    return guest_check_runner(argparse.Namespace(fs="xfs", kernel=None, modules=None))
+    return GuestCheckRunner(argparse.Namespace(fs="xfs", kernel=None, modules=None))
 
 
 @dataclass(slots=True)

@@ -277,9 +277,5 @@ class GuestCheckRunner:
         return self.checks, self.saved.restored if self.saved is not None else 0
 
 
-def guest_check_runner(args: argparse.Namespace) -> GuestCheckRunner:
-    return GuestCheckRunner(args)
-
-
-__all__ = ["GuestCheckRunner", "RecordError", "check_in_guest", "guest_check_runner",
-           "guest_recorder", "record_in_guest", "workload_script"]
+__all__ = ["GuestCheckRunner", "RecordError", "check_in_guest", "guest_recorder",
+           "record_in_guest", "workload_script"]

@@ -159,9 +159,9 @@ def build_checkers(args: argparse.Namespace, workload: Path | None
     require_tools(fs if "fsck" in specs else None)
     runner: GuestCheckRunner | None = None
     if needs_guest(specs, fs):
-        from logwrites.guestrecord import guest_check_runner  # boots guests: only when asked
+        from logwrites.guestrecord import GuestCheckRunner  # boots guests: only when asked
 
-        runner = guest_check_runner(args)
+        runner = GuestCheckRunner(args)
     return ([parse_checker(s, fs=fs, guest_runner=runner, timeout_s=args.timeout)
              for s in specs], runner)
 

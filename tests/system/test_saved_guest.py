@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from logwrites.guestrecord import guest_check_runner
+from logwrites.guestrecord import GuestCheckRunner
 
 CHECKER = """#!/bin/sh
 cat "$LW_MNT/who"
@@ -55,8 +55,8 @@ def test_restored_checks_read_their_own_image(default_guest, tmp_path: Path) -> 
     script.write_text(CHECKER)
     a, b = ext4_image(tmp_path / "a.img", "A", "64M"), ext4_image(tmp_path / "b.img", "B", "64M")
     other = ext4_image(tmp_path / "c.img", "C", "96M")
-    runner = guest_check_runner(argparse.Namespace(fs="ext4", kernel=None, modules=None,
-                                                   workdir=tmp_path))
+    runner = GuestCheckRunner(argparse.Namespace(fs="ext4", kernel=None, modules=None,
+                                                 workdir=tmp_path))
     saved = runner.saved
     assert saved is not None
     for image, who, restored in ((a, "A", 0), (b, "B", 1), (a, "A", 2), (other, "C", 2),
@@ -74,8 +74,8 @@ def test_a_saved_guest_that_cannot_be_restored_boots_every_later_check(
     script = tmp_path / "who.sh"
     script.write_text(CHECKER)
     a, b = ext4_image(tmp_path / "a.img", "A", "64M"), ext4_image(tmp_path / "b.img", "B", "64M")
-    runner = guest_check_runner(argparse.Namespace(fs="ext4", kernel=None, modules=None,
-                                                   workdir=tmp_path))
+    runner = GuestCheckRunner(argparse.Namespace(fs="ext4", kernel=None, modules=None,
+                                                 workdir=tmp_path))
     assert "this is A" in check(runner, a, script)
     [state] = tmp_path.glob("lw-saved-guest-*/guest-*.state")
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])   # cut short
@@ -97,8 +97,8 @@ def test_a_guest_that_cannot_be_saved_boots_every_check(
     script.write_text(CHECKER)
     a, b = ext4_image(tmp_path / "a.img", "A", "64M"), ext4_image(tmp_path / "b.img", "B", "64M")
     scratch = small_fs("scratch", "8M")
-    runner = guest_check_runner(argparse.Namespace(fs="ext4", kernel=None, modules=None,
-                                                   workdir=scratch))
+    runner = GuestCheckRunner(argparse.Namespace(fs="ext4", kernel=None, modules=None,
+                                                 workdir=scratch))
     for image, who in ((a, "A"), (b, "B")):
         output = check(runner, image, script)
         assert f"this is {who}" in output and f"head {head_md5(image)}" in output, output
