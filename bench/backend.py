@@ -299,7 +299,7 @@ async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int
         if backend is not None:
             await backend.stop()
     return {"accel": accel, "guest_memory_mib": memory_mb, "guest_cpus": cpus,
-            "memory_kib": memory, "placement": placement, **extra, "jobs": results}
+            "memory_kib": memory, **extra, "jobs": results}
 
 
 def guest_kernel_says(console: Path) -> str:
