@@ -67,7 +67,11 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
 
     :raise UsageError: bad arguments. :raise LogwritesError: the recording failed.
     """
-    from logwrites.commands.crash_loop import checker_specs, resolve_workload
+    from logwrites.commands.crash_loop import (
+        checker_specs,
+        refuse_recording_options,
+        resolve_workload,
+    )
 
     fs_name = None if fs == "none" else fs
     script, args = (None, []) if log is not None else resolve_workload(
@@ -75,9 +79,9 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     specs = checker_specs(checks, fs, script)
     require_tools(fs_name if "fsck" in specs else None)
     runner: GuestCheckRunner | None = None
-    ns = _namespace(fs=fs, kernel=kernel, mkfs_opts=mkfs_opts, image_size=image_size,
-                    sector_size=sector_size, memory=memory_mib, cpus=cpus, queues=queues,
-                    timeout=timeout_s)
+    ns = _namespace(workload=workload, fs=fs, kernel=kernel, mkfs_opts=mkfs_opts,
+                    image_size=image_size, sector_size=sector_size, memory=memory_mib,
+                    cpus=cpus, queues=queues, timeout=timeout_s)
     if needs_guest(specs, fs_name):
         from logwrites.guestrecord import GuestCheckRunner
 
@@ -88,6 +92,7 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     if log is not None or base is not None:
         if log is None or base is None:
             raise UsageError("log and base go together")
+        refuse_recording_options(ns)
         recorder = existing_recording(Path(log), Path(base), fs_name)
     else:
         from logwrites.guestrecord import guest_recorder

@@ -4,7 +4,8 @@ It reports on the terminal (a table), as --json, --junit, and --out DIR with HTM
 passed, 1 a state failed, 2 bad input (or a state that could not be checked).
 
 With `--log LOG --base IMAGE` the recording step is skipped and an existing log is used (any
-dm-log-writes log: ours, the kernel target's, QEMU blklogwrites').
+dm-log-writes log: ours, the kernel target's, QEMU blklogwrites'); the options that only shape
+a recording (--workload, --image-size, --cpus, ...) are refused then.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from rich.console import Console
 from rich.progress import (
@@ -43,7 +44,7 @@ from logwrites.report import (
     table_rows,
     write_html_report,
 )
-from qmp.machinesize import add_machine_arguments
+from qmp.machinesize import DEFAULT_MEMORY_MIB, add_machine_arguments
 
 if TYPE_CHECKING:
     from logwrites.guestrecord import GuestCheckRunner  # boots guests: imported when asked
@@ -51,6 +52,10 @@ if TYPE_CHECKING:
 GUESTS_DIR = Path(__file__).resolve().parents[2] / "guests"
 WORKLOADS_DIR = GUESTS_DIR / "workloads"
 CHECKERS_DIR = GUESTS_DIR / "checkers"
+# The options only a recording uses, each with its value when not given.
+RECORDING_ONLY: Final = (("workload", None), ("mkfs_opts", None), ("image_size", None),
+                         ("sector_size", 512), ("memory", DEFAULT_MEMORY_MIB), ("cpus", 1),
+                         ("queues", 1))
 
 
 def add_loop_arguments(p: argparse.ArgumentParser) -> None:
@@ -166,11 +171,25 @@ def build_checkers(args: argparse.Namespace, workload: Path | None
              for s in specs], runner)
 
 
+def refuse_recording_options(args: argparse.Namespace) -> None:
+    """With --log nothing is recorded: the options that shape a recording are refused, not
+    ignored, so that no one believes a log made elsewhere was recorded as they asked.
+
+    :raise UsageError: naming every such option given.
+    """
+    given = [f"--{name.replace('_', '-')}" for name, unset in RECORDING_ONLY
+             if getattr(args, name) != unset]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only for a recording, and with --log nothing "
+                         f"is recorded")
+
+
 def make_recorder(args: argparse.Namespace, workload: Path, workload_args: list[str]) -> Recorder:
     if args.log is not None or args.base is not None:
         if args.log is None or args.base is None:
             raise UsageError("--log and --base go together (the log and the image it starts "
                              "from)")
+        refuse_recording_options(args)
         return existing_recording(args.log, args.base, None if args.fs == "none" else args.fs)
     from logwrites.guestrecord import guest_recorder  # QEMU and the guest: only when recording
 

@@ -22,11 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "workload (ext4), with an HTML report",
                        description=__doc__.split("\n\n")[0])
     crash_loop.add_loop_arguments(p)
-    p.set_defaults(run=run, fs="ext4", workload="fs-default", max_states=DEMO_MAX_STATES,
-                   out=Path("out/demo"))
+    p.set_defaults(run=run, fs="ext4", max_states=DEMO_MAX_STATES, out=Path("out/demo"))
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.image_size is None and args.fs == "ext4":
-        args.image_size = DEMO_EXT4_IMAGE_SIZE
+    if args.log is None:  # a recording: with --log, crash-loop refuses what shapes one
+        args.workload = args.workload or "fs-default"
+        if args.image_size is None and args.fs == "ext4":
+            args.image_size = DEMO_EXT4_IMAGE_SIZE
     return crash_loop.run(args)

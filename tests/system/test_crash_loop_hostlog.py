@@ -262,6 +262,36 @@ def test_the_api_refuses_a_machine_it_cannot_boot_before_recording(tmp_path) -> 
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize(("option", "error"), [
+    (["--cpus", "2"], "--cpus: only for a recording, and with --log nothing is recorded"),
+    (["--workload", "txnlog", "--image-size", "64M", "--sector-size", "4096", "--memory",
+      "512", "--queues", "2", "--mkfs-opts", "-b 1024"],
+     "--workload, --mkfs-opts, --image-size, --sector-size, --memory, --queues: only for a "
+     "recording, and with --log nothing is recorded"),
+])
+def test_recording_options_with_a_log_are_refused(
+        txn, capsys, tmp_path, option: list[str], error: str) -> None:
+    # A log made elsewhere was not recorded as these ask: saying nothing would let one think so.
+    log, base = txn(barrier=True)
+    assert main(["crash-loop", "--log", str(log), "--base", str(base), "--fs", "none",
+                 "--check", "host:true", *option]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"logwrites: {error}"]
+    demo = ["demo", "--log", str(log), "--base", str(base), "--fs", "none", "--check",
+            "host:true", "--json", "--out", str(tmp_path / "out")]
+    assert main([*demo, *option]) == 2
+    # demo's own recording defaults (its workload, ext4's small disk) are not options given.
+    assert main(demo) == 0
+
+
+def test_the_api_refuses_recording_options_with_a_log(txn, tmp_path) -> None:
+    from logwrites.api import crash_loop as api_crash_loop
+
+    log, base = txn(barrier=True)
+    with pytest.raises(UsageError, match=r"^--workload, --cpus: only for a recording"):
+        api_crash_loop(workload="txnlog", fs="none", checks=["host:true"], cpus=2, log=log,
+                       base=base, workdir=tmp_path / "work")
+
+
 def test_replay_state_rejects_other_options(txn, tmp_path, capsys) -> None:
     log, base = txn(barrier=True)
     assert main(["replay", str(log), str(base), "--state", "p:1", "--limit", "3"]) == 2
