@@ -1019,14 +1019,21 @@ def needs_guest(specs: list[str], fs: str | None) -> bool:
     return any(s.startswith("guest:") for s in specs) or (fs == "xfs" and "fsck" in specs)
 
 
+def require_timeout(seconds: float) -> float:
+    """`--timeout` as given. :raise UsageError: 0, negative or NaN (argparse's float takes
+    "nan", and no wait ever ends by it)."""
+    if not seconds > 0:
+        raise UsageError(f"--timeout {seconds:g}: must be more than 0 seconds")
+    return seconds
+
+
 def parse_checker(spec: str, *, fs: str | None, guest_runner: GuestRunner | None = None,
                   timeout_s: float = DEFAULT_TIMEOUT_S) -> Checker:
     """`fsck`, `host:CMD` or `guest:PATH` as given to `--check`.
 
     :raise UsageError: for anything else, or `fsck` without a filesystem.
     """
-    if not timeout_s > 0:
-        raise UsageError(f"--timeout {timeout_s:g}: must be more than 0 seconds")
+    require_timeout(timeout_s)
     if spec == "fsck":
         if fs in (None, "none"):
             raise UsageError("--check fsck needs a filesystem (--fs ext4|xfs|btrfs)")

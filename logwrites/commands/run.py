@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from guests.build import default_guest
+from logwrites.check import require_timeout
 from logwrites.crashstates import SETUP_MARK
 from logwrites.errors import UsageError
 from qmp.machinesize import MachineSize, add_machine_arguments
@@ -104,8 +105,7 @@ def run(args: argparse.Namespace) -> Any:
     # Everything is refused before the output folder or a disk is made.
     script, script_args = resolve_workload(args.workload, args.fs)
     size = parse_disk_size(args.size)
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
+    require_timeout(args.timeout)
     crash_at = _parse_crash_at(args.crash_at)
     if crash_at and crash_at[0] != "time" and args.backend != "serve":
         raise UsageError(f"--crash-at {args.crash_at} needs the logging backend (serve)")

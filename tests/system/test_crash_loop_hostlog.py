@@ -234,6 +234,7 @@ def test_bad_input_exits_2(txn, capsys, tmp_path) -> None:
      "--image-size 100000: not a whole number of 4096-byte sectors"),
     (["--image-size", "0"], "size '0': must be more than 0 bytes"),
     (["--timeout", "-5"], "--timeout -5: must be more than 0 seconds"),
+    (["--timeout", "nan"], "--timeout nan: must be more than 0 seconds"),
     (["--kernel", "/nonexistent/bzImage"], "kernel /nonexistent/bzImage: No such file or "
                                            "directory"),
     (["--memory", "200"], "--memory 200: the guest needs at least 384 MiB"),

@@ -17,6 +17,7 @@ BAD = [
     (["--size", "6K"], "--size 6K: must be a whole number of 4 KiB blocks"),
     (["--size", "lots"], "size 'lots': a number of bytes"),
     (["--timeout", "0"], "--timeout 0: must be more than 0 seconds"),
+    (["--timeout", "nan"], "--timeout nan: must be more than 0 seconds"),
     (["--crash-at", "time:-1"], "--crash-at time:-1: time needs seconds, 0 or more"),
     (["--crash-at", "flush:x"], "--crash-at flush:x: flush needs a whole number"),
     (["--mode", "bogus"], "argument --mode: invalid choice: 'bogus'"),
