@@ -45,6 +45,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 import shlex
 import signal
@@ -1020,10 +1021,12 @@ def needs_guest(specs: list[str], fs: str | None) -> bool:
 
 
 def require_timeout(seconds: float) -> float:
-    """`--timeout` as given. :raise UsageError: 0, negative or NaN (argparse's float takes
-    "nan", and no wait ever ends by it)."""
+    """`--timeout` as given. :raise UsageError: 0, negative, NaN or infinite (argparse's float
+    takes "nan" and "inf", which sockets and event loops refuse or never reach)."""
     if not seconds > 0:
         raise UsageError(f"--timeout {seconds:g}: must be more than 0 seconds")
+    if not math.isfinite(seconds):
+        raise UsageError(f"--timeout {seconds:g}: must be a finite number of seconds")
     return seconds
 
 

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from logwrites.check import require_timeout
 from logwrites.errors import UsageError
 
 
@@ -28,8 +29,9 @@ def control_request(path: Path, request: dict[str, Any], timeout_s: float) -> di
     """One request line to the control socket at `path`, one reply line back.
 
     :raise UsageError: the backend said no (its error), or no reply came.
-    :raise UsageError: also when no backend listens there.
+    :raise UsageError: also when no backend listens there, or `timeout_s` is no timeout.
     """
+    require_timeout(timeout_s)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         try:
@@ -37,13 +39,17 @@ def control_request(path: Path, request: dict[str, Any], timeout_s: float) -> di
         except OSError as err:
             raise UsageError(f"no backend at control socket {path}: "
                              f"{err.strerror or err}") from err
-        sock.sendall(json.dumps(request).encode() + b"\n")
         reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise UsageError(f"control socket {path}: closed without a reply")
-            reply += chunk
+        try:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise UsageError(f"control socket {path}: closed without a reply")
+                reply += chunk
+        except TimeoutError as err:
+            raise UsageError(f"control socket {path}: no reply within {timeout_s:g} s "
+                             f"(--timeout)") from err
     answer = json.loads(reply)
     if not answer.get("ok"):
         raise UsageError(f"backend refused {request['cmd']}: {answer.get('error')}")

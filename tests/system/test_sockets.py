@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import time
@@ -169,3 +170,24 @@ def test_overwrite_starts_a_new_log_over_an_earlier_one(tmp_path: Path) -> None:
     entries = [json.loads(line) for line in done.stdout.splitlines()]
     assert "earlier" not in done.stdout
     assert [(e["sector"], e["nr_sectors"]) for e in entries if not e["flags"]] == [(8, 8)]
+
+
+@pytest.mark.parametrize(("argv", "expect"), [
+    (["mark", "m", "--timeout", "nan"], "--timeout nan: must be more than 0 seconds"),
+    (["status", "--timeout", "-1"], "--timeout -1: must be more than 0 seconds"),
+    (["status", "--timeout", "inf"], "--timeout inf: must be a finite number of seconds"),
+    (["status", "--timeout", "0.3"], "control socket {ctl}: no reply within 0.3 s (--timeout)"),
+    (["mark", "m", "--timeout", "0.3"], "control socket {ctl}: no reply within 0.3 s (--timeout)"),
+])
+def test_control_clients_errors_are_one_line_exit_2(
+        tmp_path: Path, argv: list[str], expect: str) -> None:
+    # A control socket that takes the request and never answers (a backend stuck in a sync).
+    ctl = tmp_path / "ctl"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.bind(str(ctl))
+        silent.listen()
+        done = subprocess.run([logwrites_path(), *argv, "--control", str(ctl)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert done.stderr.splitlines() == [f"logwrites: {expect.format(ctl=ctl)}"]
+    assert done.stdout == ""
