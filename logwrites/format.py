@@ -22,6 +22,8 @@ END_MARK: Final = "dm-log-writes-end"
 SECTOR_SIZES: Final = (512, 4096)  # what we write; readers accept any power of two >= 512
 # The largest logical block size Linux knows (64 KiB pages); a larger `sectorsize` is damage,
 # and trusting it would make a reader allocate absurd header blocks.
+# A file offset is a signed 64-bit number: no device, and no image, reaches past it.
+MAX_BYTE_OFFSET: Final = (1 << 63) - 1
 MAX_SECTORSIZE: Final = 1 << 16
 
 # magic, version, nr_entries, sectorsize; bytes 28..31 are struct padding in the kernel.
@@ -213,6 +215,9 @@ def decode_entry_at(buf: bytes | bytearray, pos: int, sectorsize: int, index: in
         raise LogFormatError(
             index, f"data_len {data_len} does not fit in a {sectorsize}-byte header block"
         )
+    if nr_sectors and (sector + nr_sectors) * sectorsize > MAX_BYTE_OFFSET:
+        raise LogFormatError(index, f"sectors {sector}+{nr_sectors} end beyond any device "
+                                    f"(past byte 2^63)")
     start = pos + INLINE_OFFSET
     if flags & MARK:
         mark = bytes(buf[start : start + data_len]).decode(errors="replace")

@@ -31,6 +31,7 @@ from logwrites.format import (
     encode_super,
     validate_mark_name,
 )
+from logwrites.storagepaths import storage_stat
 
 Buffer = bytes | bytearray | memoryview
 
@@ -502,14 +503,17 @@ class LogReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        # Before the open: a FIFO's would block until a writer came, and a directory's
+        # succeeds, so that the first read would fail without naming the path.
+        storage_stat(path, "log")
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self.bytes_read = 0  # log bytes read so far, for tests and benchmarks
         try:
-            if stat.S_ISDIR(os.fstat(self._fd).st_mode):
-                # Opening one succeeds; the read would fail without naming the path.
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(self.path))
-            self.size = os.lseek(self._fd, 0, os.SEEK_END)
-            head = os.pread(self._fd, 4096, 0)
+            try:
+                self.size = os.lseek(self._fd, 0, os.SEEK_END)
+                head = os.pread(self._fd, 4096, 0)
+            except OSError as err:  # a /proc file, say: name it, "Invalid argument" alone won't
+                raise OSError(err.errno, err.strerror, str(self.path)) from err
             self.bytes_read += len(head)
             self.superblock: SuperBlock = decode_super(head)
             if self.size < self.sectorsize:

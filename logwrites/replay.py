@@ -26,7 +26,7 @@ from typing import Any, Final, Literal
 
 from logwrites._replay import ffi as _ffi
 from logwrites._replay import lib as _lib
-from logwrites.errors import CheckFailed, LogwritesError
+from logwrites.errors import CheckFailed, LogFormatError, LogwritesError, UsageError
 from logwrites.format import (
     DISCARD,
     ENTRY_HEADER,
@@ -35,6 +35,7 @@ from logwrites.format import (
     INLINE_OFFSET,
     KNOWN_FLAGS,
     MARK,
+    MAX_BYTE_OFFSET,
     Entry,
     EntryFlag,
     decode_entry_at,
@@ -47,6 +48,7 @@ from logwrites.logfile import (
     header_past_end,
     payload_past_end,
 )
+from logwrites.storagepaths import same_storage, storage_stat
 
 log = logging.getLogger(__name__)
 
@@ -344,13 +346,24 @@ def replay(log_path: str | os.PathLike[str], target_path: str | os.PathLike[str]
                              next_flush=next_flush, next_fua=next_fua)
             count = stop.index - index + 1
         result = ReplayResult(start_index=index, next_index=index, next_block=block)
-        fd = os.open(target_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_target(target_path, reader, os.O_WRONLY | os.O_CREAT)
         try:
-            if count > 0 and checker is None:
-                _replay_fast(reader, fd, index, block, count, result, discard_zeroes)
-            elif count > 0:
-                _replay_loop(reader, fd, index, block, count, result, check, checker,
-                             discard_zeroes)
+            try:
+                if count > 0 and checker is None:
+                    _replay_fast(reader, fd, index, block, count, result, discard_zeroes)
+                elif count > 0:
+                    _replay_loop(reader, fd, index, block, count, result, check, checker,
+                                 discard_zeroes)
+            except LogFormatError as err:
+                if not result.entries:
+                    raise
+                # Damage is found as the replay reaches it: say what the target holds now.
+                raise LogFormatError(err.index, f"{err.problem}; {target_path} holds the "
+                                                f"entries {index}..{err.index - 1} replayed "
+                                                f"before it") from err
+            except OSError as err:
+                raise ReplayError(f"entry {index + result.entries} onto {target_path}: "
+                                  f"{err.strerror or err}") from err
             if sync:
                 os.fsync(fd)
         finally:
@@ -360,6 +373,19 @@ def replay(log_path: str | os.PathLike[str], target_path: str | os.PathLike[str]
                  index, result.next_index - 1, log_path, result.bytes_written,
                  result.bytes_zeroed, result.seconds)
         return result
+
+
+def open_target(target_path: str | os.PathLike[str], reader: LogReader, flags: int) -> int:
+    """The target's descriptor, opened with `flags` once it is known to be a regular file or a
+    block device (or missing, with O_CREAT) other than the log `reader` reads.
+
+    :raise UsageError: the target is the log itself, or something a replay cannot write.
+    """
+    target = storage_stat(target_path, "target", may_be_missing=bool(flags & os.O_CREAT))
+    if target is not None and same_storage(target, os.fstat(reader.fileno())):
+        raise UsageError(f"target {os.fspath(target_path)} is the log itself: the replay "
+                         f"would overwrite the log it reads")
+    return os.open(target_path, flags | os.O_CLOEXEC, 0o644)
 
 
 def replay_entries(reader: LogReader, target_fd: int, start_index: int, start_block: int,
@@ -421,7 +447,8 @@ def _replay_fast(reader: LogReader, fd: int, index: int, block: int, count: int,
             sector, nr_sectors, flags, data_len = unpack(buf, pos)
             if (flags & ~KNOWN_FLAGS or not (flags or nr_sectors)
                     or (data_len > padding if flags & MARK
-                        else not starts(zeros, pos + INLINE_OFFSET, pos + sectorsize))):
+                        else not starts(zeros, pos + INLINE_OFFSET, pos + sectorsize))
+                    or (nr_sectors and (sector + nr_sectors) * sectorsize > MAX_BYTE_OFFSET)):
                 decode_entry_at(buf, pos, sectorsize, i, at + sectorsize)  # raises
             if nr_sectors and not flags & DISCARD:
                 length = nr_sectors * sectorsize

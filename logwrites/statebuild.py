@@ -389,10 +389,12 @@ def build_state(log_path: str | os.PathLike[str], target: str | os.PathLike[str]
 
     :raise UsageError: for an id this log cannot have. :raise LogFormatError: for a bad log.
     """
+    from logwrites.replay import open_target
+
     logmap = LogMap.read(log_path)
     state = state_from_id(logmap, state_id)
     with LogReader(log_path) as reader:
-        fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+        fd = open_target(target, reader, os.O_RDWR)
         try:
             apply_entries(reader, logmap, fd, range(state.checkpoint + 1),
                           discard_zeroes=discard_zeroes)

@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--check and --fsck go together")
     limit = args.limit or None  # replay-log: a limit of 0 is no limit
     if args.find:
+        if args.target is not None:
+            raise UsageError(f"--find replays nothing: no TARGET ({args.target}) with it")
         return _find(args, limit)
     if args.target is None:
         raise UsageError("replay needs a TARGET (or --find)")
