@@ -149,12 +149,16 @@ class LogWriter:
                max_bytes: int | None = None, preallocate: int = 0) -> LogWriter:
         """A new, empty log (an existing file is truncated; a block device is overwritten)."""
         path = Path(path)
+        storage_stat(path, "log", may_be_missing=True)  # a FIFO opens, then cannot be sized
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             if not path.is_block_device():
                 os.ftruncate(fd, 0)
             os.pwrite(fd, encode_super(0, sectorsize), 0)
             os.fdatasync(fd)
+        except OSError as err:
+            os.close(fd)
+            raise OSError(err.errno, err.strerror, str(path)) from err  # "Illegal seek" alone
         except BaseException:
             os.close(fd)
             raise

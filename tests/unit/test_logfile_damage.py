@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from logwrites.cli import main
-from logwrites.errors import LogFormatError
+from logwrites.errors import LogFormatError, UsageError
 from logwrites.format import ENTRY_HEADER, SUPER_BLOCK
-from logwrites.logfile import LogReader
+from logwrites.logfile import LogReader, LogWriter
 
 OPS = [("w", 0, 2, 0x11), ("f",), ("w", 4, 8, 0x22), ("m", "middle"), ("d", 0, 4),
        ("w", 16, 1, 0x33), ("f",)]
@@ -160,3 +160,13 @@ def test_an_empty_file_is_not_a_log(tmp_path: Path, capsys: pytest.CaptureFixtur
     empty.write_bytes(b"")
     assert main(["inspect", str(empty)]) == 2
     assert "too short for a super block" in capsys.readouterr().err
+
+
+def test_a_log_is_not_created_on_a_fifo_or_an_unseekable_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match=r"^log .*fifo: a FIFO, not a regular file or block"):
+        LogWriter.create(fifo, 512)
+    with pytest.raises(OSError, match="Illegal seek") as raised:
+        LogWriter.create("/proc/self/status", 512)
+    assert raised.value.filename == "/proc/self/status"  # so the one-line error names it
