@@ -146,7 +146,11 @@ def kernel_version(bzimage: Path) -> str:
     start = pointer + 0x200
     if pointer == 0 or start >= len(head):
         raise GuestError(f"kernel {bzimage}: the setup header carries no version string")
-    return head[start:head.index(b"\0", start)].split(b" ")[0].decode("ascii", "replace")
+    end = head.find(b"\0", start)
+    if end < 0:  # no NUL in the 32 KiB read: junk, not a version string to trust
+        raise GuestError(f"kernel {bzimage}: not a bzImage we can read (its version string "
+                         f"has no end)")
+    return head[start:end].split(b" ")[0].decode("ascii", "replace")
 
 
 def distribution_kernel() -> Path:

@@ -70,9 +70,14 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     from logwrites.commands.crash_loop import (
         checker_specs,
         refuse_recording_options,
+        refuse_report_paths,
         resolve_workload,
     )
 
+    refuse_report_paths(Path(out) if out else None, Path(junit) if junit else None,
+                        {"log": Path(log) if log else None, "base": Path(base) if base else None})
+    if start_mark == "":
+        raise UsageError("start_mark '': give a mark's name")
     fs_name = None if fs == "none" else fs
     script, args = (None, []) if log is not None else resolve_workload(
         os.fspath(workload) if workload is not None else None, fs)

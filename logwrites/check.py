@@ -70,6 +70,10 @@ log = logging.getLogger(__name__)
 VERDICTS: Final = ("pass", "fail", "error")
 FILESYSTEMS: Final = ("ext4", "xfs", "btrfs")
 DEFAULT_TIMEOUT_S: Final = 300.0
+# The longest --timeout: epoll (selectors, asyncio, subprocess) counts its wait in int
+# milliseconds, which overflow past 24.8 days; a week is far past any check or workload.
+MAX_TIMEOUT_S: Final = 7 * 24 * 3600
+TIMEOUT_LIMIT: Final = f"at most {MAX_TIMEOUT_S}, a week"      # for --help
 _OUTPUT_LIMIT: Final = 64 << 10
 _EXT4_RECOVER: Final = 0x4  # s_feature_incompat bit: the journal needs replaying
 _TOOLS: Final = {"ext4": ("e2fsck", "e2fsprogs"), "xfs": ("xfs_repair", "xfsprogs"),
@@ -976,7 +980,7 @@ class HostChecker:
         status, out = _run(cmd, self.timeout_s, env)
         seconds = time.perf_counter() - started
         if status is None:
-            return Verdict("error", self.name, seconds, f"timed out after {self.timeout_s:.0f} s",
+            return Verdict("error", self.name, seconds, f"timed out after {self.timeout_s:g} s",
                            out)
         if status == 0:
             return Verdict("pass", self.name, seconds, "exit 0", out)
@@ -1021,12 +1025,16 @@ def needs_guest(specs: list[str], fs: str | None) -> bool:
 
 
 def require_timeout(seconds: float) -> float:
-    """`--timeout` as given. :raise UsageError: 0, negative, NaN or infinite (argparse's float
-    takes "nan" and "inf", which sockets and event loops refuse or never reach)."""
+    """`--timeout` as given. :raise UsageError: 0, negative, NaN, infinite or over
+    `MAX_TIMEOUT_S` (argparse's float takes "nan", "inf" and "1e30", which sockets and event
+    loops refuse, overflow on or never reach)."""
     if not seconds > 0:
         raise UsageError(f"--timeout {seconds:g}: must be more than 0 seconds")
     if not math.isfinite(seconds):
         raise UsageError(f"--timeout {seconds:g}: must be a finite number of seconds")
+    if seconds > MAX_TIMEOUT_S:
+        raise UsageError(f"--timeout {seconds:g}: must be at most {MAX_TIMEOUT_S} seconds "
+                         f"(a week)")
     return seconds
 
 

@@ -74,11 +74,22 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+class _TopParser(_Parser):
+    """The command is required, but checked after the unknown options: argparse's own check
+    comes first, and `logwrites --bogus` would be told a command is missing."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        parsed = super().parse_args(args, namespace)
+        if parsed.command is None:
+            self.error("the following arguments are required: command")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="logwrites", description=__doc__.splitlines()[0])
+    parser = _TopParser(prog="logwrites", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more diagnostics on stderr (-vv for debug)")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{module_info.name}")
         module.register(sub)

@@ -47,6 +47,12 @@ DEFAULT_MKFS_OPTS: Final = {"ext4": "-E lazy_itable_init=0,lazy_journal_init=0"}
 # mkfs.xfs refuses a data section under 300 MiB (xfsprogs 5.19 on); ext4 and btrfs fit in 128.
 DEFAULT_IMAGE_SIZE: Final = "128M"
 DEFAULT_IMAGE_SIZE_BY_FS: Final = {"xfs": "320M"}
+# The biggest disk (and --atomic-unit) taken: images are sparse files, and 1 TiB fits in one on
+# every host filesystem we know (ext4's limit is 16 TiB) while a typo's 10^20 would not.
+MAX_SIZE: Final = 1 << 40
+# The smallest disk each mkfs takes with its default options, tried on e2fsprogs 1.47.0 ("too
+# small for a journal" below), btrfs-progs 6.2 and xfsprogs 6.1 (data section under 300 MiB).
+MIN_MKFS_SIZE: Final = {"ext4": 104 << 10, "btrfs": 109 << 20, "xfs": 300 << 20}
 # "mke2fs 1.47.0 (5-Feb-2023)", "btrfs-progs v6.2": what a tool prints before its reason.
 VERSION_BANNER: Final = re.compile(r"[\w.-]+ v?\d+(\.\d+)+( \(.*\))?$")
 SOUNDS_WRONG: Final = re.compile(r"(?i)\b(error|fail|failed|cannot|can't|must|invalid|bad|"
@@ -58,17 +64,43 @@ class RecordError(LogwritesError):
 
 
 def parse_size(text: str) -> int:
+    """Bytes of "4096", "4K", "1.5M", "2G" or "1T".
+
+    :raise UsageError: not a size, not more than 0, or over `MAX_SIZE`.
+    """
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     try:
         if text[-1:].upper() in units:
-            size = int(float(text[:-1]) * units[text[-1].upper()])
+            size: float = float(text[:-1]) * units[text[-1].upper()]
         else:
             size = int(text)
     except ValueError:
         raise UsageError(f"size {text!r}: a number of bytes, or with K, M, G or T") from None
-    if size <= 0:
+    if not size > 0:  # also NaN
         raise UsageError(f"size {text!r}: must be more than 0 bytes")
-    return size
+    if size > MAX_SIZE:  # also infinity, which int() cannot take
+        raise UsageError(f"size {text!r}: must be at most 1T")
+    return int(size)
+
+
+def require_mkfs_room(fs: str | None, size: int, mkfs_opts: str | None, given: str) -> None:
+    """Refuse, before a guest boots, a disk `fs`'s mkfs would refuse in it. Only with its
+    default options (`mkfs_opts` None or ""): others may need more or less (btrfs --mixed).
+
+    :raise UsageError: starting with `given` (the option and its value), naming the least.
+    """
+    least = MIN_MKFS_SIZE.get(fs or "")
+    if least is not None and not mkfs_opts and size < least:
+        raise UsageError(f"{given}: mkfs.{fs} needs a disk of at least {size_text(least)} "
+                         f"with its default options")
+
+
+def size_text(size: int) -> str:
+    """`size` as `parse_size` reads it, in the largest unit that divides it: 300M, 104K."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
 
 
 def default_image_size(fs: str | None) -> str:
@@ -177,6 +209,8 @@ def guest_recorder(args: argparse.Namespace, workload: Path, workload_args: list
     if image_size % sector_size:
         raise UsageError(f"--image-size {image_size}: not a whole number of "
                          f"{sector_size}-byte sectors")
+    require_mkfs_room(fs, image_size, args.mkfs_opts,
+                      f"--image-size {args.image_size or default_image_size(fs)}")
     size = MachineSize.from_args(args)
     # Found (or built) now, so that a kernel that is not one is refused before a disk is made.
     guest = _guest(args.kernel, getattr(args, "modules", None))

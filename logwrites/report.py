@@ -25,6 +25,10 @@ from logwrites.crashstates import describe_record
 from logwrites.loop import VERDICT_ORDER, LoopResult, StateResult
 
 COLOURS: Final = {"pass": "#2e9d4a", "fail": "#d62728", "error": "#ff9f1c"}
+# What `write_html_report` writes into `--out`, besides console logs and failing/.
+PAGE_NAME: Final = "index.html"
+STATES_NAME: Final = "states.jsonl"
+REPORT_FILES: Final = (PAGE_NAME, STATES_NAME)
 _MAX_PLOTTED_ENTRIES: Final = 20000
 
 
@@ -131,6 +135,29 @@ def failure_lines(result: LoopResult) -> Iterator[str]:
         repro = r.repro if r.shrunk is None else r.repro.replace(
             f"--state {r.state.id}", f"--state {blamed.id}")
         yield f"  repro: {repro}"
+
+
+def error_lines(result: LoopResult, examples: int = 3) -> Iterator[str]:
+    """Human lines for the states that could not be checked, one group per distinct reason
+    (a timeout or a missing tool repeats over every state): the count, a few of the states,
+    and one's repro."""
+    groups: dict[str, list[StateResult]] = {}
+    for r in sorted(result.results, key=lambda r: (r.state.entry, r.state.id)):
+        if r.verdict == "error":
+            groups.setdefault(error_reason(r), []).append(r)
+    for reason, states in groups.items():
+        ids = ", ".join(r.state.id for r in states[:examples])
+        more = ", ..." if len(states) > examples else ""
+        yield (f"ERROR {len(states)} state{'s' if len(states) > 1 else ''} ({ids}{more}) "
+               f"not checked: {reason}")
+        yield f"  repro: {states[0].repro}"
+
+
+def error_reason(r: StateResult) -> str:
+    """Why a state is an error: its checkers' errors only (the detail also names passes
+    reused from another state, which would split one reason into many groups)."""
+    reasons = [f"{v.checker}: {v.detail}" for v in r.verdicts if v.verdict == "error"]
+    return "; ".join(reasons) or r.detail
 
 
 def junit_xml(result: LoopResult) -> str:
@@ -271,11 +298,11 @@ def write_html_report(result: LoopResult, out: Path) -> Path:
         if path.is_file():
             shutil.copyfile(path, out / path.name)
             names.append(path.name)
-    page = out / "index.html"
+    page = out / PAGE_NAME
     page.write_text(html_report(result, names))
-    (out / "states.jsonl").write_text("\n".join(json_lines(result)) + "\n")
+    (out / STATES_NAME).write_text("\n".join(json_lines(result)) + "\n")
     return page
 
 
-__all__ = ["failure_lines", "html_report", "json_lines", "junit_xml", "state_object",
+__all__ = ["error_lines", "failure_lines", "html_report", "json_lines", "junit_xml", "state_object",
            "summary_object", "svg_plot", "table_rows", "write_html_report"]

@@ -11,12 +11,13 @@ a recording (--workload, --image-size, --cpus, ...) are refused then.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -31,13 +32,30 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from logwrites.check import FILESYSTEMS, Checker, needs_guest, parse_checker, require_tools
+from logwrites.check import (
+    FILESYSTEMS,
+    TIMEOUT_LIMIT,
+    Checker,
+    needs_guest,
+    parse_checker,
+    require_timeout,
+    require_tools,
+)
 from logwrites.crashstates import DEFAULT_MAX_STATES, KINDS
 from logwrites.errors import NoRoom, UsageError
 from logwrites.format import SECTOR_SIZES
-from logwrites.loop import LoopOptions, LoopResult, Recorder, existing_recording, run_loop
+from logwrites.loop import (
+    LoopOptions,
+    LoopResult,
+    ProgressCallback,
+    Recorder,
+    existing_recording,
+    run_loop,
+)
 from logwrites.recordingdir import RecordingDir, make_workdir
 from logwrites.report import (
+    REPORT_FILES,
+    error_lines,
     failure_lines,
     json_lines,
     junit_xml,
@@ -95,7 +113,8 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
                    help="logical sector size of the disk under test, and so the log's unit")
     add_machine_arguments(p)  # the recording guest's; checks boot the default size
     p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds per checker run, and for the recorded workload (default 300)")
+                   help="seconds per checker run, and for the recorded workload (default 300; "
+                        f"{TIMEOUT_LIMIT})")
     p.add_argument("--log", type=Path, default=None,
                    help="use this recorded log instead of recording (needs --base)")
     p.add_argument("--base", type=Path, default=None, help="the image the --log starts from")
@@ -120,9 +139,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def resolve_workload(spec: str | None, fs: str) -> tuple[Path, list[str]]:
     """(script path, arguments) of `--workload`.
 
-    :raise UsageError: for a name that is neither a built-in workload nor a file.
+    :raise UsageError: for a name that is neither a built-in workload nor a file, or a spec
+        that names none or does not split as a shell would split it.
     """
-    words = shlex.split(spec) if spec else ["txnlog" if fs == "none" else "fs-default"]
+    words = (workload_words(spec) if spec is not None
+             else ["txnlog" if fs == "none" else "fs-default"])
     name, args = words[0], words[1:]
     builtin = WORKLOADS_DIR / name
     if "/" not in name and builtin.is_file():
@@ -132,6 +153,20 @@ def resolve_workload(spec: str | None, fs: str) -> tuple[Path, list[str]]:
         return path.resolve(), args
     known = ", ".join(sorted(p.name for p in WORKLOADS_DIR.iterdir()))
     raise UsageError(f"workload {name!r} is neither a file nor a built-in one ({known})")
+
+
+def workload_words(spec: str) -> list[str]:
+    """`--workload`'s name and arguments, split as a shell splits them.
+
+    :raise UsageError: an unbalanced quote, or no name at all ('' is not the default).
+    """
+    try:
+        words = shlex.split(spec)
+    except ValueError as err:  # "No closing quotation", "No escaped character"
+        raise UsageError(f"--workload {spec!r}: {err}") from None
+    if not words:
+        raise UsageError(f"--workload {spec!r}: names no workload")
+    return words
 
 
 def default_checks(fs: str, workload: Path | None) -> list[str]:
@@ -184,6 +219,43 @@ def refuse_recording_options(args: argparse.Namespace) -> None:
                          f"is recorded")
 
 
+def refuse_report_paths(out: Path | None, junit: Path | None,
+                        inputs: dict[str, Path | None]) -> None:
+    """--out and --junit are written once every state is checked: a path that could not be
+    written then, or would replace an input (`inputs`: option -> path, e.g. the --log), is
+    refused before anything is recorded or checked.
+
+    :raise UsageError: naming the option and the path.
+    """
+    if junit is not None:
+        refuse_replacing_inputs(f"--junit {junit}:", junit, inputs)
+        if junit.is_dir():
+            raise UsageError(f"--junit {junit}: is a directory, not a file to write")
+        if not junit.parent.is_dir():
+            raise UsageError(f"--junit {junit}: no directory {junit.parent} to write it in")
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a directory")
+        if not nearest_existing(out).is_dir():
+            raise UsageError(f"--out {out}: {nearest_existing(out)} is not a directory")
+        for name in REPORT_FILES:
+            refuse_replacing_inputs(f"--out {out}: its {name}", out / name, inputs)
+
+
+def refuse_replacing_inputs(what: str, target: Path, inputs: dict[str, Path | None]) -> None:
+    """:raise UsageError: starting with `what`: `target` is (a link to) one of `inputs`,
+    which writing it would lose."""
+    for name, path in inputs.items():
+        if path is not None and target.exists() and path.exists() and \
+                os.path.samefile(target, path):
+            raise UsageError(f"{what} would overwrite {name} {path}")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists (where mkdir -p would start)."""
+    return next(p for p in (path, *path.absolute().parents) if p.exists())
+
+
 def make_recorder(args: argparse.Namespace, workload: Path, workload_args: list[str]) -> Recorder:
     if args.log is not None or args.base is not None:
         if args.log is None or args.base is None:
@@ -199,6 +271,8 @@ def make_recorder(args: argparse.Namespace, workload: Path, workload_args: list[
 def loop_options(args: argparse.Namespace) -> LoopOptions:
     from logwrites.guestrecord import parse_size  # "4K"; the module boots guests only when asked
 
+    if args.start_mark == "":  # no log has a mark without a name: it is a slip
+        raise UsageError("--start-mark '': give a mark's name")
     kinds = tuple(k.strip() for k in args.states.split(",") if k.strip())
     keep = args.out / "failing" if args.out else None
     unit = parse_size(args.atomic_unit) if args.atomic_unit is not None else None
@@ -224,12 +298,37 @@ def print_table(console: Console, result: LoopResult) -> None:
     console.print(table)
 
 
+@contextlib.contextmanager
+def state_progress(console: Console, *, transient: bool) -> Iterator[ProgressCallback]:
+    """A progress bar for the loop's `on_progress`, drawn from its first call: the loop calls
+    it once the log is read and its states are known, so an unreadable log, a mark it lacks
+    and the like stay one line on the terminal, without a bar above it."""
+    progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=console, transient=transient)
+    task = progress.add_task("crash states", total=None)
+
+    def on_progress(done: int, total: int, _result: object) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(task, completed=done, total=total)
+
+    try:
+        yield on_progress
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+
+
 def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResult, Path | None]:
+    # The options that need no guest nor log first: a bad one costs no guest build.
+    refuse_report_paths(args.out, args.junit, {"--log": args.log, "--base": args.base})
+    require_timeout(args.timeout)
+    options = loop_options(args)
     workload, workload_args = (resolve_workload(args.workload, args.fs)
                                if args.log is None else (None, []))
     recorder = make_recorder(args, workload or Path("."), workload_args)
     checkers, runner = build_checkers(args, workload)
-    options = loop_options(args)
     err = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="logwrites-loop-",
                                      dir=make_workdir(args.workdir)) as tmp:
@@ -240,14 +339,7 @@ def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResu
                       markup=False, highlight=False)
         with home.dropped_if_stopped(keep=args.keep_recording):
             recording = home.record(recorder)
-            with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                          MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                          TimeRemainingColumn(), console=err, transient=args.json) as progress:
-                task = progress.add_task("crash states", total=None)
-
-                def on_progress(done: int, total: int, _result: object) -> None:
-                    progress.update(task, completed=done, total=total)
-
+            with state_progress(err, transient=args.json) as on_progress:
                 try:
                     result = run_loop(recording, checkers, options, workdir / "states",
                                       on_progress)
@@ -278,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
             print(line)
     else:
         print_table(console, result)
-        for line in failure_lines(result):
+        for line in (*failure_lines(result), *error_lines(result)):
             console.print(line, markup=False, highlight=False)
         console.print(summary_line(result), markup=False, highlight=False)
         if page:

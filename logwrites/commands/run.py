@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from guests.build import default_guest
-from logwrites.check import require_timeout
+from logwrites.check import TIMEOUT_LIMIT, require_timeout
 from logwrites.crashstates import SETUP_MARK
 from logwrites.errors import UsageError
 from qmp.machinesize import MachineSize, add_machine_arguments
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accel", choices=("kvm", "tcg"), help="default: kvm when it works")
     add_machine_arguments(p)
     p.add_argument("--timeout", type=float, default=600.0,
-                   help="bound on the workload, seconds (default 600)")
+                   help=f"bound on the workload, seconds (default 600; {TIMEOUT_LIMIT})")
     p.set_defaults(run=run)
 
 
@@ -87,12 +87,14 @@ def _parse_crash_at(text: str | None) -> tuple[str, str] | None:
 def parse_disk_size(text: str) -> int:
     """`--size` in bytes: a plain number is MiB (as it always was here), else `parse_size`'s.
 
-    :raise UsageError: not a size, or not a whole number of 4 KiB blocks (the disk's sectors,
-        and every filesystem's blocks).
+    :raise UsageError: not a size, over `MAX_SIZE`, or not a whole number of 4 KiB blocks (the
+        disk's sectors, and every filesystem's blocks).
     """
-    from logwrites.guestrecord import parse_size
+    from logwrites.guestrecord import MAX_SIZE, parse_size
 
     size = int(text) << 20 if text.isdigit() else parse_size(text)
+    if size > MAX_SIZE:
+        raise UsageError(f"--size {text}: must be at most 1T")
     if size <= 0 or size % 4096:
         raise UsageError(f"--size {text}: must be a whole number of 4 KiB blocks, more than 0")
     return size
@@ -100,11 +102,13 @@ def parse_disk_size(text: str) -> int:
 
 def run(args: argparse.Namespace) -> Any:
     from logwrites.commands.crash_loop import resolve_workload
-    from logwrites.guestrecord import workload_script
+    from logwrites.guestrecord import require_mkfs_room, workload_script
 
     # Everything is refused before the output folder or a disk is made.
     script, script_args = resolve_workload(args.workload, args.fs)
     size = parse_disk_size(args.size)
+    require_mkfs_room(None if args.fs == "none" else args.fs, size, args.mkfs_opts,
+                      f"--size {args.size}")
     require_timeout(args.timeout)
     crash_at = _parse_crash_at(args.crash_at)
     if crash_at and crash_at[0] != "time" and args.backend != "serve":

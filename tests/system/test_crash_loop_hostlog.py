@@ -233,6 +233,9 @@ def test_bad_input_exits_2(txn, capsys, tmp_path) -> None:
     (["--image-size", "100000", "--sector-size", "4096"],
      "--image-size 100000: not a whole number of 4096-byte sectors"),
     (["--image-size", "0"], "size '0': must be more than 0 bytes"),
+    (["--image-size", "infK"], "size 'infK': must be at most 1T"),
+    (["--atomic-unit", "infK"], "size 'infK': must be at most 1T"),
+    (["--workload", "'x"], "--workload \"'x\": No closing quotation"),
     (["--timeout", "-5"], "--timeout -5: must be more than 0 seconds"),
     (["--timeout", "nan"], "--timeout nan: must be more than 0 seconds"),
     (["--kernel", "/nonexistent/bzImage"], "kernel /nonexistent/bzImage: No such file or "

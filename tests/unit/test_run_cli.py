@@ -30,6 +30,10 @@ BAD = [
     (["--cpus", "0"], "--cpus 0: from 1 to 64"),
     (["--queues", "65"], "--queues 65: from 1 to 64"),
     (["--cpus", "two"], "argument --cpus: invalid int value: 'two'"),
+    (["--size", "99999999999999999999"], "--size 99999999999999999999: must be at most 1T"),
+    (["--size", "1e30K"], "size '1e30K': must be at most 1T"),
+    (["--size", "infK"], "size 'infK': must be at most 1T"),
+    (["--workload", "'x"], "--workload \"'x\": No closing quotation"),
 ]
 
 
