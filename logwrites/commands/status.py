@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from logwrites.check import TIMEOUT_LIMIT
 from logwrites.commands.mark import control_request
 
 
@@ -19,11 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--control", type=Path, required=True, help="the backend's control socket")
     p.add_argument("--json", action="store_true", help="the whole status object")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help=f"seconds to wait (default 30; {TIMEOUT_LIMIT})")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    reply = control_request(args.control, {"cmd": "status"}, args.timeout)
+    reply = control_request(args.control, {"cmd": "status"}, args.timeout, fields=("line",))
     print(json.dumps(reply) if args.json else reply["line"])
     return 0
