@@ -10,16 +10,20 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import Final
 
 from logwrites.errors import UsageError
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"))
+FILE_KINDS: Final = (
+    (stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+    (stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
+    (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"),
+)
 
 
-def kind_of(mode: int) -> str | None:
-    """What a path of `mode` is, when it is neither a regular file nor a block device."""
-    return next((name for test, name in _KINDS if test(mode)), None)
+def file_kind(mode: int) -> str:
+    """What an `st_mode` says a path is, for messages: "a FIFO", "a directory", ..."""
+    return next((kind for is_kind, kind in FILE_KINDS if is_kind(mode)), "an unknown file type")
 
 
 def storage_stat(path: str | os.PathLike[str], role: str,
@@ -40,10 +44,9 @@ def storage_stat(path: str | os.PathLike[str], role: str,
         raise
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
-    kind = kind_of(st.st_mode)
-    if kind is not None:
-        raise UsageError(f"{role} {os.fspath(path)}: {kind}, not a regular file or block "
-                         f"device")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise UsageError(f"{role} {os.fspath(path)}: {file_kind(st.st_mode)}, not a regular "
+                         f"file or block device")
     return st
 
 

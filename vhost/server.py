@@ -12,18 +12,22 @@ mark are logged and the log is durable. It reports through the `on_ready` callba
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
 import selectors
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from logwrites.errors import LogwritesError
 from logwrites.logfile import LogFullError
+from logwrites.storagepaths import file_kind
 from vhost.blk import BlkDevice
 from vhost.control import ControlServer
 from vhost.lvu import Connection
@@ -85,10 +89,63 @@ class EventLoop:
         self._epoll.close()
 
 
+class SocketPathError(LogwritesError):
+    """A socket cannot be bound at `path`: something we may not replace is there."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(path, problem)
+        self.path, self.problem = path, problem
+
+    def __str__(self) -> str:
+        return f"socket {self.path}: {self.problem}"
+
+
+def _socket_bound(path: Path) -> bool:
+    """Whether a live socket is bound at the socket file `path` (False: stale, its owner gone).
+
+    A datagram connect asks the kernel without queueing a connection: ECONNREFUSED when no
+    socket is bound to the file, EPROTOTYPE when a stream socket is. A stream connect would be
+    accepted by a live backend as a front-end, and end one serving `--once`.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError as err:
+        if err.errno == errno.EPROTOTYPE:
+            return True
+        raise OSError(err.errno, err.strerror, str(path)) from err
+    finally:
+        probe.close()
+    return True             # a datagram socket: someone else's, in use all the same
+
+
+def socket_path_problem(path: Path) -> str | None:
+    """Why no socket may be bound at `path`, or None: nothing is there, or a stale socket file
+    (left by a killed backend) that `listen_unix` replaces. Replacing a live backend's socket
+    would cut it off from every later front-end, and anything else there is someone's file."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"{file_kind(st.st_mode)}, not a socket"
+    if _socket_bound(path):
+        return "a backend already listens there"
+    return None
+
+
 def listen_unix(path: Path, mode: int | None = None) -> socket.socket:
-    """A listening Unix socket at `path` (a stale socket file there is replaced)."""
+    """A listening Unix socket at `path`; a stale socket file there is replaced.
+
+    :raise SocketPathError: when something else is at `path` (see `socket_path_problem`).
+    """
+    problem = socket_path_problem(path)
+    if problem is not None:
+        raise SocketPathError(path, problem)
     with contextlib.suppress(FileNotFoundError):
-        if path.is_socket():
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
             path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o077) if mode is not None else None
