@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> Any:
         raise UsageError(f"--crash-at {args.crash_at} needs the logging backend (serve)")
     if args.backend != "serve" and args.mode != "logwrites":
         raise UsageError(f"--mode {args.mode} is serve's: qemu-storage-daemon keeps no log")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
     machine_size = MachineSize.from_args(args)
     guest = default_guest(args.kernel, args.modules)
     return _run(args, guest, script, workload_script(script, script_args), size, machine_size,

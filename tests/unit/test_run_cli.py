@@ -49,6 +49,15 @@ def test_bad_options_are_one_line_and_make_nothing(
     assert not out.exists()
 
 
+def test_an_out_that_is_a_file_is_refused_before_the_guest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.write_text("someone's notes\n")
+    assert run_cli(["run", "--workload", "txnlog", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"logwrites: --out {out}: exists and is not a directory\n"
+    assert out.read_text() == "someone's notes\n"
+
+
 def test_unknown_workload_names_the_built_in_ones(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--workload", "no-such-workload", "--out", str(tmp_path / "o")]) == 2
