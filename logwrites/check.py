@@ -47,7 +47,9 @@ import itertools
 import logging
 import math
 import os
+import selectors
 import shlex
+import shutil
 import signal
 import struct
 import subprocess
@@ -75,6 +77,7 @@ DEFAULT_TIMEOUT_S: Final = 300.0
 MAX_TIMEOUT_S: Final = 7 * 24 * 3600
 TIMEOUT_LIMIT: Final = f"at most {MAX_TIMEOUT_S}, a week"      # for --help
 _OUTPUT_LIMIT: Final = 64 << 10
+_DRAIN_S: Final = 5.0  # reading what a killed checker's group wrote, at most
 _EXT4_RECOVER: Final = 0x4  # s_feature_incompat bit: the journal needs replaying
 _TOOLS: Final = {"ext4": ("e2fsck", "e2fsprogs"), "xfs": ("xfs_repair", "xfsprogs"),
                  "btrfs": ("btrfs", "btrfs-progs")}
@@ -149,26 +152,62 @@ def detect_fs(image: str | os.PathLike[str]) -> str | None:
 
 def _run(argv: Sequence[str] | str, timeout_s: float,
          env: Mapping[str, str] | None = None) -> tuple[int | None, str]:
-    """(status, output); status None on a timeout. The command runs in its own process group,
-    killed whole on a timeout (a shell's children would otherwise hold the pipes open)."""
+    """(status, the output's last _OUTPUT_LIMIT bytes); status None on a timeout. The command
+    runs in its own process group, killed whole on a timeout (a shell's children would
+    otherwise hold the pipes open), with the fsck tools' directories on its PATH."""
     proc = subprocess.Popen(argv, shell=isinstance(argv, str), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True,
-                            env={**os.environ, **env} if env else None)
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-        status: int | None = proc.returncode
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        status = None
-    return status, out.decode(errors="replace")[-_OUTPUT_LIMIT:]
+                            env={**os.environ, "PATH": tool_path(), **(env or {})})
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    with proc.stdout:
+        out, ended = _output_tail(proc.stdout.fileno(), deadline)
+        status: int | None = None
+        if ended:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                status = proc.wait(timeout=max(deadline - time.monotonic(), 0))
+        if status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            # What the group wrote before it died; bounded, in case a child left the group.
+            more, _ = _output_tail(proc.stdout.fileno(), time.monotonic() + _DRAIN_S)
+            out = (out + more)[-_OUTPUT_LIMIT:]
+            proc.wait()
+    return status, out.decode(errors="replace")
+
+
+def _output_tail(fd: int, deadline: float) -> tuple[bytes, bool]:
+    """The last _OUTPUT_LIMIT bytes read from `fd` until its end (True) or `deadline` (False),
+    kept as they come: a checker that prints without end (`yes`) must not fill our memory."""
+    tail = bytearray()
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not selector.select(left):
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return bytes(tail[-_OUTPUT_LIMIT:]), True
+            tail += chunk
+            if len(tail) > 2 * _OUTPUT_LIMIT:
+                del tail[:-_OUTPUT_LIMIT]
+    return bytes(tail[-_OUTPUT_LIMIT:]), False
+
+
+def tool_path() -> str:
+    """PATH with /usr/sbin and /sbin after it: e2fsck, xfs_repair and btrfs live there, and
+    a user's PATH often lacks them (Debian's, for anyone but root)."""
+    parts = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return os.pathsep.join([*parts, *(d for d in ("/usr/sbin", "/sbin") if d not in parts)])
 
 
 def _last_line(text: str) -> str:
+    """A checker's last words, for a verdict's detail: printable only, since the detail reaches
+    the terminal (a checker's escape sequences must not retitle or clear it)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:200] if lines else ""
+    last = lines[-1][:200] if lines else ""
+    return "".join(c if c.isprintable() else "?" for c in last)
 
 
 class FsckChecker:
@@ -426,7 +465,7 @@ class FsckChecker:
                 ) -> tuple[int | None, str]:
         with self._counts:
             self.fsck_runs += 1
-        server = self._forkserver(argv, env or {})
+        server = self._forkserver(argv, {"PATH": tool_path(), **(env or {})})
         if server is not None:
             try:
                 status, out = server.run(self.timeout_s)
@@ -1109,8 +1148,7 @@ def require_tools(fs: str | None) -> None:
     if fs not in _TOOLS:
         return
     tool, package = _TOOLS[fs]
-    paths = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/sbin", "/sbin"]
-    if not any(os.access(os.path.join(p, tool), os.X_OK) for p in paths):
+    if shutil.which(tool, path=tool_path()) is None:
         raise UsageError(f"{tool} is not installed: apt-get install {package}")
 
 

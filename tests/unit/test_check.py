@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,43 @@ def test_host_checker_statuses_and_image_substitution(tmp_path: Path) -> None:
     slow = HostChecker("sleep 30; true {image}", timeout_s=0.2).check(image, expect_fs=False)
     assert slow.verdict == "error" and "timed out" in slow.detail
     assert slow.seconds < 5  # the shell's child was killed too
+
+
+def test_a_checker_printing_without_end_is_kept_to_its_tail(tmp_path: Path) -> None:
+    # `yes` writes gigabytes a second: all of it held until the timeout filled our memory.
+    image = tmp_path / "image"
+    image.write_bytes(b"abc")
+    program = ("import resource, sys\n"
+               "from pathlib import Path\n"
+               "from logwrites.check import HostChecker\n"
+               f"v = HostChecker('yes flood', timeout_s=0.5).check(Path({str(image)!r}), "
+               "expect_fs=False)\n"
+               "print(v.verdict, len(v.output), v.output.splitlines()[-2],\n"
+               "      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, sep='|')\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120, check=True)
+    verdict, kept, line, peak_mib = done.stdout.strip().split("|")
+    assert (verdict, int(kept), line) == ("error", 64 << 10, f"flood {image}")
+    assert int(peak_mib) < 200, f"{peak_mib} MiB resident"
+
+
+def test_a_checker_finds_the_fsck_tools_outside_the_users_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Debian's PATH for anyone but root has no /usr/sbin, where e2fsck lives.
+    require_tool("e2fsck", "e2fsprogs")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    image = tmp_path / "image"
+    image.write_bytes(bytes(1 << 20))
+    found = HostChecker("e2fsck -V").check(image, expect_fs=False)
+    assert found.verdict == "pass" and "e2fsck" in found.output
+
+
+def test_a_checkers_control_characters_stay_off_the_terminal(tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    image.write_bytes(b"abc")
+    rude = HostChecker(r"printf 'bad \033]0;PWNED\007\033[2J state\n'; exit 1")
+    verdict = rude.check(image, expect_fs=False)
+    assert verdict.detail == "exit 1: bad ?]0;PWNED??[2J state"
 
 
 def test_checkers_work_on_a_copy_and_leave_the_state_pristine(tmp_path: Path) -> None:
