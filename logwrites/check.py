@@ -1026,6 +1026,9 @@ class HostChecker:
         if status in (126, 127):
             return Verdict("error", self.name, seconds,
                            f"command could not run (exit {status}): {_last_line(out)}", out)
+        if status < 0:  # the checker died (the OOM killer, a crash): it gave no answer
+            return Verdict("error", self.name, seconds,
+                           f"killed by {signal.Signals(-status).name}: {_last_line(out)}", out)
         return Verdict("fail", self.name, seconds, f"exit {status}: {_last_line(out)}", out)
 
 

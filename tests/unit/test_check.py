@@ -74,6 +74,8 @@ def test_host_checker_statuses_and_image_substitution(tmp_path: Path) -> None:
     assert (failed.verdict, failed.detail) == ("fail", "exit 3: broken")
     missing = HostChecker("no-such-tool-xyz {image}").check(image, expect_fs=False)
     assert missing.verdict == "error"
+    killed = HostChecker("echo dying; kill -9 $$").check(image, expect_fs=False)
+    assert (killed.verdict, killed.detail) == ("error", "killed by SIGKILL: dying")
     slow = HostChecker("sleep 30; true {image}", timeout_s=0.2).check(image, expect_fs=False)
     assert slow.verdict == "error" and "timed out" in slow.detail
     assert slow.seconds < 5  # the shell's child was killed too
