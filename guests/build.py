@@ -18,8 +18,10 @@ import json
 import logging
 import lzma
 import os
+import pwd
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import tempfile
@@ -31,6 +33,7 @@ from typing import BinaryIO, Final
 
 from guests import cache
 from logwrites.errors import LogwritesError
+from logwrites.storagepaths import file_kind
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +127,29 @@ class Guest:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "logwrites" / "guests"
+    """Where guests are cached: $XDG_CACHE_HOME/logwrites/guests, or ~/.cache/... when it is
+    unset, empty or relative (the XDG base directory spec: relative paths "are invalid and
+    should be ignored"; one would also put absolute paths in guest.json relative to wherever
+    we were started).
+
+    :raise GuestError: no XDG_CACHE_HOME to use and no home directory.
+    """
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(base) if os.path.isabs(base) else _home() / ".cache"
+    return root / "logwrites" / "guests"
+
+
+def _home() -> Path:
+    """$HOME, or the password database's home when HOME is unset or empty (Path.home() turns
+    an empty HOME into "/", and so the cache into /.cache)."""
+    home = os.environ.get("HOME")
+    if home:
+        return Path(home)
+    try:
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        raise GuestError("no home directory for the guest cache: set HOME or "
+                         "XDG_CACHE_HOME") from None
 
 
 def kernel_version(bzimage: Path) -> str:
@@ -136,6 +160,11 @@ def kernel_version(bzimage: Path) -> str:
     # Documentation/arch/x86/boot.rst: "HdrS" at 0x202; kernel_version at 0x20E is a pointer
     # to a NUL-terminated string, relative to 0x200 bytes into the file.
     try:
+        mode = bzimage.stat().st_mode
+        # Judged before the open: opening a FIFO blocks until a writer comes, and a kernel is
+        # never a device.
+        if not stat.S_ISREG(mode):
+            raise GuestError(f"kernel {bzimage}: {file_kind(mode)}, not a regular file")
         with bzimage.open("rb") as f:
             head = f.read(0x8000)
     except OSError as err:
@@ -185,6 +214,7 @@ def _modules_dir(version: str, modules: Path | None) -> Path | None:
         return None
     for candidate in (modules, modules / "lib" / "modules" / version, modules / version):
         if (candidate / "modules.dep").is_file():
+            _module_text(candidate / "modules.dep")  # refused now, not halfway through a build
             return candidate
     raise GuestError(f"modules directory {modules}: no modules.dep in it, in "
                      f"lib/modules/{version} or {version} (run `make modules_install "
@@ -276,12 +306,26 @@ def _shared_libraries(binaries: Iterable[str]) -> set[str]:
     return libs
 
 
+def _module_text(path: Path) -> str:
+    """A text file of a module tree (modules.dep, .softdep, .alias).
+
+    :raise GuestError: naming the file, when it cannot be read or is not text.
+    """
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as err:
+        raise GuestError(f"{path}: not a text file ({err.reason} at byte {err.start}); "
+                         f"is this a modules directory?") from None
+    except OSError as err:
+        raise GuestError(f"{path}: {err.strerror}") from err
+
+
 def _module_closure(mod_dir: Path, names: Iterable[str] = GUEST_MODULES) -> list[str]:
     """Module files (relative paths from modules.dep) to load for `names`, dependencies
     first."""
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
-    for line in (mod_dir / "modules.dep").read_text().splitlines():
+    for line in _module_text(mod_dir / "modules.dep").splitlines():
         if ":" not in line:
             continue
         path, _, rest = line.partition(":")
@@ -290,7 +334,7 @@ def _module_closure(mod_dir: Path, names: Iterable[str] = GUEST_MODULES) -> list
     softdeps: dict[str, list[str]] = {}
     softdep_file = mod_dir / "modules.softdep"
     if softdep_file.is_file():
-        for line in softdep_file.read_text().splitlines():
+        for line in _module_text(softdep_file).splitlines():
             words = line.split()
             if len(words) > 2 and words[0] == "softdep":
                 softdeps[words[1].replace("-", "_")] = [
@@ -320,7 +364,7 @@ def _modules_dep(mod_dir: Path, included: Iterable[str]) -> bytes:
     dependency listed, as busybox's modprobe wants), covering the `included` module files."""
     wanted = set(included)
     lines = []
-    for line in (mod_dir / "modules.dep").read_text().splitlines():
+    for line in _module_text(mod_dir / "modules.dep").splitlines():
         path, sep, rest = line.partition(":")
         if sep and path in wanted:
             deps = " ".join(_module_name(d) + ".ko" for d in rest.split())
@@ -335,7 +379,7 @@ def _fs_aliases(mod_dir: Path | None) -> bytes:
     lines = {f"alias fs-{name} {name}\n" for name in wanted}
     alias_file = mod_dir / "modules.alias" if mod_dir is not None else None
     if alias_file is not None and alias_file.is_file():
-        for line in alias_file.read_text().splitlines():
+        for line in _module_text(alias_file).splitlines():
             words = line.split()
             if (len(words) == 3 and words[0] == "alias" and words[1].startswith("fs-")
                     and words[2].replace("-", "_") in wanted):
