@@ -16,9 +16,15 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from logwrites.check import needs_guest, parse_checker, require_tools
+from logwrites.check import (
+    FILESYSTEMS,
+    needs_guest,
+    parse_checker,
+    require_timeout,
+    require_tools,
+)
 from logwrites.crashstates import DEFAULT_MAX_STATES
 from logwrites.errors import UsageError
 from logwrites.loop import (
@@ -36,16 +42,19 @@ from qmp.machinesize import DEFAULT_MEMORY_MIB
 if TYPE_CHECKING:
     from logwrites.guestrecord import GuestCheckRunner
 
+# crash_loop's path arguments: each a str or os.PathLike naming a str path, or None.
+PATH_ARGUMENTS: Final = ("kernel", "log", "base", "out", "junit", "workdir")
+
 
 def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext4",
                checks: Sequence[str] | None = None,
                states: Sequence[str] = ("prefix", "reorder"),
                max_states: int = DEFAULT_MAX_STATES, seed: int = 0, jobs: int | None = None,
-               atomic_unit: int | None = None,
+               atomic_unit: int | str | None = None,
                from_start: bool = False, start_mark: str | None = None, shrink: bool = True,
                log: str | os.PathLike[str] | None = None,
                base: str | os.PathLike[str] | None = None,
-               mkfs_opts: str | None = None, image_size: str | None = None,
+               mkfs_opts: str | None = None, image_size: str | int | None = None,
                sector_size: int = 512, memory_mib: int = DEFAULT_MEMORY_MIB, cpus: int = 1,
                queues: int = 1,
                kernel: str | os.PathLike[str] | None = None, timeout_s: float = 300.0,
@@ -60,33 +69,55 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     here stays (in `out`/recording, or a directory of its own in `workdir`) when a state failed
     or could not be checked, since every repro names its log and base image; without `out` it
     is removed when every state passed, unless `keep_recording`. The disk under test is
-    `image_size` ("64M"), by default 128M, or 320M for xfs (mkfs.xfs wants 300 MiB). Torn
-    states (`states` with "torn") tear only at multiples of `atomic_unit` bytes (default: one
+    `image_size` ("64M", or an int of bytes), by default 128M, or 320M for xfs (mkfs.xfs
+    wants 300 MiB). Torn states (`states` with "torn") tear only at multiples of
+    `atomic_unit` bytes (an int, or a size such as "4K" as the CLI takes it; default: one
     sector of the log). The disk has `sector_size`-byte logical sectors (512 or 4096). The
     recording guest has `memory_mib` of RAM and `cpus` CPUs, its disk `queues` queues.
+    `states` and `checks` are sequences of str: a bare str ("prefix") is refused, not taken
+    letter by letter. `jobs` None is one per core; `start_mark` and `from_start` exclude each
+    other. Paths are str or os.PathLike.
 
-    :raise UsageError: bad arguments. :raise LogwritesError: the recording failed.
+    :raise UsageError: bad arguments, before anything is recorded, booted or created.
+    :raise LogwritesError: the recording failed.
     """
+    given = dict(locals())  # every argument, by name: checked before anything else runs
     from logwrites.commands.crash_loop import (
         checker_specs,
+        refuse_mkfs_opts,
         refuse_recording_options,
         refuse_report_paths,
+        refuse_start_options,
         resolve_workload,
     )
+    from logwrites.guestrecord import parse_size  # boots guests only when asked
 
-    refuse_report_paths(Path(out) if out else None, Path(junit) if junit else None,
-                        {"log": Path(log) if log else None, "base": Path(base) if base else None})
-    if start_mark == "":
-        raise UsageError("start_mark '': give a mark's name")
+    _refuse_bad_arguments(given)
+    paths = {name: Path(os.fspath(given[name])) if given[name] is not None else None
+             for name in PATH_ARGUMENTS}
+    out_dir, junit_file, log_file, base_image = (paths[n] for n in ("out", "junit", "log", "base"))
+    refuse_report_paths(out_dir, junit_file, {"log": log_file, "base": base_image})
+    refuse_start_options(from_start, start_mark, ("from_start", "start_mark"))
+    refuse_mkfs_opts(mkfs_opts, "mkfs_opts")
+    require_timeout(timeout_s)
+    unit = parse_size(atomic_unit) if isinstance(atomic_unit, str) else atomic_unit
+    keep = out_dir / "failing" if out_dir else None
+    # Made before the recorder, which finds (or builds) the guest: a bad value costs none.
+    options = LoopOptions(kinds=tuple(states), max_states=max_states, seed=seed,
+                          jobs=jobs if jobs is not None else os.cpu_count() or 1,
+                          from_start=from_start, start_mark=start_mark, shrink=shrink,
+                          keep_failing=keep, atomic_unit=unit)
     fs_name = None if fs == "none" else fs
     script, args = (None, []) if log is not None else resolve_workload(
         os.fspath(workload) if workload is not None else None, fs)
     specs = checker_specs(checks, fs, script)
     require_tools(fs_name if "fsck" in specs else None)
     runner: GuestCheckRunner | None = None
-    ns = _namespace(workload=workload, fs=fs, kernel=kernel, mkfs_opts=mkfs_opts,
-                    image_size=image_size, sector_size=sector_size, memory=memory_mib,
-                    cpus=cpus, queues=queues, timeout=timeout_s)
+    ns = _namespace(workload=workload, fs=fs, kernel=paths["kernel"],
+                    mkfs_opts=mkfs_opts,
+                    image_size=str(image_size) if image_size is not None else None,
+                    sector_size=sector_size, memory=memory_mib, cpus=cpus, queues=queues,
+                    timeout=timeout_s, workdir=paths["workdir"])
     if needs_guest(specs, fs_name):
         from logwrites.guestrecord import GuestCheckRunner
 
@@ -94,24 +125,19 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     checkers = [parse_checker(s, fs=fs_name, guest_runner=runner, timeout_s=timeout_s)
                 for s in specs]
     recorder: Recorder
-    if log is not None or base is not None:
-        if log is None or base is None:
+    if log_file is not None or base_image is not None:
+        if log_file is None or base_image is None:
             raise UsageError("log and base go together")
         refuse_recording_options(ns)
-        recorder = existing_recording(Path(log), Path(base), fs_name)
+        recorder = existing_recording(log_file, base_image, fs_name)
     else:
         from logwrites.guestrecord import guest_recorder
 
         assert script is not None
         recorder = guest_recorder(ns, script, args)
-    keep = Path(out) / "failing" if out else None
-    options = LoopOptions(kinds=tuple(states), max_states=max_states, seed=seed,
-                          jobs=jobs or os.cpu_count() or 1, from_start=from_start,
-                          start_mark=start_mark, shrink=shrink, keep_failing=keep,
-                          atomic_unit=atomic_unit)
-    scratch_root = make_workdir(Path(workdir) if workdir else None)
+    scratch_root = make_workdir(paths["workdir"])
     with tempfile.TemporaryDirectory(prefix="logwrites-api-", dir=scratch_root) as tmp:
-        home = RecordingDir.for_loop(Path(out) if out else None, scratch_root)
+        home = RecordingDir.for_loop(out_dir, scratch_root)
         with home.dropped_if_stopped(keep=keep_recording):
             recording = home.record(recorder)
             result = run_loop(recording, checkers, options, Path(tmp) / "states", on_progress)
@@ -119,11 +145,56 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
         result.guest_checks, result.guest_restored = runner.figures()
     if log is None:
         home.settle(needed=result.exit_status != 0, keep=keep_recording)
-    if out:
-        write_html_report(result, Path(out))
-    if junit:
-        Path(junit).write_text(junit_xml(result))
+    if out_dir:
+        write_html_report(result, out_dir)
+    if junit_file:
+        junit_file.write_text(junit_xml(result))
     return result
+
+
+def _refuse_bad_arguments(given: dict[str, object]) -> None:
+    """Types first, so that a wrong one is named here rather than failing deep in the loop
+    (the CLI's argparse does this for it). Values are judged later, as for the CLI.
+
+    :raise UsageError: `crash_loop(name=value): what it takes`, for the first bad argument.
+    """
+    def wanted(name: str, ok: bool, what: str) -> None:
+        if not ok:
+            raise UsageError(f"crash_loop({name}={given[name]!r}): {what}")
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    fs_names = (*FILESYSTEMS, "none")
+    wanted("fs", given["fs"] in fs_names, f"one of {', '.join(fs_names)}")
+    for name in ("workload", *PATH_ARGUMENTS):
+        value = given[name]
+        text = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+        wanted(name, value is None or (isinstance(text, str) and text != ""),
+               "a str or os.PathLike (not bytes, not empty), or None")
+    for name in ("states", "checks"):
+        value = given[name]
+        wanted(name, (value is None and name == "checks")
+               or (isinstance(value, Sequence) and not isinstance(value, str)
+                   and all(isinstance(item, str) for item in value)),
+               "a sequence of str (a list of one for one: a bare str is not split)")
+    for name in ("max_states", "seed", "sector_size", "memory_mib", "cpus", "queues"):
+        wanted(name, is_int(given[name]), "an int")
+    wanted("jobs", given["jobs"] is None or is_int(given["jobs"]),
+           "an int of at least 1, or None for one per core")
+    for name in ("atomic_unit", "image_size"):
+        value = given[name]
+        wanted(name, value is None or is_int(value) or isinstance(value, str),
+               'bytes as an int or a size str ("4K"), or None')
+    for name in ("mkfs_opts", "start_mark"):
+        wanted(name, given[name] is None or isinstance(given[name], str), "a str, or None")
+    for name in ("from_start", "shrink", "keep_recording"):
+        wanted(name, isinstance(given[name], bool), "True or False")
+    timeout = given["timeout_s"]
+    wanted("timeout_s", isinstance(timeout, int | float) and not isinstance(timeout, bool),
+           "seconds as an int or float")
+    wanted("on_progress", given["on_progress"] is None or callable(given["on_progress"]),
+           "a callable (done, total, result), or None")
 
 
 def _namespace(**values: object) -> object:

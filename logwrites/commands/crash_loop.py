@@ -251,6 +251,18 @@ def refuse_replacing_inputs(what: str, target: Path, inputs: dict[str, Path | No
             raise UsageError(f"{what} would overwrite {name} {path}")
 
 
+def refuse_mkfs_opts(opts: str | None, name: str = "--mkfs-opts") -> None:
+    """The agent splits mkfs options as the shell splits an unquoted $LW_MKFS_OPTS
+    (guests/agent/init): at whitespace, a quote or backslash reaching mkfs as itself, so that
+    none of them can group or escape words there. Refused before a guest boots.
+
+    :raise UsageError: options with a quote or a backslash, named as `name`.
+    """
+    if opts is not None and any(c in opts for c in "'\"\\"):
+        raise UsageError(f"{name} {opts!r}: the guest splits it at whitespace and takes quotes "
+                         f"and backslashes literally: leave them out")
+
+
 def nearest_existing(path: Path) -> Path:
     """`path`, or its closest ancestor that exists (where mkdir -p would start)."""
     return next(p for p in (path, *path.absolute().parents) if p.exists())
@@ -271,8 +283,7 @@ def make_recorder(args: argparse.Namespace, workload: Path, workload_args: list[
 def loop_options(args: argparse.Namespace) -> LoopOptions:
     from logwrites.guestrecord import parse_size  # "4K"; the module boots guests only when asked
 
-    if args.start_mark == "":  # no log has a mark without a name: it is a slip
-        raise UsageError("--start-mark '': give a mark's name")
+    refuse_start_options(args.from_start, args.start_mark)
     kinds = tuple(k.strip() for k in args.states.split(",") if k.strip())
     keep = args.out / "failing" if args.out else None
     unit = parse_size(args.atomic_unit) if args.atomic_unit is not None else None
@@ -280,6 +291,21 @@ def loop_options(args: argparse.Namespace) -> LoopOptions:
                        from_start=args.from_start, start_mark=args.start_mark,
                        shrink=not args.no_shrink, keep_failing=keep, atomic_unit=unit,
                        command=our_command())
+
+
+def refuse_start_options(from_start: bool, start_mark: str | None,
+                         names: tuple[str, str] = ("--from-start", "--start-mark")) -> None:
+    """Where the states start is asked once: `names` spell the two options in the message.
+
+    :raise UsageError: an empty mark name, or a mark together with from-start (which would
+        win silently, so that a mistyped mark went unnoticed).
+    """
+    start, mark = names
+    if start_mark == "":  # no log has a mark without a name: it is a slip
+        raise UsageError(f"{mark} '': give a mark's name")
+    if from_start and start_mark is not None:
+        raise UsageError(f"{start} and {mark} {start_mark!r}: give one (states start at the "
+                         f"log's first entry, or at the mark)")
 
 
 def our_command() -> str:
@@ -324,6 +350,7 @@ def run_crash_loop(args: argparse.Namespace, console: Console) -> tuple[LoopResu
     # The options that need no guest nor log first: a bad one costs no guest build.
     refuse_report_paths(args.out, args.junit, {"--log": args.log, "--base": args.base})
     require_timeout(args.timeout)
+    refuse_mkfs_opts(args.mkfs_opts)
     options = loop_options(args)
     workload, workload_args = (resolve_workload(args.workload, args.fs)
                                if args.log is None else (None, []))

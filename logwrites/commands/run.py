@@ -101,12 +101,13 @@ def parse_disk_size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> Any:
-    from logwrites.commands.crash_loop import resolve_workload
+    from logwrites.commands.crash_loop import refuse_mkfs_opts, resolve_workload
     from logwrites.guestrecord import require_mkfs_room, workload_script
 
     # Everything is refused before the output folder or a disk is made.
     script, script_args = resolve_workload(args.workload, args.fs)
     size = parse_disk_size(args.size)
+    refuse_mkfs_opts(args.mkfs_opts)
     require_mkfs_room(None if args.fs == "none" else args.fs, size, args.mkfs_opts,
                       f"--size {args.size}")
     require_timeout(args.timeout)

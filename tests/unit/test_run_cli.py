@@ -34,6 +34,8 @@ BAD = [
     (["--size", "1e30K"], "size '1e30K': must be at most 1T"),
     (["--size", "infK"], "size 'infK': must be at most 1T"),
     (["--workload", "'x"], "--workload \"'x\": No closing quotation"),
+    (["--mkfs-opts", "-L 'my disk'"], "--mkfs-opts \"-L 'my disk'\": the guest splits it at "
+                                       "whitespace"),
 ]
 
 
