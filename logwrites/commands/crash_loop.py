@@ -80,7 +80,9 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
     """The options crash-loop and demo share."""
     p.add_argument("--fs", default="ext4", choices=(*FILESYSTEMS, "none"),
                    help="filesystem made before the workload (default ext4; none: raw disk)")
-    p.add_argument("--mkfs-opts", default=None, help="options for mkfs.FS")
+    p.add_argument("--mkfs-opts", default=None,
+                   help="options for mkfs.FS, split at whitespace (no quotes: the guest "
+                        "passes them on as they are)")
     p.add_argument("--workload", default=None,
                    help="a built-in workload name (guests/workloads/) or a script path, with "
                         "arguments if any, e.g. 'txnlog --no-barrier' (default: fs-default, or "

@@ -44,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "arguments if any, e.g. 'txnlog --no-barrier'")
     p.add_argument("--fs", choices=FILESYSTEMS, default="none",
                    help="make and mount this filesystem on the disk first (LW_MNT)")
-    p.add_argument("--mkfs-opts", default="", help="options for mkfs.FS")
+    p.add_argument("--mkfs-opts", default="",
+                   help="options for mkfs.FS, split at whitespace (no quotes: the guest "
+                        "passes them on as they are)")
     p.add_argument("--crash", choices=CRASHES, default=None,
                    help="how the run ends (default: shutdown, or power-cut with --crash-at)")
     p.add_argument("--crash-at", metavar="entry:N|mark:M|flush:K|time:S",
