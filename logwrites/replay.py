@@ -571,16 +571,27 @@ def _replay_loop(reader: LogReader, fd: int, index: int, block: int, count: int,
 def shell_checker(command: str) -> Callable[[Entry], str | None]:
     """A checker that runs `command` through the shell, as replay-log's `--fsck` does.
 
-    The entry just replayed is in the environment as LOGWRITES_ENTRY.
+    The entry just replayed is in the environment as LOGWRITES_ENTRY. A replay stopped while
+    the command runs (Ctrl-C, SIGTERM) ends the command's whole process group: the shell's
+    children would otherwise outlive us, still reading the target.
     """
+    import contextlib
+    import signal
     import subprocess
 
     def run(entry: Entry) -> str | None:
         env = dict(os.environ, LOGWRITES_ENTRY=str(entry.index))
-        done = subprocess.run(command, shell=True, env=env, check=False)
-        if done.returncode == 0:
+        proc = subprocess.Popen(command, shell=True, env=env, start_new_session=True)
+        try:
+            status = proc.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        if status == 0:
             return None
-        return f"{command!r} exited with status {done.returncode}"
+        return f"{command!r} exited with status {status}"
 
     return run
 

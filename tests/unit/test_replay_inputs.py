@@ -4,10 +4,13 @@ half-way and a target that cannot grow. One line, exit 2, and the log never writ
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +110,37 @@ def test_a_target_that_cannot_grow_names_the_entry(make_log, tmp_path: Path) -> 
     img = tmp_path / "t.img"
     said = one_line_exit_2(logwrites("replay", str(bad), str(img)))
     assert said == f"entry 3 onto {img}: File too large"
+
+
+def test_a_stopped_replay_ends_its_fsck_command(make_log, tmp_path: Path) -> None:
+    # The shell's child (`sleep`) outlived a SIGTERM of replay, still holding the target.
+    log, img, pid_file = make_log(OPS), tmp_path / "t.img", tmp_path / "sleep.pid"
+    fsck = f"sleep 300 & echo $! > {pid_file}; wait"
+    err = tmp_path / "stderr"  # a file, not a pipe: a surviving child would hold a pipe open
+    with err.open("w") as err_file:
+        replay = subprocess.Popen([sys.executable, "-m", "logwrites.cli", "replay", str(log),
+                                   str(img), "--check", "1", "--fsck", fsck], stderr=err_file)
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text().strip()):
+        assert time.monotonic() < deadline and replay.poll() is None, "--fsck never ran"
+        time.sleep(0.05)
+    sleeper = int(pid_file.read_text())
+    replay.send_signal(signal.SIGTERM)
+    assert replay.wait(timeout=30) == 128 + signal.SIGTERM
+    assert err.read_text() == "logwrites: stopped by SIGTERM\n"
+    try:
+        while running(sleeper):
+            assert time.monotonic() < deadline, "the --fsck command's child outlived the replay"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sleeper, signal.SIGKILL)  # not left behind when the test fails
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
