@@ -50,6 +50,7 @@ DEFAULT_IMAGE_SIZE_BY_FS: Final = {"xfs": "320M"}
 # The biggest disk (and --atomic-unit) taken: images are sparse files, and 1 TiB fits in one on
 # every host filesystem we know (ext4's limit is 16 TiB) while a typo's 10^20 would not.
 MAX_SIZE: Final = 1 << 40
+SIZE_UNITS: Final = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # ascending
 # The smallest disk each mkfs takes with its default options, tried on e2fsprogs 1.47.0 ("too
 # small for a journal" below), btrfs-progs 6.2 and xfsprogs 6.1 (data section under 300 MiB).
 MIN_MKFS_SIZE: Final = {"ext4": 104 << 10, "btrfs": 109 << 20, "xfs": 300 << 20}
@@ -68,10 +69,9 @@ def parse_size(text: str) -> int:
 
     :raise UsageError: not a size, not more than 0, or over `MAX_SIZE`.
     """
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     try:
-        if text[-1:].upper() in units:
-            size: float = float(text[:-1]) * units[text[-1].upper()]
+        if text[-1:].upper() in SIZE_UNITS:
+            size: float = float(text[:-1]) * SIZE_UNITS[text[-1].upper()]
         else:
             size = int(text)
     except ValueError:
@@ -79,7 +79,7 @@ def parse_size(text: str) -> int:
     if not size > 0:  # also NaN
         raise UsageError(f"size {text!r}: must be more than 0 bytes")
     if size > MAX_SIZE:  # also infinity, which int() cannot take
-        raise UsageError(f"size {text!r}: must be at most 1T")
+        raise UsageError(f"size {text!r}: must be at most {size_text(MAX_SIZE)}")
     return int(size)
 
 
@@ -97,9 +97,9 @@ def require_mkfs_room(fs: str | None, size: int, mkfs_opts: str | None, given: s
 
 def size_text(size: int) -> str:
     """`size` as `parse_size` reads it, in the largest unit that divides it: 300M, 104K."""
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if size % (1 << shift) == 0:
-            return f"{size >> shift}{unit}"
+    for unit, factor in reversed(SIZE_UNITS.items()):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
     return str(size)
 
 

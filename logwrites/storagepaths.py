@@ -44,10 +44,15 @@ def storage_stat(path: str | os.PathLike[str], role: str,
         raise
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise UsageError(f"{role} {os.fspath(path)}: {file_kind(st.st_mode)}, not a regular "
-                         f"file or block device")
+    refuse_unless_storage(f"{role} {os.fspath(path)}", st.st_mode)
     return st
+
+
+def refuse_unless_storage(named: str, mode: int) -> None:
+    """:raise UsageError: starting with `named`, unless `mode` is a regular file's or a block
+    device's."""
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise UsageError(f"{named}: {file_kind(mode)}, not a regular file or block device")
 
 
 def same_storage(a: os.stat_result, b: os.stat_result) -> bool:

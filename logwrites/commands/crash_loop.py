@@ -238,8 +238,9 @@ def refuse_report_paths(out: Path | None, junit: Path | None,
     if out is not None:
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out}: exists and is not a directory")
-        if not nearest_existing(out).is_dir():
-            raise UsageError(f"--out {out}: {nearest_existing(out)} is not a directory")
+        start = nearest_existing(out)
+        if not start.is_dir():
+            raise UsageError(f"--out {out}: {start} is not a directory")
         for name in REPORT_FILES:
             refuse_replacing_inputs(f"--out {out}: its {name}", out / name, inputs)
 

@@ -92,11 +92,11 @@ def parse_disk_size(text: str) -> int:
     :raise UsageError: not a size, over `MAX_SIZE`, or not a whole number of 4 KiB blocks (the
         disk's sectors, and every filesystem's blocks).
     """
-    from logwrites.guestrecord import MAX_SIZE, parse_size
+    from logwrites.guestrecord import MAX_SIZE, parse_size, size_text
 
     size = int(text) << 20 if text.isdigit() else parse_size(text)
     if size > MAX_SIZE:
-        raise UsageError(f"--size {text}: must be at most 1T")
+        raise UsageError(f"--size {text}: must be at most {size_text(MAX_SIZE)}")
     if size <= 0 or size % 4096:
         raise UsageError(f"--size {text}: must be a whole number of 4 KiB blocks, more than 0")
     return size

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final
 
 from logwrites.errors import LogFormatError, UsageError
 from logwrites.format import SECTOR_SIZES, SUPER_BLOCK, decode_super
+from logwrites.storagepaths import refuse_unless_storage
 
 if TYPE_CHECKING:
     from logwrites.logfile import LogWriter
@@ -152,15 +153,6 @@ def _check_log_size(log_size: int, sector_size: int) -> None:
                          f"the largest file size)")
 
 
-def _refuse_unless_file_or_device(named: str, mode: int) -> None:
-    """Anything else cannot be a disk or a log: a FIFO blocks open() until a writer comes, a
-    directory or character device fails later with an error that does not say why."""
-    from logwrites.storagepaths import file_kind
-
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-        raise UsageError(f"{named}: {file_kind(mode)}, not a regular file or block device")
-
-
 def _check_image_size(image: Path, size: int, sector_size: int) -> None:
     if size < sector_size:
         raise UsageError(f"{image}: {size} bytes, smaller than one sector")
@@ -173,7 +165,7 @@ def _check_image(image: Path, sector_size: int) -> None:
     """Before it is opened: its type, and a regular file's size (a /proc file, 0 bytes by its
     size, would fail its seek with no word on why)."""
     st = os.stat(image)
-    _refuse_unless_file_or_device(str(image), st.st_mode)
+    refuse_unless_storage(str(image), st.st_mode)
     if stat.S_ISREG(st.st_mode):
         _check_image_size(image, st.st_size, sector_size)
 
@@ -183,7 +175,7 @@ def _check_log_type(log: Path) -> None:
         st = os.stat(log)
     except FileNotFoundError:
         return                              # a new log, created later
-    _refuse_unless_file_or_device(f"--log {log}", st.st_mode)
+    refuse_unless_storage(f"--log {log}", st.st_mode)
 
 
 def _create_log(log: Path, sector_size: int, log_size: int | None) -> LogWriter:
