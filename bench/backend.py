@@ -1,12 +1,12 @@
-"""Backend speed: the same guest and fio jobs against five disks (and a control), in one run.
+"""Backend speed: the same guest and fio jobs against four disks, in one run.
 
-Contenders: `logwrites serve --mode passthrough`, `logwrites serve` (logwrites mode), the same
-again (`logwrites-control`) and with four queues (`logwrites-4q`), qemu-storage-daemon's
-vhost-user-blk export of the same image, and QEMU's own virtio-blk over the blklogwrites
-driver. Every guest first sets its cache to write back (qemu-storage-daemon starts with wce=0),
-then runs each fio job on the raw disk (O_DIRECT, libaio): 4 KiB random write at depth 1 and
-32, 4 KiB random read at depth 32, 1 MiB sequential write at depth 4, 4 KiB random write with an
-fsync after each (`--job` picks some).
+Contenders: `logwrites serve --mode passthrough`, `logwrites serve` (logwrites mode),
+qemu-storage-daemon's vhost-user-blk export of the same image, and QEMU's own virtio-blk over
+the blklogwrites driver (and, in a phase of their own, logwrites mode with four queues and a
+control: Multiqueue below). Every guest first sets its cache to write back
+(qemu-storage-daemon starts with wce=0), then runs each fio job on the raw disk (O_DIRECT,
+libaio): 4 KiB random write at depth 1 and 32, 4 KiB random read at depth 32, 1 MiB sequential
+write at depth 4, 4 KiB random write with an fsync after each (`--job` picks some).
 Prints IOPS per job, ratios to qemu-storage-daemon and to blklogwrites, the backend process's
 CPU time per request (utime+stime from /proc, over fio's request count; blklogwrites runs inside
 QEMU, so it has none of its own), its wake-ups per request (voluntary + involuntary context
@@ -17,7 +17,7 @@ runs in the same place, after the same neighbour); each figure is the best of th
 machine's cores are shared, so the worst round measures the neighbours). Ends with one verdict
 line per goal of issue 7. No asserts.
 
-Two goals need runs of their own. Memory: job `write-10x-ram` writes ten times the guest's RAM
+Two goals need phases of their own. Memory: job `write-10x-ram` writes ten times the guest's RAM
 (1 MiB sequential writes looping over the fio area, an fsync every 64 writes) through the
 passthrough, logwrites and qemu-storage-daemon backends while the backend's VmRSS, RssAnon and
 RssShmem are sampled from /proc; the goal is about RssAnon (what the backend allocates), since
@@ -26,16 +26,19 @@ the guest RAM it maps (RssShmem) is the guest's. The bench guest gets `--guest-m
 10x is 3840 MiB. The memory job runs in each round once every contender's timed jobs ran, in
 a guest and backend of their own, so that no contender's timed jobs follow a 4 GB write
 (before, the contenders on either side of `logwrites` always did, and `logwrites` never did).
-Multiqueue: contender `logwrites-4q` is logwrites mode with `--num-queues 4`
-(QEMU `num-queues=4`) on the same single-job fio runs, compared with the one-queue `logwrites`
-of the same round: the verdict takes, per job, the median over rounds of those same-round
-ratios (best of rounds compares each contender's luckiest round, minutes apart). With one
-guest CPU the guest's virtio-blk starts one of the four queues (one per CPU), so this
-measures what offering four costs a single-queue workload; `--cpus 2` gives every
-contender's guest two CPUs, and then the guest starts two queues, one per CPU. Contender
-`logwrites-control` is `logwrites` unchanged, run a second time in each round: how far the same
-configuration strays from itself in one run (the write+fsync job's CPU per request differed by
-up to 1.3x between the two) is the noise the four-queue figures are judged against.
+Multiqueue: a phase of its own, after the main rounds (`--mq-rounds`, `--mq-runtime`). Three
+logwrites-mode contenders are up at once, each with its guest and backend: `logwrites` (one
+queue), `logwrites-control` (the same again) and `logwrites-4q` (`--num-queues 4`, QEMU
+`num-queues=4`). Each job is run by each of them in turn, round after round, the order rotated
+and reversed from round to round, while the other two guests idle. The verdict takes, per job,
+the median over rounds of four queues' ratio to one queue in the same round: runs seconds
+apart, each after the same boot and the same neighbours' files, where the main rounds' runs of
+two contenders are a minute apart, each in a guest booted for it (in sessions 10-16 the same
+configuration strayed from itself there by 0.56-1.96x round by round). The control's ratio to
+one queue, taken alike, is the noise the four-queue figures are judged against. With one guest
+CPU the guest's virtio-blk starts one of the four queues (one per CPU), so this measures what
+offering four costs a single-queue workload; `--cpus 2` gives every contender's guest two
+CPUs, and then the guest starts two queues, one per CPU.
 
 Placement. On the development machine (a VM with two vCPUs) a wake-up across CPUs costs far
 more than one on the same CPU: two processes passing a byte back and forth over pipes took
@@ -48,7 +51,7 @@ anyone deploys one (1 MiB writes, which need both CPUs, lose), so the default is
 
     .venv/bin/python bench/backend.py [--runtime 5] [--size-mib 256] [--rounds 2]
         [--guest-mib 384] [--cpus 1] [--only CONTENDER]... [--job JOB]...
-        [--placement free|shared] [--json]
+        [--placement free|shared] [--mq-rounds 6] [--mq-runtime 2] [--json]
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -85,13 +89,12 @@ MEMORY_JOB: Final = "write-10x-ram"
 MEMORY_JOB_OPTIONS: Final = "--rw=write --bs=1m --iodepth=4 --fsync=64"
 ALL_JOBS: Final = (*JOBS, MEMORY_JOB)
 MQ_QUEUES: Final = 4
-# logwrites-control and logwrites-4q sit on either side of logwrites, so that over a forward and
-# a reversed round they share its neighbours and places.
-CONTENDERS: Final = ("passthrough", "logwrites-control", "logwrites", "logwrites-4q",
-                     "qemu-storage-daemon", "blklogwrites")
+CONTENDERS: Final = ("passthrough", "logwrites", "qemu-storage-daemon", "blklogwrites")
 LOGWRITES_MODE: Final = ("logwrites", "logwrites-control", "logwrites-4q")
-# Contenders with a backend process whose memory the memory job samples; logwrites-4q and the
-# control are left out to keep the run short (they share logwrites mode's sink).
+# The multiqueue phase's contenders, all up at once: one queue, the same again (the noise the
+# four-queue figures are judged against) and four queues.
+MQ_CONTENDERS: Final = ("logwrites", "logwrites-control", "logwrites-4q")
+# Contenders with a backend process whose memory the memory job samples.
 MEMORY_CONTENDERS: Final = ("passthrough", "logwrites", "qemu-storage-daemon")
 SAMPLE_INTERVAL_S: Final = 0.1
 MEMORY_LIMIT_MIB: Final = 100
@@ -223,9 +226,25 @@ def queue_counts(status: dict) -> dict[str, int]:
             "queues_started": int(status.get("queues_started", 0))}
 
 
-async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int,
-                  jobs: tuple[str, ...], guest_mib: int, cpus: int,
-                  placement: str = "free") -> dict:
+@dataclass
+class Seat:
+    """One contender's live guest and backend."""
+
+    contender: str
+    machine: Machine
+    backend: ServeBackend | StorageDaemon | None
+    placement: str
+    failed_first: str = ""      # the first job that failed: the disk is suspect after it
+
+    @property
+    def pid(self) -> int | None:
+        return self.backend.proc.pid if self.backend and self.backend.proc else None
+
+
+@contextlib.asynccontextmanager
+async def seated(contender: str, guest, work: Path, size_mib: int, guest_mib: int, cpus: int,
+                 placement: str = "free") -> AsyncIterator[Seat]:
+    """`contender`'s backend and guest, up until the block ends."""
     run_dir = work / contender
     run_dir.mkdir()
     image = run_dir / "disk.img"
@@ -245,64 +264,110 @@ async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int
         # Machine's plain disk line is `file=PATH,format=FMT,...`: the log child rides along.
         disks = (PlainDisk(Path(f"{image},log.driver=file,log.filename={log},"
                                 f"log-sector-size=512"), format="blklogwrites"),)
-    results: dict = {}
-    extra: dict = {}
     if backend is not None:
         await backend.start()
     try:
         async with Machine(guest, run_dir / "m", disk_socket=backend.socket if backend else None,
                            disks=disks, num_queues=queues, memory_mb=guest_mib,
                            cpus=cpus) as m:
-            pid = backend.proc.pid if backend and backend.proc else None
-            failed_first = ""
-            for name in jobs:
-                if name == MEMORY_JOB and (contender not in MEMORY_CONTENDERS or pid is None):
-                    continue
-                if failed_first:
-                    # A job that failed (a disk that stopped answering is killed at its
-                    # timeout) leaves the disk suspect: the rest would each wait as long.
-                    results[name] = {"error": f"not run: {failed_first} failed before it"}
-                    continue
-                if name == MEMORY_JOB:
-                    write_mib = 10 * m.memory_mb
-                    script, timeout_s = memory_job(size_mib, write_mib), write_mib // 5 + 300
-                else:
-                    script = timed_job(JOBS[name], runtime, size_mib)
-                    timeout_s = runtime * 10 + 120
-                if placement == "shared":
-                    share_one_cpu((pid, m.pid), min(os.sched_getaffinity(0)))
-                sampler = RssSampler(pid) if name == MEMORY_JOB and pid else None
-                before, woke = cpu_seconds(pid), wakeups(pid)
-                async with sampler or contextlib.nullcontext():
-                    result = await m.run(script, timeout_s=timeout_s)
-                used, woke = cpu_seconds(pid) - before, wakeups(pid) - woke
-                if result is None or not result.ok:
-                    error = (result.stderr if result else "no result")[-300:]
-                    results[name] = {"error": error + guest_kernel_says(m.console_path)}
-                    failed_first = name
-                    continue
-                iops, requests, written = fio_figures(result.reports["fio"])
-                ok = bool(pid and requests)
-                results[name] = {"iops": iops, "requests": requests, "bytes_written": written,
-                                 "cpu_us_per_request": used / requests * 1e6 if ok else None,
-                                 "wakeups_per_request": woke / requests if ok else None}
-                if sampler is not None:
-                    results[name] |= sampler.figures()
-            if isinstance(backend, ServeBackend) and backend.control is not None:
-                # How many of the offered queues the guest started (one per guest CPU).
-                try:
-                    async with ControlClient(backend.control, timeout_s=30) as control:
-                        extra = queue_counts(await control.status())
-                except (BackendError, OSError, TimeoutError, ValueError) as err:
-                    extra = {"status_error": str(err)}
-            accel, memory_mb = m.accel, m.memory_mb
-            memory = memory_kib(pid)
+            yield Seat(contender, m, backend, placement)
             await m.quit()
     finally:
         if backend is not None:
             await backend.stop()
-    return {"accel": accel, "guest_memory_mib": memory_mb, "guest_cpus": cpus,
-            "memory_kib": memory, **extra, "jobs": results}
+
+
+async def run_job(seat: Seat, name: str, runtime: int, size_mib: int) -> dict:
+    """One fio job in `seat`'s guest: its IOPS and the backend's CPU and wake-ups per request
+    (and its memory over the memory job), or {"error": why}."""
+    if seat.failed_first:
+        # A job that failed (a disk that stopped answering is killed at its timeout) leaves
+        # the disk suspect: the rest would each wait as long.
+        return {"error": f"not run: {seat.failed_first} failed before it"}
+    m, pid = seat.machine, seat.pid
+    if name == MEMORY_JOB:
+        write_mib = 10 * m.memory_mb
+        script, timeout_s = memory_job(size_mib, write_mib), write_mib // 5 + 300
+    else:
+        script, timeout_s = timed_job(JOBS[name], runtime, size_mib), runtime * 10 + 120
+    if seat.placement == "shared":
+        share_one_cpu((pid, m.pid), min(os.sched_getaffinity(0)))
+    sampler = RssSampler(pid) if name == MEMORY_JOB and pid else None
+    before, woke = cpu_seconds(pid), wakeups(pid)
+    async with sampler or contextlib.nullcontext():
+        result = await m.run(script, timeout_s=timeout_s)
+    used, woke = cpu_seconds(pid) - before, wakeups(pid) - woke
+    if result is None or not result.ok:
+        seat.failed_first = name
+        error = (result.stderr if result else "no result")[-300:]
+        return {"error": error + guest_kernel_says(m.console_path)}
+    iops, requests, written = fio_figures(result.reports["fio"])
+    ok = bool(pid and requests)
+    figures = {"iops": iops, "requests": requests, "bytes_written": written,
+               "cpu_us_per_request": used / requests * 1e6 if ok else None,
+               "wakeups_per_request": woke / requests if ok else None}
+    return figures | (sampler.figures() if sampler is not None else {})
+
+
+async def seat_figures(seat: Seat) -> dict:
+    """What a contender's run says beside its jobs: the guest, the backend's peak memory, and
+    how many of the offered queues the guest started (one per guest CPU)."""
+    extra: dict = {}
+    if isinstance(seat.backend, ServeBackend) and seat.backend.control is not None:
+        try:
+            async with ControlClient(seat.backend.control, timeout_s=30) as control:
+                extra = queue_counts(await control.status())
+        except (BackendError, OSError, TimeoutError, ValueError) as err:
+            extra = {"status_error": str(err)}
+    m = seat.machine
+    return {"accel": m.accel, "guest_memory_mib": m.memory_mb, "guest_cpus": m.cpus,
+            "memory_kib": memory_kib(seat.pid), **extra}
+
+
+async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int,
+                  jobs: tuple[str, ...], guest_mib: int, cpus: int,
+                  placement: str = "free") -> dict:
+    """`contender`'s figures on `jobs`, one after another in one guest."""
+    async with seated(contender, guest, work, size_mib, guest_mib, cpus, placement) as seat:
+        results = {}
+        for name in jobs:
+            if name == MEMORY_JOB and (contender not in MEMORY_CONTENDERS or seat.pid is None):
+                continue
+            results[name] = await run_job(seat, name, runtime, size_mib)
+        return await seat_figures(seat) | {"jobs": results}
+
+
+async def measure_interleaved(contenders: Sequence[str], guest, work: Path, runtime: int,
+                              size_mib: int, jobs: tuple[str, ...], guest_mib: int, cpus: int,
+                              rounds: int, placement: str = "free"
+                              ) -> dict[str, list[dict]]:
+    """Every contender's guest and backend up at once, each job run by each of them in turn,
+    `rounds` times, in `interleaved_order`: per contender, one figures dict per round, as
+    `measure` gives one per guest. Same-round runs are seconds apart, not minutes, and no
+    contender pays for a guest's boot or a neighbour's deleted files that another does not."""
+    runs: dict[str, list[dict]] = {c: [{"jobs": {}} for _ in range(rounds)] for c in contenders}
+    async with contextlib.AsyncExitStack() as stack:
+        seats = {c: await stack.enter_async_context(
+            seated(c, guest, work, size_mib, guest_mib, cpus, placement)) for c in contenders}
+        for name in jobs:
+            for round_number in range(rounds):
+                for contender in interleaved_order(contenders, round_number):
+                    runs[contender][round_number]["jobs"][name] = await run_job(
+                        seats[contender], name, runtime, size_mib)
+        for contender, seat in seats.items():
+            closing = await seat_figures(seat)
+            for figures in runs[contender]:
+                figures.update(closing)
+    return runs
+
+
+def interleaved_order(contenders: Sequence[T], round_number: int) -> list[T]:
+    """Round `round_number`'s order: the contenders rotated by one each round and reversed every
+    other round, so that with three contenders six rounds run every order once, and over any
+    few rounds each contender follows each other one."""
+    shift = round_number % len(contenders)
+    rotated = [*contenders[shift:], *contenders[:shift]]
+    return rotated if round_number % 2 == 0 else rotated[::-1]
 
 
 def add_memory_phase(round_figures: dict, memory: dict) -> None:
@@ -431,9 +496,10 @@ def paired_ratio(runs: dict[str, list[dict]], contender: str, job: str, key: str
     return statistics.median(ratios) if ratios else None
 
 
-def multiqueue_verdict(figures: dict, runs: dict[str, list[dict]]) -> str:
+def multiqueue_verdict(runs: dict[str, list[dict]]) -> str:
+    """`runs`: the multiqueue phase's, per contender one figures dict per round."""
     name = f"multiqueue ({MQ_QUEUES} queues) costs single-queue nothing"
-    mq = figures.get("logwrites-4q", {})
+    mq = (runs.get("logwrites-4q") or [{}])[0]
     rounds = min(len(runs.get("logwrites-4q", [])), len(runs.get("logwrites", [])))
     # (figure, job, 4q's ratio to 1q, the limit it is held to, the control's ratio to 1q)
     checks: list[tuple[str, str, float, float, float | None]] = []
@@ -446,7 +512,7 @@ def multiqueue_verdict(figures: dict, runs: dict[str, list[dict]]) -> str:
             spread = paired_ratio(runs, "logwrites-control", job, key)
             checks.append((key, job, ratio, noise_band(spread, fixed, higher), spread))
     if not checks or {key for key, *_ in checks} != {"iops", "cpu_us_per_request"}:
-        return f"{name}: not measured (needs logwrites and logwrites-4q on the same jobs)"
+        return f"{name}: not measured (needs the multiqueue phase: --mq-rounds)"
 
     def margin(check: tuple[str, str, float, float, float | None]) -> float:
         key, _, ratio, limit, _ = check
@@ -461,15 +527,16 @@ def multiqueue_verdict(figures: dict, runs: dict[str, list[dict]]) -> str:
         parts.append(f"worst {label} x{ratio:.2f} 1q on {job} ({sign} {limit:.2f}{noise})")
     started = mq.get("queues_started", "?")
     return (f"{name}: {'met' if ok else 'NOT met'} ({'; '.join(parts)}; each the median over "
-            f"{rounds} rounds of the ratio to one queue in the same round; band "
+            f"{rounds} interleaved rounds of the ratio to one queue in the same round; band "
             f"{MQ_IOPS_FLOOR}/{MQ_CPU_CEILING}, widened to the control's on the same job; "
             f"{mq.get('guest_cpus', '?')} guest CPU, {started} of {MQ_QUEUES} queues started)")
 
 
-def verdicts(figures: dict, runs: dict[str, list[dict]],
+def verdicts(figures: dict, mq_runs: dict[str, list[dict]],
              disk_mib_s: float | None = None) -> list[str]:
     """One line per goal of issue 7: met / not met, with the figure that decides; an IOPS goal
-    missed on 1 MiB writes also says how far the log's disk (`disk_mib_s`) would go."""
+    missed on 1 MiB writes also says how far the log's disk (`disk_mib_s`) would go. `figures`:
+    the main rounds' best; `mq_runs`: the multiqueue phase's rounds."""
     ref = figures.get("qemu-storage-daemon", {}).get("jobs", {})
     lw = figures.get("logwrites", {}).get("jobs", {})
     pt = figures.get("passthrough", {}).get("jobs", {})
@@ -493,7 +560,7 @@ def verdicts(figures: dict, runs: dict[str, list[dict]],
             bound("CPU/request passthrough <= 0.8x qsd", pt, "cpu_us_per_request", 0.8, False),
             bound("IOPS logwrites >= 0.9x qsd", lw, "iops", 0.9, True),
             bound("wake-ups/request logwrites <= qsd", lw, "wakeups_per_request", 1.0, False),
-            memory_verdict(figures), multiqueue_verdict(figures, runs)]
+            memory_verdict(figures), multiqueue_verdict(mq_runs)]
 
 
 def qemu_version() -> str:
@@ -501,7 +568,7 @@ def qemu_version() -> str:
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
 
 
-def job_line(contender: str, got: dict, ref: dict, blw: dict, one_queue: dict) -> str:
+def job_line(contender: str, got: dict, ref: dict, blw: dict) -> str:
     """One contender's figures on one job, with its ratios to the peers of the same run."""
     if "error" in got:
         return f"  {contender:20s} failed: {got['error'].strip().splitlines()[-1:]}"
@@ -512,14 +579,9 @@ def job_line(contender: str, got: dict, ref: dict, blw: dict, one_queue: dict) -
     other = blw.get("iops")
     if other and contender != "blklogwrites":
         line += f"  x{got['iops'] / other:.2f} blklogwrites"
-    versus_one_queue = contender in ("logwrites-4q", "logwrites-control")
-    if versus_one_queue and one_queue.get("iops"):
-        line += f"  x{got['iops'] / one_queue['iops']:.2f} 1q"
     cpu = got.get("cpu_us_per_request")
     if cpu is not None:
         line += f"  backend CPU {cpu:.1f} us/request"
-        if versus_one_queue and one_queue.get("cpu_us_per_request"):
-            line += f" (x{cpu / one_queue['cpu_us_per_request']:.2f} 1q)"
     if got.get("wakeups_per_request") is not None:
         line += f"  {got['wakeups_per_request']:.2f} wake-ups/request"
     return line
@@ -527,10 +589,10 @@ def job_line(contender: str, got: dict, ref: dict, blw: dict, one_queue: dict) -
 
 def print_paired(runs: dict[str, list[dict]], jobs: Sequence[str]) -> None:
     """The multiqueue verdict's figures: per job, four queues' and the control's ratio to one
-    queue in each round, and their median."""
+    queue in each round of the multiqueue phase, and their median."""
     if "logwrites-4q" not in runs or "logwrites" not in runs:
         return
-    print("against one queue, round by round (median):")
+    print("multiqueue phase, against one queue, round by round (median):")
     for job in jobs:
         for contender in ("logwrites-4q", "logwrites-control"):
             cells = []
@@ -620,6 +682,11 @@ def main() -> int:
     parser.add_argument("--placement", choices=("free", "shared"), default="free",
                         help="free: the scheduler places QEMU and the backend (as deployed); "
                              "shared: each contender's QEMU and backend on one CPU")
+    parser.add_argument("--mq-rounds", type=int, default=6,
+                        help="rounds of the multiqueue phase (0: none; default 6: three contenders "
+                             "run in every order once)")
+    parser.add_argument("--mq-runtime", type=int, default=2,
+                        help="seconds per fio job in the multiqueue phase (default 2)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     jobs = tuple(args.job) if args.job else ALL_JOBS
@@ -646,17 +713,29 @@ def main() -> int:
                     add_memory_phase(runs[contender][-1], memory)
                 else:
                     runs.setdefault(contender, []).append(memory)
+    # Multiqueue: its three contenders up at once, each job run by each in turn, round after
+    # round, so that a same-round ratio compares runs seconds apart (see the docstring).
+    timed_mq = tuple(job for job in timed if not args.only or "logwrites" in args.only)
+    mq_runs: dict[str, list[dict]] = {}
+    if args.mq_rounds > 0 and timed_mq:
+        with tempfile.TemporaryDirectory(prefix="lw-bench-mq-") as tmp:
+            mq_runs = asyncio.run(measure_interleaved(
+                MQ_CONTENDERS, guest, Path(tmp), args.mq_runtime, args.size_mib, timed_mq,
+                args.guest_mib, args.cpus, args.mq_rounds, args.placement))
     figures = {contender: best_of(rounds) for contender, rounds in runs.items()}
     disk_mib_s = (log_disk_mib_s(Path(tempfile.gettempdir()), args.runtime)
                   if "seqwrite-1m-qd4" in jobs else None)
-    first = next(iter(figures.values()))
+    first = next(iter(figures.values()), None) or next(iter(mq_runs.values()), [{}])[0]
+    if not first:
+        parser.error("nothing ran: give --rounds or --mq-rounds, and a job")
     env = {"qemu": qemu_version(), "cores": os.cpu_count(), "python": platform.python_version(),
            "accel": first["accel"], "guest_memory_mib": first["guest_memory_mib"],
            "guest_cpus": args.cpus, "placement": args.placement}
     if args.json:
         print(json.dumps({"environment": env, "figures": figures,
-                          "verdicts": verdicts(figures, runs, disk_mib_s),
-                          "log_disk_mib_s": disk_mib_s, "rounds": runs}))
+                          "verdicts": verdicts(figures, mq_runs, disk_mib_s),
+                          "log_disk_mib_s": disk_mib_s, "rounds": runs,
+                          "multiqueue_rounds": mq_runs}))
         return 0
     print(f"{env['qemu']}, accel {env['accel']}, {env['cores']} cores, guest "
           f"{env['guest_memory_mib']} MiB and {args.cpus} CPU, runtime {args.runtime} s per "
@@ -664,18 +743,16 @@ def main() -> int:
           f"placement {args.placement}")
     ref = figures.get("qemu-storage-daemon", {}).get("jobs", {})
     blw = figures.get("blklogwrites", {}).get("jobs", {})
-    one_queue = figures.get("logwrites", {}).get("jobs", {})
     for job in jobs:
         ran = {c: d["jobs"][job] for c, d in figures.items() if job in d["jobs"]}
         if not ran:
             continue
         print(f"{job}:")
         for contender, got in ran.items():
-            print(job_line(contender, got, ref.get(job, {}), blw.get(job, {}),
-                           one_queue.get(job, {})))
+            print(job_line(contender, got, ref.get(job, {}), blw.get(job, {})))
     if disk_mib_s is not None:
         print_log_disk(figures, disk_mib_s)
-    print_paired(runs, [job for job in jobs if job in JOBS])
+    print_paired(mq_runs, [job for job in jobs if job in JOBS])
     print_memory_job(figures)
     print("memory over the whole run (KiB):")
     for contender, data in figures.items():
@@ -687,7 +764,7 @@ def main() -> int:
         print("queues (offered / started by the guest): " + ", ".join(
             f"{c} {d['queues']}/{d['queues_started']}" for c, d in queues.items()))
     print("verdicts (issue 7):")
-    for line in verdicts(figures, runs, disk_mib_s):
+    for line in verdicts(figures, mq_runs, disk_mib_s):
         print(f"  {line}")
     return 0
 
