@@ -13,34 +13,17 @@ prints; progress goes to the optional callback.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from logwrites.check import (
-    FILESYSTEMS,
-    needs_guest,
-    parse_checker,
-    require_timeout,
-    require_tools,
-)
+from logwrites.check import FILESYSTEMS
+from logwrites.crashloop_job import API_SPELLING, LoopRequest, QuietView, nothing_checked, run_job
 from logwrites.crashstates import DEFAULT_MAX_STATES
 from logwrites.errors import UsageError
-from logwrites.loop import (
-    LoopOptions,
-    LoopResult,
-    ProgressCallback,
-    Recorder,
-    existing_recording,
-    run_loop,
-)
-from logwrites.recordingdir import RecordingDir, make_workdir
-from logwrites.report import failure_lines, junit_xml, write_html_report
+from logwrites.loop import LoopResult, ProgressCallback
+from logwrites.report import failure_lines
 from qmp.machinesize import DEFAULT_MEMORY_MIB
-
-if TYPE_CHECKING:
-    from logwrites.guestrecord import GuestCheckRunner
 
 # crash_loop's path arguments: each a str or os.PathLike naming a str path, or None.
 PATH_ARGUMENTS: Final = ("kernel", "log", "base", "out", "junit", "workdir")
@@ -76,80 +59,28 @@ def crash_loop(workload: str | os.PathLike[str] | None = None, *, fs: str = "ext
     recording guest has `memory_mib` of RAM and `cpus` CPUs, its disk `queues` queues.
     `states` and `checks` are sequences of str: a bare str ("prefix") is refused, not taken
     letter by letter. `jobs` None is one per core; `start_mark` and `from_start` exclude each
-    other. Paths are str or os.PathLike.
+    other. Paths are str or os.PathLike. A loop that finds no state to check has
+    `exit_status` 2, as one with a state it could not check: nothing passed.
 
     :raise UsageError: bad arguments, before anything is recorded, booted or created.
     :raise LogwritesError: the recording failed.
     """
     given = dict(locals())  # every argument, by name: checked before anything else runs
-    from logwrites.commands.crash_loop import (
-        checker_specs,
-        refuse_mkfs_opts,
-        refuse_recording_options,
-        refuse_report_paths,
-        refuse_start_options,
-        resolve_workload,
-    )
-    from logwrites.guestrecord import parse_size  # boots guests only when asked
-
     _refuse_bad_arguments(given)
     paths = {name: Path(os.fspath(given[name])) if given[name] is not None else None
              for name in PATH_ARGUMENTS}
-    out_dir, junit_file, log_file, base_image = (paths[n] for n in ("out", "junit", "log", "base"))
-    refuse_report_paths(out_dir, junit_file, {"log": log_file, "base": base_image})
-    refuse_start_options(from_start, start_mark, ("from_start", "start_mark"))
-    refuse_mkfs_opts(mkfs_opts, "mkfs_opts")
-    require_timeout(timeout_s)
-    unit = parse_size(atomic_unit) if isinstance(atomic_unit, str) else atomic_unit
-    keep = out_dir / "failing" if out_dir else None
-    # Made before the recorder, which finds (or builds) the guest: a bad value costs none.
-    options = LoopOptions(kinds=tuple(states), max_states=max_states, seed=seed,
-                          jobs=jobs if jobs is not None else os.cpu_count() or 1,
-                          from_start=from_start, start_mark=start_mark, shrink=shrink,
-                          keep_failing=keep, atomic_unit=unit)
-    fs_name = None if fs == "none" else fs
-    script, args = (None, []) if log is not None else resolve_workload(
-        os.fspath(workload) if workload is not None else None, fs)
-    specs = checker_specs(checks, fs, script)
-    require_tools(fs_name if "fsck" in specs else None)
-    runner: GuestCheckRunner | None = None
-    ns = _namespace(workload=workload, fs=fs, kernel=paths["kernel"],
-                    mkfs_opts=mkfs_opts,
-                    image_size=str(image_size) if image_size is not None else None,
-                    sector_size=sector_size, memory=memory_mib, cpus=cpus, queues=queues,
-                    timeout=timeout_s, workdir=paths["workdir"])
-    if needs_guest(specs, fs_name):
-        from logwrites.guestrecord import GuestCheckRunner
-
-        runner = GuestCheckRunner(ns)
-    checkers = [parse_checker(s, fs=fs_name, guest_runner=runner, timeout_s=timeout_s)
-                for s in specs]
-    recorder: Recorder
-    if log_file is not None or base_image is not None:
-        if log_file is None or base_image is None:
-            raise UsageError("log and base go together")
-        refuse_recording_options(ns)
-        recorder = existing_recording(log_file, base_image, fs_name)
-    else:
-        from logwrites.guestrecord import guest_recorder
-
-        assert script is not None
-        recorder = guest_recorder(ns, script, args)
-    scratch_root = make_workdir(paths["workdir"])
-    with tempfile.TemporaryDirectory(prefix="logwrites-api-", dir=scratch_root) as tmp:
-        home = RecordingDir.for_loop(out_dir, scratch_root)
-        with home.dropped_if_stopped(keep=keep_recording):
-            recording = home.record(recorder)
-            result = run_loop(recording, checkers, options, Path(tmp) / "states", on_progress)
-    if runner is not None:
-        result.guest_checks, result.guest_restored = runner.figures()
-    if log is None:
-        home.settle(needed=result.exit_status != 0, keep=keep_recording)
-    if out_dir:
-        write_html_report(result, out_dir)
-    if junit_file:
-        junit_file.write_text(junit_xml(result))
-    return result
+    request = LoopRequest(
+        spelling=API_SPELLING, fs=fs,
+        workload=os.fspath(workload) if workload is not None else None,
+        checks=tuple(checks) if checks is not None else None, kinds=tuple(states),
+        max_states=max_states, seed=seed, jobs=jobs if jobs is not None else os.cpu_count() or 1,
+        atomic_unit=atomic_unit, from_start=from_start, start_mark=start_mark, shrink=shrink,
+        log=paths["log"], base=paths["base"], mkfs_opts=mkfs_opts,
+        image_size=str(image_size) if image_size is not None else None,
+        sector_size=sector_size, memory=memory_mib, cpus=cpus, queues=queues,
+        kernel=paths["kernel"], timeout=timeout_s, out=paths["out"], junit=paths["junit"],
+        workdir=paths["workdir"], keep_recording=keep_recording)
+    return run_job(request, QuietView(on_progress))[0]
 
 
 def _refuse_bad_arguments(given: dict[str, object]) -> None:
@@ -197,15 +128,10 @@ def _refuse_bad_arguments(given: dict[str, object]) -> None:
            "a callable (done, total, result), or None")
 
 
-def _namespace(**values: object) -> object:
-    import argparse
-
-    return argparse.Namespace(modules=None, **values)
-
-
 def failure_message(result: LoopResult) -> str:
-    """Every failing (and unchecked) state with its detail, blamed records and repro."""
-    lines = list(failure_lines(result))
+    """Every failing (and unchecked) state with its detail, blamed records and repro; for a
+    loop without states, why there were none."""
+    lines = list(failure_lines(result)) if result.results else [nothing_checked(result)]
     errors = [r for r in result.results if r.verdict == "error"]
     lines += [f"ERROR {r.state.id}: {r.detail}\n  repro: {r.repro}" for r in errors]
     counts = {k: dict(v) for k, v in result.counts().items()}

@@ -163,6 +163,7 @@ class LoopResult:
     atomic_unit: int = 512            # bytes torn states never split
     guest_checks: int = 0             # checks that ran in a guest (guest:, xfs log recovery)
     guest_restored: int = 0           # of those, in a guest restored from the saved one
+    kinds: tuple[str, ...] = ()       # the kinds of state asked for
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{kind: {verdict: n}} over every state, kinds in enumeration order."""
@@ -177,9 +178,10 @@ class LoopResult:
 
     @property
     def exit_status(self) -> int:
-        """0 every state passed, 1 one failed, 2 no failure but a state could not be checked."""
+        """0 every state passed, 1 one failed, 2 no failure but a state could not be checked,
+        or there was no state at all (nothing passed: a CI job must not read it as a pass)."""
         verdicts = {r.verdict for r in self.results}
-        return 1 if "fail" in verdicts else 2 if "error" in verdicts else 0
+        return 1 if "fail" in verdicts else 2 if "error" in verdicts or not verdicts else 0
 
 
 def repro_command(recording: Recording, state: CrashState, command: str = "logwrites") -> str:
@@ -393,7 +395,7 @@ def run_loop(recording: Recording, checkers: Sequence[Checker], options: LoopOpt
                       options.jobs, applied,
                       sum(r.same_as is not None for r in results),
                       sum(r.same_as is None and r.reused_from is not None for r in results),
-                      atomic_sectors * logmap.sectorsize)
+                      atomic_sectors * logmap.sectorsize, kinds=options.kinds)
 
 
 def _run_length(total: int, jobs: int) -> int:

@@ -103,7 +103,7 @@ def parse_disk_size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> Any:
-    from logwrites.commands.crash_loop import refuse_mkfs_opts, resolve_workload
+    from logwrites.crashloop_job import refuse_mkfs_opts, resolve_workload
     from logwrites.guestrecord import require_mkfs_room, workload_script
 
     # Everything is refused before the output folder or a disk is made.
@@ -233,7 +233,8 @@ def crash_loop_command(out: Path, fs: str, script: Path) -> str:
     """The command that checks every crash state of the run's log with the checks crash-loop
     would run for this workload (its base image is the blank disk before mkfs; the states
     start at the mark logged after the set-up)."""
-    from logwrites.commands.crash_loop import default_checks, our_command
+    from logwrites.commands.crash_loop import our_command
+    from logwrites.crashloop_job import default_checks
 
     command = [our_command(), "crash-loop", "--log", str(out / "log"), "--base",
                str(out / "base.img"), "--fs", fs]

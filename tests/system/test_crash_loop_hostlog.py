@@ -291,7 +291,8 @@ def test_the_api_refuses_recording_options_with_a_log(txn, tmp_path) -> None:
     from logwrites.api import crash_loop as api_crash_loop
 
     log, base = txn(barrier=True)
-    with pytest.raises(UsageError, match=r"^--workload, --cpus: only for a recording"):
+    with pytest.raises(UsageError, match=r"^workload, cpus: only for a recording, and with "
+                                         r"log nothing is recorded$"):
         api_crash_loop(workload="txnlog", fs="none", checks=["host:true"], cpus=2, log=log,
                        base=base, workdir=tmp_path / "work")
 

@@ -5,13 +5,14 @@ here boots a guest: `no_guest` makes a boot fail the test instead.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import tests.unit.test_option_inputs as option_inputs
-from logwrites.api import crash_loop
+from logwrites.api import assert_no_failures, crash_loop
 from logwrites.errors import LogwritesError, UsageError
 from tests.unit.test_option_inputs import one_line
 from tests.unit.test_replay_cli import run_cli
@@ -142,10 +143,12 @@ def test_an_int_image_size_is_bytes(no_guest: None, tmp_path: Path) -> None:
 
 def test_an_atomic_unit_may_be_a_size_as_the_cli_takes_it(txn: tuple[Path, Path]) -> None:
     log, base = txn
-    as_size = crash_loop(**CHECKED, log=log, base=base, states=["torn"], atomic_unit="4K")
-    as_int = crash_loop(**CHECKED, log=log, base=base, states=["torn"], atomic_unit=4096)
-    assert [r.state.id for r in as_size.results] == [r.state.id for r in as_int.results]
-    assert as_size.exit_status == 0
+    # The log's writes are 4 KiB blocks: 1 KiB units tear them (a 4K unit would leave no
+    # torn state, and so nothing to compare).
+    as_size = crash_loop(**CHECKED, log=log, base=base, states=["torn"], atomic_unit="1K")
+    as_int = crash_loop(**CHECKED, log=log, base=base, states=["torn"], atomic_unit=1024)
+    assert [r.state.id for r in as_size.results] == [r.state.id for r in as_int.results] != []
+    assert as_size.exit_status == 0 and as_size.atomic_unit == 1024
 
 
 # ---- 4. from_start and start_mark: one or the other ---------------------------------------
@@ -164,3 +167,21 @@ def test_the_cli_refuses_from_start_with_a_start_mark(
                     "--check", "host:true", "--start-mark", "nosuch", "--from-start"]) == 2
     assert one_line(capsys) == ("--from-start and --start-mark 'nosuch': give one (states "
                                 "start at the log's first entry, or at the mark)")
+
+
+# ---- 5. a loop without states checked nothing ----------------------------------------------
+
+def test_a_loop_without_states_is_no_pass(txn: tuple[Path, Path], tmp_path: Path) -> None:
+    # 4 KiB units leave the log's 4 KiB writes whole: no torn state. Before, exit_status 0
+    # and assert_no_failures passed on a loop that had checked nothing.
+    log, base = txn
+    junit = tmp_path / "junit.xml"
+    result = crash_loop(**CHECKED, log=log, base=base, states=["torn"], atomic_unit="4K",
+                        junit=junit)
+    assert result.results == [] and result.exit_status == 2
+    assert 'tests="0"' in junit.read_text()
+    why = ("no crash state was checked: the log's 12 entries have no torn state after the "
+           "mark 'mkfs' (entry 1): a torn state needs a write there longer than the atomic "
+           "unit, 4096 bytes")
+    with pytest.raises(AssertionError, match=re.escape(why)):
+        assert_no_failures(result)

@@ -6,11 +6,14 @@ fail the test instead.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 import pytest
 
-from logwrites.errors import UsageError
+from logwrites.errors import NoRoom, UsageError
+from logwrites.logfile import LogWriter
 from tests.system.test_crash_loop_hostlog import write_txnlog_log
 from tests.unit.test_replay_cli import run_cli
 
@@ -89,7 +92,7 @@ def test_the_api_refuses_a_junit_over_its_log(txn: tuple[Path, Path], tmp_path: 
 
     log, base = txn
     before = log.read_bytes()
-    with pytest.raises(UsageError, match=r"^--junit .*: would overwrite log "):
+    with pytest.raises(UsageError, match=r"^junit .*: would overwrite log "):
         crash_loop(log=log, base=base, fs="none", checks=["host:true"], junit=log)
     assert log.read_bytes() == before
 
@@ -141,6 +144,26 @@ def test_the_mkfs_minimum_is_not_applied_to_other_mkfs_options(no_guest: None) -
     require_mkfs_room("btrfs", 60 << 20, "--mixed", "--image-size 60M")
     with pytest.raises(UsageError, match=r"mkfs\.btrfs needs a disk of at least 109M"):
         require_mkfs_room("btrfs", 60 << 20, "", "--image-size 60M")
+
+
+@pytest.mark.parametrize(("checks", "error"), [
+    (["--check", "bogus"], "--check 'bogus': use fsck, host:CMD or guest:PATH"),
+    (["--check", "fsck"], "--check fsck needs a filesystem (--fs ext4|xfs|btrfs)"),
+])
+def test_a_bad_check_is_refused_before_the_guest_is_found(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        checks: list[str], error: str) -> None:
+    # Before, crash-loop found (or built) the recording's guest first.
+    import logwrites.guestrecord as guestrecord
+
+    def found(kernel: object, modules: object) -> None:
+        raise AssertionError("the guest was looked for: the check was not refused first")
+
+    monkeypatch.setattr(guestrecord, "_guest", found)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["crash-loop", "--fs", "none", *checks]) == 2
+    assert one_line(capsys) == error
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- a kernel that is not a bzImage we can read --------------------------------------------
@@ -218,3 +241,142 @@ def test_a_timeout_is_said_with_its_states(txn: tuple[Path, Path], wide: None,
     out = capsys.readouterr().out
     assert "ERROR 7 states (p:1, p:3, p:5, ...) not checked: host:sleep 5 #: timed out after " \
            "0.2 s" in out, out
+
+
+# ---- a loop that finds no crash state checked nothing: it does not pass ---------------------
+
+def write_sector_log(path: Path, writes: int = 3) -> Path:
+    """A log of one-sector writes after the mark mkfs, each flushed: no write can tear."""
+    with LogWriter.create(path, 512) as w:
+        w.append_flush()
+        w.append_mark("mkfs")
+        w.commit()
+        for i in range(writes):
+            w.append_write(8 + i, 1, [bytes([i + 1]) * 512])
+            w.append_flush()
+            w.commit()
+    return path
+
+
+@pytest.fixture
+def sectors(tmp_path: Path) -> tuple[Path, Path]:
+    base = tmp_path / "base.img"
+    with open(base, "wb") as f:
+        f.truncate(1 << 20)
+    return write_sector_log(tmp_path / "sectors.log"), base
+
+
+def err_lines(err: str) -> list[str]:
+    """stderr's lines but the empty one rich's Progress.stop() ends a bar with on a file (a
+    transient one too: the --json loop's, which stayed empty)."""
+    return [line for line in err.splitlines() if line]
+
+
+TORN_NONE = ("no crash state was checked: the log's 8 entries have no torn state after the "
+             "mark 'mkfs' (entry 1): a torn state needs a write there longer than the atomic "
+             "unit, 512 bytes")
+
+
+@pytest.mark.parametrize("command", ["crash-loop", "demo"])
+def test_a_loop_without_states_exits_2_after_its_reports(
+        sectors: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        command: str) -> None:
+    # Before, "0 states" and exit 0: a CI job read a loop that checked nothing as a pass.
+    import xml.etree.ElementTree as ET
+
+    log, base = sectors
+    junit, out = tmp_path / "junit.xml", tmp_path / "report"
+    assert run_cli([command, "--log", str(log), "--base", str(base), "--fs", "none",
+                    "--states", "torn", "--check", "host:true", "--json", "--junit",
+                    str(junit), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert err_lines(captured.err) == [f"logwrites: {TORN_NONE}"]
+    summary = json.loads(captured.out)  # the summary alone: no state
+    assert summary["states"] == 0 and summary["exit_status"] == 2
+    assert ET.parse(junit).getroot().get("tests") == "0"
+    assert (out / "index.html").is_file()
+
+
+def test_a_loop_without_states_shows_its_table_then_says_why(
+        sectors: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    log, base = sectors
+    assert run_cli(["crash-loop", "--log", str(log), "--base", str(base), "--fs", "none",
+                    "--states", "torn", "--check", "host:true"]) == 2
+    captured = capsys.readouterr()
+    assert "0 states in " in captured.out
+    assert captured.err.splitlines()[-1] == f"logwrites: {TORN_NONE}"
+
+
+@pytest.mark.parametrize(("make", "options", "why"), [
+    ("txn", ["--states", "torn", "--atomic-unit", "4K"],
+     "the log's 12 entries have no torn state after the mark 'mkfs' (entry 1): a torn state "
+     "needs a write there longer than the atomic unit, 4096 bytes"),
+    ("last-mark", ["--states", "reorder,torn", "--start-mark", "end"],
+     "the log's 13 entries have no reorder or torn state after the mark 'end' (entry 12): "
+     "a reorder state needs a write there that no later write of its epoch overwrites; a torn "
+     "state needs a write there longer than the atomic unit, 512 bytes"),
+    ("empty", ["--states", "prefix", "--from-start"],
+     "the log's 0 entries have no prefix state from the log's first entry: a prefix state "
+     "needs an entry there"),
+], ids=["atomic-unit", "start-mark", "empty-log"])
+def test_no_states_says_where_they_would_start(
+        txn: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        make: str, options: list[str], why: str) -> None:
+    log, base = txn
+    if make == "last-mark":
+        with LogWriter.resume(log) as w:
+            w.append_mark("end")
+            w.commit()
+    elif make == "empty":
+        log = log.with_name("empty.log")
+        LogWriter.create(log, 512).close()
+    assert run_cli(["crash-loop", "--log", str(log), "--base", str(base), "--fs", "none",
+                    "--check", "host:true", "--json", *options]) == 2
+    assert err_lines(capsys.readouterr().err) == [f"logwrites: no crash state was checked: "
+                                                  f"{why}"]
+
+
+# ---- an error once the states began: one line, the progress bar taken away -----------------
+
+def test_an_error_while_checking_leaves_no_bar_above_it(
+        txn: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Before, the bar (drawn at the loop's first progress call) stayed above the error line.
+    import logwrites.loop as loop
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise NoRoom("no room to build crash state p:1: No space left on device")
+
+    monkeypatch.setattr(loop, "_check_one", full)
+    log, base = txn
+    assert run_cli(["crash-loop", "--log", str(log), "--base", str(base), "--fs", "none",
+                    "--check", "host:true", "--jobs", "1"]) == 2
+    assert one_line(capsys) == "no room to build crash state p:1: No space left on device"
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["file", "terminal"])
+def test_the_bar_stays_after_the_states_and_goes_on_an_error(terminal: bool) -> None:
+    import io
+
+    from rich.console import Console
+
+    from logwrites.commands.crash_loop import state_progress
+
+    def drawn(error: bool) -> str:
+        written = io.StringIO()
+        console = Console(file=written, force_terminal=terminal, width=100)
+        with contextlib.suppress(RuntimeError), \
+                state_progress(console, transient=False) as on_progress:
+            assert on_progress is not None
+            on_progress(0, 5, None)
+            on_progress(2, 5, None)
+            if error:
+                raise RuntimeError("a checker broke")
+        return written.getvalue()
+
+    assert "crash states" in drawn(error=False)
+    on_error = drawn(error=True)
+    if terminal:  # drawn while it ran, then the cursor goes up over it and erases its line
+        assert on_error.endswith("\x1b[1A\x1b[2K") and not drawn(False).endswith("\x1b[2K")
+    else:         # a file gets the bar once, at the end: not at all after an error
+        assert on_error == ""

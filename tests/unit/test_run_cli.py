@@ -78,7 +78,7 @@ def test_disk_size_plain_numbers_are_mib() -> None:
 
 
 def test_crash_loop_command_names_the_workload_checks(tmp_path: Path) -> None:
-    from logwrites.commands.crash_loop import CHECKERS_DIR, WORKLOADS_DIR
+    from logwrites.crashloop_job import CHECKERS_DIR, WORKLOADS_DIR
 
     ext4 = crash_loop_command(tmp_path, "ext4", WORKLOADS_DIR / "fs-default")
     assert f"--log {tmp_path / 'log'} --base {tmp_path / 'base.img'} --fs ext4" in ext4
