@@ -22,7 +22,6 @@ connected). The socket is created with umask 0o077 and mode 0600 (unless serve's
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import socket
@@ -97,10 +96,10 @@ class ControlServer:
                 self._send(client, {"ok": False, "error": "the backend stopped at a stop "
                                     "point: the mark was never logged"})
             self._drop(fd)
+        from vhost.server import unlisten_unix
+
         self.loop.unwatch(self._listener.fileno())
-        self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        unlisten_unix(self._listener, self.path)
 
     # -- connections ---------------------------------------------------------------------------
 

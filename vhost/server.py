@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -21,9 +22,10 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Final
 
 from logwrites.errors import LogwritesError
 from logwrites.logfile import LogFullError
@@ -136,11 +138,72 @@ def socket_path_problem(path: Path) -> str | None:
     return None
 
 
+# How long `listen_unix` waits for another process's probe, unlink and bind in one directory
+# (microseconds, normally): past it, a process holding the lock for no such reason is named.
+DIR_LOCK_WAIT_S: Final = 10.0
+
+
+@contextlib.contextmanager
+def _directory_locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on the directory of `path`, held by the block.
+
+    `listen_unix` holds it around probe, unlink and bind: two backends starting at once on one
+    stale socket both found it stale, and the second's unlink removed the first's live socket,
+    which then served no front-end. A lock on the directory leaves no file behind, and goes
+    with its process. A directory we may not open for reading (mode 0300, say) goes unlocked,
+    as before.
+
+    :raise SocketPathError: another process held the lock for `DIR_LOCK_WAIT_S`.
+    """
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        fd = -1                     # bind names whatever is wrong with the directory
+    if fd < 0:
+        yield
+        return
+    try:
+        _lock_within(fd, path)
+        yield
+    finally:
+        os.close(fd)                # and with it the lock
+
+
+def _lock_within(fd: int, path: Path) -> None:
+    """flock(LOCK_EX) on `fd`, waiting at most DIR_LOCK_WAIT_S (flock itself waits forever)."""
+    deadline = time.monotonic() + DIR_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise SocketPathError(path, f"its directory stayed locked (flock) by another "
+                                            f"process for {DIR_LOCK_WAIT_S:g} s") from None
+            time.sleep(0.001)
+
+
 def listen_unix(path: Path, mode: int | None = None) -> socket.socket:
     """A listening Unix socket at `path`; a stale socket file there is replaced.
 
     :raise SocketPathError: when something else is at `path` (see `socket_path_problem`).
     """
+    with _directory_locked(path):
+        return _replace_and_listen(path, mode)
+
+
+def unlisten_unix(sock: socket.socket, path: Path) -> None:
+    """Close `listen_unix`'s `sock` and remove its file at `path`, under the directory's lock:
+    unlocked, a backend starting in between found the closed socket stale, bound its own in
+    its place, and then lost it to this unlink."""
+    with _directory_locked(path):
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _replace_and_listen(path: Path, mode: int | None) -> socket.socket:
+    """`listen_unix`'s probe, unlink and bind, under the directory's lock."""
     problem = socket_path_problem(path)
     if problem is not None:
         raise SocketPathError(path, problem)
@@ -148,15 +211,19 @@ def listen_unix(path: Path, mode: int | None = None) -> socket.socket:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o077) if mode is not None else None
     try:
-        sock.bind(str(path))
-    finally:
-        if old_umask is not None:
-            os.umask(old_umask)
-    if mode is not None:
-        os.chmod(path, mode)
-    sock.listen(8)
+        old_umask = os.umask(0o077) if mode is not None else None
+        try:
+            sock.bind(str(path))
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
+        if mode is not None:
+            os.chmod(path, mode)
+        sock.listen(8)
+    except BaseException:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
@@ -264,9 +331,7 @@ class Server:
             self.control.close()
         if self._listener is not None:
             self.loop.unwatch(self._listener.fileno())
-            self._listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
+            unlisten_unix(self._listener, self.socket_path)
         self.loop.close()
         log.info("stopped%s", f" by signal {self._stop_signal}" if self._stop_signal else "")
 
