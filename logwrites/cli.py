@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import importlib
 import inspect
 import logging
+import os
 import pkgutil
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, TypeAlias
+from typing import Any, TextIO, TypeAlias
 
 from logwrites import commands
 from logwrites.errors import CheckFailed, LogwritesError
@@ -64,6 +67,55 @@ def _stop_cleanly_on_signals() -> dict[signal.Signals, _Handler]:
     # `serve` installs its own handlers, which end the log cleanly, for as long as it serves.
     return {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS
             if signal.getsignal(sig) is signal.SIG_DFL}
+
+
+class StdoutError(OSError):
+    """Writing our standard output failed. Said as such: a bare "No space left on device"
+    reads as if the log or the image had filled up."""
+
+    def __str__(self) -> str:
+        return f"writing to standard output: {self.strerror}"
+
+
+class _NamedStdout:
+    """`sys.stdout` while a command runs: a write or flush that fails raises StdoutError, so
+    that `main` tells it from the OSErrors of logs, images and sockets (none of which name
+    stdout). Everything else is the stream's."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream                # None: fd 1 was closed when Python started
+
+    def write(self, text: str) -> int:
+        if self.stream is None:
+            raise StdoutError(errno.EBADF, os.strerror(errno.EBADF))
+        try:
+            return self.stream.write(text)
+        except OSError as err:
+            raise StdoutError(err.errno, err.strerror) from err
+
+    def flush(self) -> None:
+        if self.stream is None:
+            return                          # nothing was written, nothing is lost
+        try:
+            self.stream.flush()
+        except OSError as err:
+            raise StdoutError(err.errno, err.strerror) from err
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _stdout_failed(err: StdoutError, stream: TextIO | None) -> int:
+    """The exit status for a failed stdout, which is pointed at /dev/null: what is still
+    buffered would fail again at exit, where Python prints "Exception ignored ..." for it."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())   # type: ignore[union-attr]
+        os.close(devnull)
+    if err.errno == errno.EPIPE:
+        return EXIT_OK                      # a reader such as `head` went away: not our failure
+    print(f"logwrites: {err}", file=sys.stderr)
+    return EXIT_BAD_INPUT                   # as for every other OSError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,6 +167,21 @@ def describe_error(err: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stdout = sys.stdout
+    sys.stdout = _NamedStdout(stdout)       # type: ignore[assignment]
+    try:
+        try:
+            return _run_command(argv)
+        finally:
+            sys.stdout.flush()              # what is still buffered fails here, if it does
+    except StdoutError as err:              # --help too: argparse prints, then SystemExit
+        return _stdout_failed(err, stdout)
+    finally:
+        sys.stdout = stdout
+
+
+def _run_command(argv: list[str] | None) -> int:
+    """Parse, run, and map every error but StdoutError (see `main`) to its exit status."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     replaced = _stop_cleanly_on_signals()
@@ -130,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logwrites: {err}", file=sys.stderr)
         print(err.console_tail.rstrip(), file=sys.stderr)
         return EXIT_KERNEL_PANIC
-    except BrokenPipeError:  # a reader such as `head` went away: not our failure
-        return EXIT_OK
+    except StdoutError:
+        raise
     except (LogwritesError, OSError) as err:
         print(f"logwrites: {describe_error(err)}", file=sys.stderr)
         log.debug("traceback", exc_info=True)
