@@ -1066,16 +1066,16 @@ def needs_guest(specs: list[str], fs: str | None) -> bool:
     return any(s.startswith("guest:") for s in specs) or (fs == "xfs" and "fsck" in specs)
 
 
-def require_timeout(seconds: float) -> float:
-    """`--timeout` as given. :raise UsageError: 0, negative, NaN, infinite or over
+def require_timeout(seconds: float, option: str = "--timeout") -> float:
+    """`option` (`--timeout`) as given. :raise UsageError: 0, negative, NaN, infinite or over
     `MAX_TIMEOUT_S` (argparse's float takes "nan", "inf" and "1e30", which sockets and event
     loops refuse, overflow on or never reach)."""
     if not seconds > 0:
-        raise UsageError(f"--timeout {seconds:g}: must be more than 0 seconds")
+        raise UsageError(f"{option} {seconds:g}: must be more than 0 seconds")
     if not math.isfinite(seconds):
-        raise UsageError(f"--timeout {seconds:g}: must be a finite number of seconds")
+        raise UsageError(f"{option} {seconds:g}: must be a finite number of seconds")
     if seconds > MAX_TIMEOUT_S:
-        raise UsageError(f"--timeout {seconds:g}: must be at most {MAX_TIMEOUT_S} seconds "
+        raise UsageError(f"{option} {seconds:g}: must be at most {MAX_TIMEOUT_S} seconds "
                          f"(a week)")
     return seconds
 

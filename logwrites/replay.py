@@ -22,7 +22,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from logwrites._replay import ffi as _ffi
 from logwrites._replay import lib as _lib
@@ -49,6 +49,9 @@ from logwrites.logfile import (
     payload_past_end,
 )
 from logwrites.storagepaths import same_storage, storage_stat
+
+if TYPE_CHECKING:
+    import subprocess  # shell_checker imports it when it runs
 
 log = logging.getLogger(__name__)
 
@@ -568,32 +571,46 @@ def _replay_loop(reader: LogReader, fd: int, index: int, block: int, count: int,
             result.next_block = entry.next_block(sectorsize)
 
 
-def shell_checker(command: str) -> Callable[[Entry], str | None]:
+def shell_checker(command: str,
+                  timeout_s: float | None = None) -> Callable[[Entry], str | None]:
     """A checker that runs `command` through the shell, as replay-log's `--fsck` does.
 
-    The entry just replayed is in the environment as LOGWRITES_ENTRY. A replay stopped while
-    the command runs (Ctrl-C, SIGTERM) ends the command's whole process group: the shell's
-    children would otherwise outlive us, still reading the target.
+    The entry just replayed is in the environment as LOGWRITES_ENTRY. A command still running
+    after `timeout_s` seconds (None: no bound, as in replay-log) fails the check: a hung fsck
+    is news for its developer, and it would otherwise hang the replay for good. On a timeout,
+    and when the replay is stopped while the command runs (Ctrl-C, SIGTERM), the command's
+    whole process group is ended: the shell's children would otherwise outlive us, still
+    reading the target.
     """
-    import contextlib
-    import signal
     import subprocess
 
     def run(entry: Entry) -> str | None:
         env = dict(os.environ, LOGWRITES_ENTRY=str(entry.index))
         proc = subprocess.Popen(command, shell=True, env=env, start_new_session=True)
         try:
-            status = proc.wait()
+            status = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return (f"{command!r} did not finish within {timeout_s:g} s (--fsck-timeout): "
+                    f"killed with its process group")
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_group(proc)
             raise
         if status == 0:
             return None
         return f"{command!r} exited with status {status}"
 
     return run
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL `proc`'s process group (it leads one: start_new_session), then reap `proc`."""
+    import contextlib
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 __all__ = [

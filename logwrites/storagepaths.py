@@ -1,8 +1,11 @@
-"""What may stand where a log or an image is expected: a regular file or a block device.
+"""What may stand where a log or an image is expected: a regular file or a block device,
+and not a file of the kernel's pseudo filesystems.
 
 Anything else fails late and badly: opening a FIFO blocks until a writer comes (forever, for a
-replay or an inspect), and files such as /proc's cannot be sized or written at an offset, so
-the error would be a bare "Illegal seek" naming neither the path nor its role.
+replay or an inspect), and files such as /proc's or /sys's are "regular" but no storage: their
+size reads 0 or 4096 whatever they hold, they cannot be written at an offset, and a write may
+change the kernel's settings. The error would be a bare "Illegal seek" naming neither the path
+nor its role, or none at all.
 """
 
 from __future__ import annotations
@@ -13,6 +16,13 @@ import stat
 from typing import Final
 
 from logwrites.errors import UsageError
+
+# Filesystems whose files are the kernel's state, not data: /proc/self/mountinfo's names.
+PSEUDO_FILESYSTEMS: Final = frozenset({
+    "proc", "sysfs", "debugfs", "tracefs", "securityfs", "cgroup", "cgroup2", "configfs",
+    "bpf", "pstore", "efivarfs", "fusectl", "binfmt_misc", "selinuxfs", "smackfs", "nsfs",
+    "mqueue", "rpc_pipefs",
+})
 
 FILE_KINDS: Final = (
     (stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
@@ -44,15 +54,43 @@ def storage_stat(path: str | os.PathLike[str], role: str,
         raise
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
-    refuse_unless_storage(f"{role} {os.fspath(path)}", st.st_mode)
+    refuse_unless_storage(f"{role} {os.fspath(path)}", st)
     return st
 
 
-def refuse_unless_storage(named: str, mode: int) -> None:
-    """:raise UsageError: starting with `named`, unless `mode` is a regular file's or a block
-    device's."""
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-        raise UsageError(f"{named}: {file_kind(mode)}, not a regular file or block device")
+def refuse_unless_storage(named: str, st: os.stat_result) -> None:
+    """:raise UsageError: starting with `named`, unless `st` is a block device's, or a
+    regular file's on a filesystem that stores data."""
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise UsageError(f"{named}: {file_kind(st.st_mode)}, not a regular file or block device")
+    fstype = pseudo_filesystem(st) if stat.S_ISREG(st.st_mode) else None
+    if fstype is not None:
+        raise UsageError(f"{named}: a file on {fstype}, a kernel pseudo filesystem, not storage")
+
+
+def pseudo_filesystem(st: os.stat_result) -> str | None:
+    """The type of the kernel pseudo filesystem (proc, sysfs, ...) holding the file `st`, or
+    None for any other filesystem.
+
+    By device number in /proc/self/mountinfo, whose third field is each mount's st_dev. Only
+    anonymous devices (major 0) are looked up: every pseudo filesystem has one, and a disk's
+    filesystem (major 8, 253, ...) costs no read. Without /proc there is nothing to compare
+    with, and no /proc file to refuse.
+    """
+    if os.major(st.st_dev) != 0:
+        return None
+    device = f"0:{os.minor(st.st_dev)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()
+                # ID PARENT MAJOR:MINOR ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE ...
+                if len(fields) > 2 and fields[2] == device and "-" in fields[6:]:
+                    fstype = fields[fields.index("-", 6) + 1]
+                    return fstype if fstype in PSEUDO_FILESYSTEMS else None
+    except (OSError, IndexError):
+        return None
+    return None
 
 
 def same_storage(a: os.stat_result, b: os.stat_result) -> bool:

@@ -5,7 +5,8 @@ scripts written for it translate one to one: `--limit N` counts from the start p
 no limit, as there), `--end-mark` replays through the mark, `--start-mark` starts just after
 it, `--find` prints `INDEX@BLOCK` of the entry where the stop condition is met (BLOCK: the log
 block after that entry) and replays nothing, `--check N|flush|fua --fsck CMD` makes the target
-durable and runs CMD after every N entries or every FLUSH/FUA entry. Two differences, both on
+durable and runs CMD after every N entries or every FLUSH/FUA entry (`--fsck-timeout S`: CMD
+still running after S seconds fails the check; replay-log waits forever). Two differences, both on
 purpose: a stop point that the log does not have (a missing mark, no further flush) is an error
 (exit 2) found before the target is touched, where replay-log silently replays everything; and
 discards always leave zeros, whatever their size (`--discard-zeroes-data` is accepted for the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from logwrites.check import TIMEOUT_LIMIT, require_timeout
 from logwrites.errors import UsageError
 from logwrites.logfile import LogReader
 from logwrites.replay import CheckWhen, find_stop, replay, resolve_start, shell_checker
@@ -69,6 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fsck", metavar="CMD",
                    help="shell command checking the target; non-zero exit stops the replay "
                         "(exit 1). The entry just replayed is in $LOGWRITES_ENTRY")
+    p.add_argument("--fsck-timeout", type=float, metavar="SECONDS",
+                   help="a --fsck command still running after SECONDS fails the check, and "
+                        f"is killed with its children (default: no bound, as in replay-log; "
+                        f"{TIMEOUT_LIMIT})")
     p.add_argument("--discard-zeroes-data", action="store_true",
                    help="accepted for compatibility: discards always leave zeros")
     # --- crash states (owned by the crash-loop engineer; logwrites.statebuild) ---
@@ -86,7 +92,8 @@ def _run_state(args: argparse.Namespace) -> int:
     others = [name for name, on in (
         ("--limit", args.limit), ("--end-mark", args.end_mark), ("--next-flush", args.next_flush),
         ("--next-fua", args.next_fua), ("--start-entry", args.start_entry),
-        ("--start-mark", args.start_mark), ("--find", args.find), ("--check", args.check)) if on]
+        ("--start-mark", args.start_mark), ("--find", args.find), ("--check", args.check),
+        ("--fsck-timeout", args.fsck_timeout is not None)) if on]
     if others:
         raise UsageError(f"--state goes alone, not with {', '.join(others)}")
     if args.target is None:
@@ -103,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_state(args)
     if (args.check is None) != (args.fsck is None):
         raise UsageError("--check and --fsck go together")
+    if args.fsck_timeout is not None:
+        if args.fsck is None:
+            raise UsageError("--fsck-timeout goes with --fsck")
+        require_timeout(args.fsck_timeout, "--fsck-timeout")
     limit = args.limit or None  # replay-log: a limit of 0 is no limit
     if args.find:
         if args.target is not None:
@@ -115,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         args.log, args.target,
         start_entry=args.start_entry, start_mark=args.start_mark, limit=limit,
         end_mark=args.end_mark, next_flush=args.next_flush, next_fua=args.next_fua,
-        check=args.check, checker=shell_checker(args.fsck) if args.fsck else None,
+        check=args.check,
+        checker=shell_checker(args.fsck, args.fsck_timeout) if args.fsck else None,
     )
     span = (f"entries {result.start_index}..{result.last_index}" if result.entries
             else "no entries")

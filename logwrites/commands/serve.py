@@ -165,7 +165,7 @@ def _check_image(image: Path, sector_size: int) -> None:
     """Before it is opened: its type, and a regular file's size (a /proc file, 0 bytes by its
     size, would fail its seek with no word on why)."""
     st = os.stat(image)
-    refuse_unless_storage(str(image), st.st_mode)
+    refuse_unless_storage(str(image), st)
     if stat.S_ISREG(st.st_mode):
         _check_image_size(image, st.st_size, sector_size)
 
@@ -175,7 +175,7 @@ def _check_log_type(log: Path) -> None:
         st = os.stat(log)
     except FileNotFoundError:
         return                              # a new log, created later
-    refuse_unless_storage(f"--log {log}", st.st_mode)
+    refuse_unless_storage(f"--log {log}", st)
 
 
 def _create_log(log: Path, sector_size: int, log_size: int | None) -> LogWriter:

@@ -38,7 +38,8 @@ CASES = {
                                            "block device"),
     "log is a directory": (["--log", "{dir}"], "--log {dir}: a directory, not a regular file"),
     "log is a /proc file": (["--log", "/proc/self/status"],
-                            "--log /proc/self/status: cannot hold a log"),
+                            "--log /proc/self/status: a file on proc, a kernel pseudo "
+                            "filesystem, not storage"),
     "socket is a regular file": (["--socket", "{file}"],
                                  "--socket {file}: a regular file, not a socket"),
     "socket is a directory": (["--socket", "{dir}"], "--socket {dir}: a directory, not a socket"),
@@ -54,7 +55,12 @@ IMAGE_CASES = {
     "image is a FIFO": (["{fifo}", "--readonly"], "{fifo}: a FIFO, not a regular file or "
                                                   "block device"),
     "image is a /proc file": (["/proc/self/status", "--readonly"],
-                              "/proc/self/status: 0 bytes, smaller than one sector"),
+                              "/proc/self/status: a file on proc, a kernel pseudo filesystem, "
+                              "not storage"),
+    # 4096 bytes by its size, a whole number of sectors: refused by its filesystem alone.
+    "image is a /sys file": (["/sys/kernel/uevent_seqnum", "--readonly"],
+                             "/sys/kernel/uevent_seqnum: a file on sysfs, a kernel pseudo "
+                             "filesystem, not storage"),
     "image is a character device": (["/dev/null"], "/dev/null: a character device, not a "
                                                    "regular file or block device"),
     # The directory warning waits until every check passed: the error stays one line.

@@ -89,6 +89,31 @@ def test_bad_requests_are_exit_2_and_touch_nothing(
     assert target.read_bytes() == before
 
 
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--fsck-timeout", "0"], "--fsck-timeout 0: must be more than 0 seconds"),
+    (["--fsck-timeout", "nan"], "--fsck-timeout nan: must be more than 0 seconds"),
+    (["--fsck-timeout", "inf"], "--fsck-timeout inf: must be a finite number of seconds"),
+    (["--fsck-timeout", "1e30"], "--fsck-timeout 1e+30: must be at most 604800 seconds"),
+    (["--fsck-timeout", "soon"], "argument --fsck-timeout: invalid float value: 'soon'"),
+])
+def test_a_bad_fsck_timeout_is_refused_before_the_replay(
+        make_log, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+        said: str) -> None:
+    target = image(tmp_path)
+    before = target.read_bytes()
+    assert run_cli(["replay", str(make_log(OPS)), str(target), "--check", "1",
+                    "--fsck", "true", *argv]) == 2
+    assert capsys.readouterr().err.startswith(f"logwrites: {said}")
+    assert target.read_bytes() == before
+
+
+def test_an_fsck_timeout_needs_an_fsck(make_log, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["replay", str(make_log(OPS)), str(image(tmp_path)),
+                    "--fsck-timeout", "5"]) == 2
+    assert capsys.readouterr().err == "logwrites: --fsck-timeout goes with --fsck\n"
+
+
 def test_find_without_a_stop_condition_or_target_missing(make_log,
                                                          capsys: pytest.CaptureFixture[str]
                                                          ) -> None:

@@ -10,12 +10,14 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from logwrites.logfile import LogReader
+from logwrites.storagepaths import storage_stat
 
 OPS = [("w", 1, 2, 7), ("w", 3, 1, 8), ("f",), ("w", 5, 1, 9), ("m", "done")]
 
@@ -68,7 +70,15 @@ def test_the_log_as_its_own_target_is_refused(make_log, tmp_path: Path,
      "target /dev/null: a character device, not a regular file or block device"),
     (["inspect", ""], "log: an empty path"),
     (["replay", "{log}", ""], "target: an empty path"),
-    (["inspect", "/proc/self/status"], "/proc/self/status: Invalid argument"),
+    (["inspect", "/proc/self/status"],
+     "log /proc/self/status: a file on proc, a kernel pseudo filesystem, not storage"),
+    # "Regular" files by their type, but their sizes (4096, 0) and contents are the kernel's.
+    (["inspect", "/sys/kernel/notes"],
+     "log /sys/kernel/notes: a file on sysfs, a kernel pseudo filesystem, not storage"),
+    (["replay", "/proc/version", "{img}"],
+     "log /proc/version: a file on proc, a kernel pseudo filesystem, not storage"),
+    (["replay", "{log}", "/sys/kernel/notes"],
+     "target /sys/kernel/notes: a file on sysfs, a kernel pseudo filesystem, not storage"),
     (["replay", "--find", "--limit", "2", "{log}", "{img}"],
      "--find replays nothing: no TARGET ({img}) with it"),
 ])
@@ -80,6 +90,13 @@ def test_what_is_no_log_or_target_is_named(make_log, tmp_path: Path, argv: list[
     names = {"log": log, "fifo": fifo, "img": img}
     assert one_line_exit_2(logwrites(*(a.format(**names) for a in argv))) == said.format(**names)
     assert not img.exists()
+
+
+def test_files_of_real_filesystems_are_storage(tmp_path: Path) -> None:
+    # tmpfs has an anonymous device number, as every pseudo filesystem does: looked up, kept.
+    for where in (tmp_path, Path("/dev/shm")):
+        with tempfile.NamedTemporaryFile(dir=where) as file:
+            assert storage_stat(file.name, "log") is not None
 
 
 @pytest.mark.parametrize("argv", [["inspect", "{bad}"], ["replay", "{bad}", "{img}"],
@@ -128,13 +145,36 @@ def test_a_stopped_replay_ends_its_fsck_command(make_log, tmp_path: Path) -> Non
     replay.send_signal(signal.SIGTERM)
     assert replay.wait(timeout=30) == 128 + signal.SIGTERM
     assert err.read_text() == "logwrites: stopped by SIGTERM\n"
+    await_gone(sleeper, deadline, "the --fsck command's child outlived the replay")
+
+
+def test_a_hung_fsck_command_fails_its_check_at_the_timeout(make_log, tmp_path: Path) -> None:
+    # replay-log waits forever for its fsck; a hung one hung the replay (and the script).
+    log, img, pid_file = make_log(OPS), tmp_path / "t.img", tmp_path / "sleep.pid"
+    fsck = f"sleep 300 & echo $! > {pid_file}; wait"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "logwrites.cli", "replay", str(log), str(img),
+                           "--check", "flush", "--fsck", fsck, "--fsck-timeout", "0.5"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=60, check=False)
+    assert time.monotonic() - started < 30
+    # SIGKILLed with its group, but it may still be exiting.
+    await_gone(int(pid_file.read_text()), time.monotonic() + 10,
+               "the --fsck command's child outlived its timeout")
+    assert (done.returncode, done.stderr) == (1, (
+        f"logwrites: check failed after log entry 2: {fsck!r} did not finish within 0.5 s "
+        f"(--fsck-timeout): killed with its process group\n"))
+
+
+def await_gone(pid: int, deadline: float, failure: str) -> None:
+    """Wait until `pid` has exited, failing with `failure` past `deadline` (monotonic)."""
     try:
-        while running(sleeper):
-            assert time.monotonic() < deadline, "the --fsck command's child outlived the replay"
+        while running(pid):
+            assert time.monotonic() < deadline, failure
             time.sleep(0.05)
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(sleeper, signal.SIGKILL)  # not left behind when the test fails
+            os.kill(pid, signal.SIGKILL)  # not left behind when the test fails
 
 
 def running(pid: int) -> bool:
