@@ -138,14 +138,18 @@ def state_progress(console: Console, *, transient: bool) -> Iterator[ProgressCal
     """A progress bar for the loop's `on_progress`, drawn from its first call: the loop calls
     it once the log is read and its states are known, so an unreadable log, a mark it lacks
     and the like stay one line on the terminal, without a bar above it. An error raised once
-    the bar is drawn (a full disk, a stop) takes the bar away too: its line stands alone."""
+    the bar is drawn (a full disk, a stop) takes the bar away too: its line stands alone. A
+    transient bar on a file (--json, stderr not a terminal) is never drawn: there it would
+    leave only an empty line."""
     progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), console=console, transient=transient)
     task = progress.add_task("crash states", total=None)
 
+    shown = console.is_terminal or not transient
+
     def on_progress(done: int, total: int, _result: object) -> None:
-        if not progress.live.is_started:
+        if shown and not progress.live.is_started:
             progress.start()
         progress.update(task, completed=done, total=total)
 

@@ -380,3 +380,20 @@ def test_the_bar_stays_after_the_states_and_goes_on_an_error(terminal: bool) -> 
         assert on_error.endswith("\x1b[1A\x1b[2K") and not drawn(False).endswith("\x1b[2K")
     else:         # a file gets the bar once, at the end: not at all after an error
         assert on_error == ""
+
+
+def test_a_transient_bar_on_a_file_writes_nothing() -> None:
+    """--json with stderr in a file: the bar, erased at the end anyway, would leave only an
+    empty line there."""
+    import io
+
+    from rich.console import Console
+
+    from logwrites.commands.crash_loop import state_progress
+
+    written = io.StringIO()
+    with state_progress(Console(file=written, width=100), transient=True) as on_progress:
+        assert on_progress is not None
+        on_progress(0, 5, None)
+        on_progress(5, 5, None)
+    assert written.getvalue() == ""
