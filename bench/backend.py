@@ -12,10 +12,10 @@ CPU time per request (utime+stime from /proc, over fio's request count; blklogwr
 QEMU, so it has none of its own), its wake-ups per request (voluntary + involuntary context
 switches from /proc/PID/status) and its peak memory. Under TCG the guest is often the
 bottleneck: CPU per request is the figure that shows the backend's own cost. Contenders run back
-to back in each of `--rounds` rounds, every other round in reverse order (no contender always
-runs in the same place, after the same neighbour); each figure is the best of the rounds (the
-machine's cores are shared, so the worst round measures the neighbours). Ends with one verdict
-line per goal of issue 7. No asserts.
+to back in each of `--rounds` rounds, each in a guest and backend of its own, every other
+round in reverse order (no contender always runs in the same place, after the same
+neighbour); each figure is the best of the rounds (the machine's cores are shared, so the worst
+round measures the neighbours). Ends with one verdict line per goal of issue 7. No asserts.
 
 Two goals need phases of their own. Memory: job `write-10x-ram` writes ten times the guest's RAM
 (1 MiB sequential writes looping over the fio area, an fsync every 64 writes) through the
@@ -23,22 +23,23 @@ passthrough, logwrites and qemu-storage-daemon backends while the backend's VmRS
 RssShmem are sampled from /proc; the goal is about RssAnon (what the backend allocates), since
 the guest RAM it maps (RssShmem) is the guest's. The bench guest gets `--guest-mib` of RAM
 (384 MiB: the default guest's initramfs is unpacked into RAM, and 256 MiB panics at boot), so
-10x is 3840 MiB. The memory job runs in each round once every contender's timed jobs ran, in
-a guest and backend of their own, so that no contender's timed jobs follow a 4 GB write
-(before, the contenders on either side of `logwrites` always did, and `logwrites` never did).
-Multiqueue: a phase of its own, after the main rounds (`--mq-rounds`, `--mq-runtime`). Three
-logwrites-mode contenders are up at once, each with its guest and backend: `logwrites` (one
-queue), `logwrites-control` (the same again) and `logwrites-4q` (`--num-queues 4`, QEMU
-`num-queues=4`). Each job is run by each of them in turn, round after round, the order rotated
-and reversed from round to round, while the other two guests idle. The verdict takes, per job,
-the median over rounds of four queues' ratio to one queue in the same round: runs seconds
-apart, each after the same boot and the same neighbours' files, where the main rounds' runs of
-two contenders are a minute apart, each in a guest booted for it (in sessions 10-16 the same
-configuration strayed from itself there by 0.56-1.96x round by round). The control's ratio to
-one queue, taken alike, is the noise the four-queue figures are judged against. With one guest
-CPU the guest's virtio-blk starts one of the four queues (one per CPU), so this measures what
-offering four costs a single-queue workload; `--cpus 2` gives every contender's guest two
-CPUs, and then the guest starts two queues, one per CPU.
+10x is 3840 MiB. The memory job runs once every timed job ran, `--rounds` times, each run in a
+guest and backend of its own, so that no timed job follows a 4 GB write.
+Multiqueue: a phase of its own, after the others (`--mq-rounds`, `--mq-runtime`). In each round
+three logwrites-mode contenders are up at once, each with its guest and backend: `logwrites`
+(one queue), `logwrites-control` (the same again) and `logwrites-4q` (`--num-queues 4`, QEMU
+`num-queues=4`). Each job is run by each of them in turn while the other two guests idle, in
+an order that changes from round to round (`interleaved_order`: six rounds run every order
+once). The verdict takes, per job, the median over rounds of four queues' ratio to one queue
+in the same round: runs seconds apart, where the contenders of the main rounds run a minute
+or more apart. The control's ratio to one queue, taken alike, is the noise the four-queue
+figures are judged against. Every round has new guests and backends: a pair of QEMU and
+backend keeps its cost per request for its whole life, and pairs differ (in session 17 the
+control's guest cost 0.51-0.59x one queue's per read in all of six rounds kept in one set of
+guests, with the same wake-ups per request), so one set of guests would compare one draw of
+each. With one guest CPU the guest's virtio-blk starts one of the four queues (one per CPU),
+so this measures what offering four costs a single-queue workload; `--cpus 2` gives every
+contender's guest two CPUs, and then the guest starts two queues, one per CPU.
 
 Placement. On the development machine (a VM with two vCPUs) a wake-up across CPUs costs far
 more than one on the same CPU: two processes passing a byte back and forth over pipes took
@@ -337,67 +338,30 @@ async def measure(contender: str, guest, work: Path, runtime: int, size_mib: int
         return await seat_figures(seat) | {"jobs": results}
 
 
-async def measure_interleaved(contenders: Sequence[str], guest, work: Path, runtime: int,
-                              size_mib: int, jobs: tuple[str, ...], guest_mib: int, cpus: int,
-                              rounds: int, placement: str = "free"
-                              ) -> dict[str, list[dict]]:
-    """Every contender's guest and backend up at once, each job run by each of them in turn,
-    `rounds` times, in `interleaved_order`: per contender, one figures dict per round, as
-    `measure` gives one per guest. Same-round runs are seconds apart, not minutes, and no
-    contender pays for a guest's boot or a neighbour's deleted files that another does not."""
-    runs: dict[str, list[dict]] = {c: [{"jobs": {}} for _ in range(rounds)] for c in contenders}
+async def measure_side_by_side(contenders: Sequence[str], guest, work: Path, runtime: int,
+                               size_mib: int, jobs: tuple[str, ...], guest_mib: int,
+                               cpus: int, round_number: int, placement: str = "free"
+                               ) -> dict[str, dict]:
+    """One round with every contender's guest and backend up at once: each job run by each of
+    them in turn, in round `round_number`'s `interleaved_order`, while the others idle. Per
+    contender, its figures as `measure` gives them. Runs seconds apart, not minutes, and no
+    contender pays for a boot or a neighbour's deleted files that another does not."""
+    results: dict[str, dict] = {c: {} for c in contenders}
     async with contextlib.AsyncExitStack() as stack:
         seats = {c: await stack.enter_async_context(
             seated(c, guest, work, size_mib, guest_mib, cpus, placement)) for c in contenders}
         for name in jobs:
-            for round_number in range(rounds):
-                for contender in interleaved_order(contenders, round_number):
-                    seat = seats[contender]
-                    runs[contender][round_number]["jobs"][name] = await run_job(
-                        seat, name, runtime, size_mib)
-                    if isinstance(seat.backend, ServeBackend):
-                        free_logged_space(seat.backend.log_path)
-        for contender, seat in seats.items():
-            closing = await seat_figures(seat)
-            for figures in runs[contender]:
-                figures.update(closing)
-    return runs
-
-
-# <linux/falloc.h>: free a range's blocks, the file's size unchanged.
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-# What `free_logged_space` leaves: the super block's MiB, and the end the backend still writes.
-LOG_HEAD_KEPT, LOG_TAIL_KEPT = 1 << 20, 64 << 20
-
-
-def free_logged_space(log: Path) -> None:
-    """Give back the disk space of what the backend logged so far, between two runs, leaving
-    the log's first MiB (its super block, rewritten at each flush) and its last 64 MiB. The
-    multiqueue phase keeps its backends for every job and round: three logs of six rounds of
-    1 MiB writes at the disk's pace (~25 GB each) filled the development machine's 75 GB, and
-    the writes failed. The backend appends at the end and never reads the log back, so the
-    holes behind it change nothing it does."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    fd = os.open(log, os.O_WRONLY)
-    try:
-        end = (os.fstat(fd).st_size - LOG_TAIL_KEPT) & ~((1 << 20) - 1)
-        if end > LOG_HEAD_KEPT and libc.fallocate(
-                fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, LOG_HEAD_KEPT,
-                end - LOG_HEAD_KEPT) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"punching the logged part of {log}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
+            for contender in interleaved_order(contenders, round_number):
+                results[contender][name] = await run_job(seats[contender], name, runtime,
+                                                         size_mib)
+        return {c: await seat_figures(seat) | {"jobs": results[c]} for c, seat in seats.items()}
 
 
 def interleaved_order(contenders: Sequence[T], round_number: int) -> list[T]:
-    """Round `round_number`'s order: the contenders rotated by one each round and reversed every
-    other round, so that with three contenders six rounds run every order once, and over any
-    few rounds each contender follows each other one."""
-    shift = round_number % len(contenders)
+    """Round `round_number`'s order: forward, then reversed, then rotated by one and so on, so
+    that over two rounds every contender has the other side of each neighbour, and with three
+    contenders six rounds run every order once."""
+    shift = (round_number // 2) % len(contenders)
     rotated = [*contenders[shift:], *contenders[:shift]]
     return rotated if round_number % 2 == 0 else rotated[::-1]
 
@@ -564,7 +528,7 @@ def multiqueue_verdict(runs: dict[str, list[dict]]) -> str:
         parts.append(f"worst {label} x{ratio:.2f} 1q on {job} ({sign} {limit:.2f}{noise})")
     started = mq.get("queues_started", "?")
     return (f"{name}: {'met' if ok else 'NOT met'} ({'; '.join(parts)}; each the median over "
-            f"{rounds} interleaved rounds of the ratio to one queue in the same round; band "
+            f"{rounds} rounds side by side of the ratio to one queue in the same round; band "
             f"{MQ_IOPS_FLOOR}/{MQ_CPU_CEILING}, widened to the control's on the same job; "
             f"{mq.get('guest_cpus', '?')} guest CPU, {started} of {MQ_QUEUES} queues started)")
 
@@ -697,12 +661,6 @@ def print_log_disk(figures: dict, mib_s: float) -> None:
     print(line)
 
 
-def round_order(contenders: Sequence[T], round_number: int) -> list[T]:
-    """The contenders of one round: in order, reversed every other round, so that no contender
-    always runs right after the same neighbour or always on a guest image just warmed up."""
-    return list(contenders) if round_number % 2 == 0 else list(reversed(contenders))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", type=int, default=5, help="seconds per timed fio job")
@@ -736,9 +694,10 @@ def main() -> int:
                                        args.placement))
 
     timed = tuple(job for job in jobs if job != MEMORY_JOB)
+    contenders = tuple(args.only or CONTENDERS)
     runs: dict[str, list[dict]] = {}
     for round_number in range(args.rounds):
-        order = round_order(args.only or CONTENDERS, round_number)
+        order = interleaved_order(contenders, round_number)
         for contender in order if timed else ():
             runs.setdefault(contender, []).append(measured(contender, timed))
         # The memory job after every contender's timed jobs, each in a guest of its own: its
@@ -750,15 +709,18 @@ def main() -> int:
                     add_memory_phase(runs[contender][-1], memory)
                 else:
                     runs.setdefault(contender, []).append(memory)
-    # Multiqueue: its three contenders up at once, each job run by each in turn, round after
-    # round, so that a same-round ratio compares runs seconds apart (see the docstring).
+    # Multiqueue: each round its three contenders up at once, each job run by each in turn, so
+    # that a same-round ratio compares runs seconds apart; new guests and backends every round
+    # (see the docstring).
     timed_mq = tuple(job for job in timed if not args.only or "logwrites" in args.only)
     mq_runs: dict[str, list[dict]] = {}
-    if args.mq_rounds > 0 and timed_mq:
+    for round_number in range(args.mq_rounds if timed_mq else 0):
         with tempfile.TemporaryDirectory(prefix="lw-bench-mq-") as tmp:
-            mq_runs = asyncio.run(measure_interleaved(
+            one_round = asyncio.run(measure_side_by_side(
                 MQ_CONTENDERS, guest, Path(tmp), args.mq_runtime, args.size_mib, timed_mq,
-                args.guest_mib, args.cpus, args.mq_rounds, args.placement))
+                args.guest_mib, args.cpus, round_number, args.placement))
+        for contender, figures in one_round.items():
+            mq_runs.setdefault(contender, []).append(figures)
     figures = {contender: best_of(rounds) for contender, rounds in runs.items()}
     disk_mib_s = (log_disk_mib_s(Path(tempfile.gettempdir()), args.runtime)
                   if "seqwrite-1m-qd4" in jobs else None)
