@@ -221,8 +221,7 @@ def refuse_before_anything(request: LoopRequest) -> LoopOptions:
     :raise UsageError: the first bad value, in the order checked here.
     """
     name = request.spelling
-    refuse_report_paths(request.out, request.junit, {name("log"): request.log,
-                                                     name("base"): request.base}, name)
+    refuse_report_paths(request)
     require_timeout(request.timeout)
     refuse_mkfs_opts(request.mkfs_opts, name("mkfs_opts"))
     options = loop_options(request)
@@ -237,9 +236,7 @@ def loop_options(request: LoopRequest) -> LoopOptions:
     """:raise UsageError: where the states start asked twice, a bad kind, count or unit."""
     from logwrites.guestrecord import parse_size  # "4K"; the module boots guests only when asked
 
-    name = request.spelling
-    refuse_start_options(request.from_start, request.start_mark,
-                         (name("from_start"), name("start_mark")))
+    refuse_start_options(request)
     unit = (parse_size(request.atomic_unit) if isinstance(request.atomic_unit, str)
             else request.atomic_unit)
     keep = request.out / "failing" if request.out else None
@@ -378,14 +375,15 @@ def refuse_recording_options(request: LoopRequest) -> None:
                          f"nothing is recorded")
 
 
-def refuse_report_paths(out: Path | None, junit: Path | None,
-                        inputs: dict[str, Path | None], name: Spelling = CLI_SPELLING) -> None:
+def refuse_report_paths(request: LoopRequest) -> None:
     """--out and --junit are written once every state is checked: a path that could not be
-    written then, or would replace an input (`inputs`: option -> path, e.g. the --log), is
-    refused before anything is recorded or checked.
+    written then, or would replace an input (the --log or --base), is refused before anything
+    is recorded or checked.
 
-    :raise UsageError: naming the option and the path.
+    :raise UsageError: naming the option and the path, as the request's interface spells them.
     """
+    out, junit, name = request.out, request.junit, request.spelling
+    inputs = {name("log"): request.log, name("base"): request.base}
     if junit is not None:
         junit_named = f"{name('junit')} {junit}"
         refuse_replacing_inputs(f"{junit_named}:", junit, inputs)
@@ -430,14 +428,15 @@ def nearest_existing(path: Path) -> Path:
     return next(p for p in (path, *path.absolute().parents) if p.exists())
 
 
-def refuse_start_options(from_start: bool, start_mark: str | None,
-                         names: tuple[str, str] = ("--from-start", "--start-mark")) -> None:
-    """Where the states start is asked once: `names` spell the two options in the message.
+def refuse_start_options(request: LoopRequest) -> None:
+    """Where the states start is asked once.
 
     :raise UsageError: an empty mark name, or a mark together with from-start (which would
-        win silently, so that a mistyped mark went unnoticed).
+        win silently, so that a mistyped mark went unnoticed), as the request's interface
+        spells the two.
     """
-    start, mark = names
+    from_start, start_mark = request.from_start, request.start_mark
+    start, mark = request.spelling("from_start"), request.spelling("start_mark")
     if start_mark == "":  # no log has a mark without a name: it is a slip
         raise UsageError(f"{mark} '': give a mark's name")
     if from_start and start_mark is not None:
