@@ -15,7 +15,11 @@ bottleneck: CPU per request is the figure that shows the backend's own cost. Con
 to back in each of `--rounds` rounds, each in a guest and backend of its own, every other
 round in reverse order (no contender always runs in the same place, after the same
 neighbour); each figure is the best of the rounds (the machine's cores are shared, so the worst
-round measures the neighbours). Ends with one verdict line per goal of issue 7. No asserts.
+round measures the neighbours). Then the two routes a log has for 1 MiB appends are timed
+alone, each for a job's length and with the fsync the job ends with (O_DIRECT to the disk, and
+the page cache): what bounds logged 1 MiB writes on the machine, since qemu-storage-daemon's
+land in page-cache pages it already holds. Ends with one verdict line per goal of issue 7. No
+asserts.
 
 Two goals need phases of their own. Memory: job `write-10x-ram` writes ten times the guest's RAM
 (1 MiB sequential writes looping over the fio area, an fsync every 64 writes) through the
