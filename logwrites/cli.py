@@ -22,7 +22,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, TextIO, TypeAlias
+from typing import Any, Final, TextIO, TypeAlias
 
 from logwrites import commands
 from logwrites.errors import CheckFailed, LogwritesError
@@ -137,8 +137,15 @@ class _TopParser(_Parser):
         return parsed
 
 
+DESCRIPTION: Final = ("dm-log-writes for whole virtual machines: record every write a QEMU "
+                      "guest makes, in the dm-log-writes log format and under its worst-case "
+                      "cache semantics, replay the log to every crash state and check each.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _TopParser(prog="logwrites", description=__doc__.splitlines()[0])
+    parser = _TopParser(prog="logwrites", description=DESCRIPTION,
+                        epilog="exit status: 0 success, 1 a check failed, 2 bad input, 3 the "
+                               "guest kernel panicked, 128 + N stopped by signal N")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more diagnostics on stderr (-vv for debug)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)

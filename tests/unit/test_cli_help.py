@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from logwrites.cli import build_parser
+from logwrites.cli import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_KERNEL_PANIC, build_parser
 
 
 def commands(parser: argparse.ArgumentParser, path: str = "logwrites"
@@ -40,3 +40,11 @@ def test_the_command_list_covers_the_documented_commands() -> None:
     assert {"logwrites crash-loop", "logwrites demo", "logwrites run", "logwrites serve",
             "logwrites replay", "logwrites inspect", "logwrites mark", "logwrites status",
             "logwrites guest build"} <= names
+
+
+def test_the_top_level_help_says_what_logwrites_is_and_its_exit_statuses() -> None:
+    parser = build_parser()
+    assert parser.description is not None and "dm-log-writes" in parser.description
+    assert "command line" not in parser.description      # the module's docstring is for us
+    for status in (EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_KERNEL_PANIC):
+        assert f"{status} " in (parser.epilog or "")
