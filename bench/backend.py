@@ -561,7 +561,7 @@ def verdicts(figures: dict, mq_runs: dict[str, list[dict]],
         if key == "iops" and not ok and job == "seqwrite-1m-qd4" and routes:
             # Every logged MiB goes to the log's disk or into fresh page-cache pages; qsd's land
             # in pages it already has.
-            route, fastest = max(routes.items(), key=lambda item: item[1].mib_s)
+            route, fastest = faster_route(routes)
             ceiling = (f"; the log's faster route ({route.replace('_', ' ')}) took "
                        f"{fastest.mib_s:.0f} MiB/s, x{fastest.mib_s / ref[job]['iops']:.2f} qsd's")
         return (f"{name}: {'met' if ok else 'NOT met'} (worst x{ratio:.2f} qsd on {job}, "
@@ -677,6 +677,11 @@ def log_route(directory: Path, seconds: float, direct: bool) -> LogRoute:
     return LogRoute(mib_s=mib / elapsed, cpu_us_per_mib=cpu / mib * 1e6)
 
 
+def faster_route(routes: dict[str, LogRoute]) -> tuple[str, LogRoute]:
+    """The route that took the most MiB/s, and its name."""
+    return max(routes.items(), key=lambda item: item[1].mib_s)
+
+
 def print_log_routes(figures: dict, routes: dict[str, LogRoute]) -> None:
     """What bounds logged 1 MiB writes on this machine: every logged MiB takes one of the log's
     two routes, to its disk or into fresh page-cache pages, while qemu-storage-daemon's land in
@@ -691,9 +696,9 @@ def print_log_routes(figures: dict, routes: dict[str, LogRoute]) -> None:
             f"logged {got['iops']:.0f} MiB/s, {got['iops'] / disk.mib_s:.0%} of the disk's")
     ref = figures.get("qemu-storage-daemon", {}).get("jobs", {}).get("seqwrite-1m-qd4")
     if ref:
-        best = max(disk.mib_s, cache.mib_s)
+        _, fastest = faster_route(routes)
         line += (f"; qemu-storage-daemon's reached {ref['iops']:.0f} MiB/s in the page cache, "
-                 f"x{ref['iops'] / best:.2f} the log's faster route")
+                 f"x{ref['iops'] / fastest.mib_s:.2f} the log's faster route")
     print(line)
 
 
@@ -758,8 +763,9 @@ def main() -> int:
         for contender, figures in one_round.items():
             mq_runs.setdefault(contender, []).append(figures)
     figures = {contender: best_of(rounds) for contender, rounds in runs.items()}
-    routes = ({"direct": log_route(Path(tempfile.gettempdir()), args.runtime, direct=True),
-               "page_cache": log_route(Path(tempfile.gettempdir()), args.runtime, direct=False)}
+    logs_dir = Path(tempfile.gettempdir())     # where the contenders' logs went
+    routes = ({"direct": log_route(logs_dir, args.runtime, direct=True),
+               "page_cache": log_route(logs_dir, args.runtime, direct=False)}
               if "seqwrite-1m-qd4" in jobs else {})
     first = next(iter(figures.values()), None) or next(iter(mq_runs.values()), [{}])[0]
     if not first:
