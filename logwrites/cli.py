@@ -144,8 +144,9 @@ DESCRIPTION: Final = ("dm-log-writes for whole virtual machines: record every wr
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _TopParser(prog="logwrites", description=DESCRIPTION,
-                        epilog="exit status: 0 success, 1 a check failed, 2 bad input, 3 the "
-                               "guest kernel panicked, 128 + N stopped by signal N")
+                        epilog=f"exit status: {EXIT_OK} success, {EXIT_CHECK_FAILED} a check "
+                               f"failed, {EXIT_BAD_INPUT} bad input, {EXIT_KERNEL_PANIC} the "
+                               f"guest kernel panicked, 128 + N stopped by signal N")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more diagnostics on stderr (-vv for debug)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
